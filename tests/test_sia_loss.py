@@ -1,0 +1,121 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sista_core.losses import false_negative_mask, intra_loss, sia_loss
+
+
+def independent_symmetric_infonce(img, txt, temperature):
+    """CLIP's loss, written out row by row without the library."""
+    img = img / img.norm(dim=-1, keepdim=True)
+    txt = txt / txt.norm(dim=-1, keepdim=True)
+    logits = img @ txt.T / temperature
+    n = logits.shape[0]
+    i2t = sum(-(logits[i, i] - torch.logsumexp(logits[i], 0)) for i in range(n)) / n
+    t2i = sum(-(logits[i, i] - torch.logsumexp(logits[:, i], 0)) for i in range(n)) / n
+    return (i2t + t2i) / 2
+
+
+@pytest.fixture
+def batch():
+    generator = torch.Generator().manual_seed(0)
+    img = torch.randn(6, 16, generator=generator)
+    txt = img + 0.5 * torch.randn(6, 16, generator=generator)
+    semantics = torch.randn(6, 8, generator=generator)
+    semantics[1] = semantics[0] + 0.01  # reports 0 and 1 say the same thing
+    s = F.normalize(semantics, dim=-1)
+    return img, txt, s @ s.T
+
+
+def test_mode_none_equals_independent_infonce(batch):
+    img, txt, report_sim = batch
+    expected = independent_symmetric_infonce(img, txt, 0.07)
+    actual = sia_loss(img, txt, report_sim, mode="none", temperature=0.07)
+    assert torch.allclose(actual, expected, atol=1e-5)
+
+
+def test_eliminate_on_hand_built_4x4_equals_hand_computed_value():
+    # Orthonormal embeddings: z_ii = 1/tau, z_ij = 0. Reports 0 and 1 are false negatives.
+    img = txt = torch.eye(4)
+    report_sim = torch.tensor(
+        [[1.0, 0.95, 0.1, 0.0], [0.95, 1.0, 0.2, 0.1], [0.1, 0.2, 1.0, 0.3], [0.0, 0.1, 0.3, 1.0]]
+    )
+    # tau = 1: rows 0 and 1 keep two negatives, rows 2 and 3 keep three, in both directions.
+    row_with_eliminated = -math.log(math.e / (math.e + 2))
+    row_full = -math.log(math.e / (math.e + 3))
+    by_hand = (2 * row_with_eliminated + 2 * row_full) / 4
+    actual = sia_loss(img, txt, report_sim, temperature=1.0, threshold=0.9, mode="eliminate")
+    assert actual.item() == pytest.approx(by_hand, abs=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["eliminate", "positive", "soft"])
+def test_threshold_above_one_equals_plain_infonce(batch, mode):
+    img, txt, report_sim = batch
+    plain = sia_loss(img, txt, report_sim, mode="none")
+    assert torch.allclose(sia_loss(img, txt, report_sim, mode=mode, threshold=1.01), plain)
+
+
+def test_eliminated_false_negative_lowers_row_loss():
+    generator = torch.Generator().manual_seed(1)
+    img = torch.randn(5, 8, generator=generator)
+    txt = torch.randn(5, 8, generator=generator)
+    txt[1] = img[0]  # report 1 matches image 0 strongly: a harmful negative for row 0
+    report_sim = torch.eye(5)
+
+    def row0_loss(sim):
+        # Row 0's image-to-text term only: a one-row batch view of the same logits.
+        logits = F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T / 0.07
+        eliminated = false_negative_mask(sim, 0.9)
+        return -F.log_softmax(logits[0].masked_fill(eliminated[0], float("-inf")), 0)[0]
+
+    flagged = report_sim.clone()
+    flagged[0, 1] = flagged[1, 0] = 0.95
+    assert row0_loss(flagged) < row0_loss(report_sim)
+    # and the full loss falls too
+    before = sia_loss(img, txt, report_sim, mode="eliminate")
+    after = sia_loss(img, txt, flagged, mode="eliminate")
+    assert after < before
+
+
+def test_positive_mode_counts_false_negatives_as_positives():
+    img = txt = torch.eye(3)
+    report_sim = torch.tensor([[1.0, 0.95, 0.0], [0.95, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    # Rows 0, 1: mean of -log p over positives {self, other}; row 2: plain.
+    p_self = math.e / (math.e + 2)
+    p_other = 1 / (math.e + 2)
+    rows_01 = (-math.log(p_self) - math.log(p_other)) / 2
+    by_hand = (2 * rows_01 - math.log(p_self)) / 3
+    actual = sia_loss(img, txt, report_sim, temperature=1.0, threshold=0.9, mode="positive")
+    assert actual.item() == pytest.approx(by_hand, abs=1e-6)
+
+
+def test_soft_mode_with_alpha_zero_is_plain_infonce(batch):
+    img, txt, report_sim = batch
+    plain = sia_loss(img, txt, report_sim, mode="none")
+    assert torch.allclose(sia_loss(img, txt, report_sim, mode="soft", alpha=0.0), plain)
+    assert not torch.allclose(sia_loss(img, txt, report_sim, mode="soft", alpha=0.5), plain)
+
+
+def test_unknown_mode_is_an_error(batch):
+    with pytest.raises(ValueError, match="sia mode"):
+        sia_loss(*batch, mode="elminate")
+
+
+def test_intra_loss_is_zero_when_image_structure_matches_reports():
+    # Two clusters in the images, the same two clusters in the reports, sharpnesses matched.
+    img = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    report_sim = F.normalize(img, dim=-1) @ F.normalize(img, dim=-1).T
+    matched = intra_loss(img, report_sim, temperature=0.1, sigma=0.1)
+    assert matched.item() == pytest.approx(0.0, abs=1e-6)
+    shuffled = intra_loss(img[[0, 2, 1, 3]], report_sim, temperature=0.1, sigma=0.1)
+    assert shuffled > 0.1
+
+
+def test_sia_loss_gradients_reach_both_modalities(batch):
+    img, txt, report_sim = batch
+    img.requires_grad_(True)
+    txt.requires_grad_(True)
+    sia_loss(img, txt, report_sim).backward()
+    assert img.grad.abs().sum() > 0 and txt.grad.abs().sum() > 0

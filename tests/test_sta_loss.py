@@ -1,0 +1,100 @@
+import pytest
+import torch
+
+from sista_core.losses import sta_loss
+
+
+def make_batch(seed=0, batch=4, words=7, patches=16, dim=12):
+    generator = torch.Generator().manual_seed(seed)
+    word_features = torch.randn(batch, words, dim, generator=generator)
+    patch_features = torch.randn(batch, patches, dim, generator=generator)
+    word_mask = torch.ones(batch, words, dtype=torch.bool)
+    word_mask[1, 5:] = False  # a shorter report
+    word_mask[2, 0] = False  # a masked token (punctuation / XXXX) inside a report
+    return word_features, word_mask, patch_features
+
+
+def test_sparsemax_rows_sum_to_one_and_hold_exact_zeros():
+    words, mask, patches = make_batch()
+    _, attention = sta_loss(words, mask, patches, sparse="sparsemax", return_attention=True)
+    real_rows = attention[mask]
+    assert torch.allclose(real_rows.sum(-1), torch.ones(len(real_rows)), atol=1e-5)
+    assert (real_rows == 0).float().mean() > 0.5
+    assert (attention[~mask] == 0).all()
+
+
+def test_softmax_gives_dense_rows():
+    words, mask, patches = make_batch()
+    _, attention = sta_loss(words, mask, patches, sparse="softmax", return_attention=True)
+    assert (attention[mask] > 0).all()
+
+
+def test_topk_keeps_exactly_k_patches_per_word():
+    words, mask, patches = make_batch()
+    _, attention = sta_loss(words, mask, patches, sparse="topk", topk=3, return_attention=True)
+    assert ((attention[mask] > 0).sum(-1) == 3).all()
+
+
+def test_entmax15_is_sparse_and_normalised():
+    words, mask, patches = make_batch()
+    _, attention = sta_loss(words, mask, patches, sparse="entmax15", return_attention=True)
+    assert torch.allclose(attention[mask].sum(-1), torch.ones(int(mask.sum())), atol=1e-5)
+    assert (attention[mask] == 0).any()
+
+
+@pytest.mark.parametrize("sparse", ["sparsemax", "entmax15", "topk", "softmax"])
+def test_padded_words_do_not_change_the_loss(sparse):
+    words, mask, patches = make_batch()
+    padding = torch.randn(words.shape[0], 5, words.shape[2]) * 100  # garbage in the padding
+    padded_words = torch.cat([words, padding], dim=1)
+    padded_mask = torch.cat([mask, torch.zeros(mask.shape[0], 5, dtype=torch.bool)], dim=1)
+    original = sta_loss(words, mask, patches, sparse=sparse)
+    padded = sta_loss(padded_words, padded_mask, patches, sparse=sparse)
+    assert torch.allclose(original, padded, atol=1e-6)
+
+
+@pytest.mark.parametrize("sparse", ["sparsemax", "softmax"])
+def test_shuffling_the_batch_leaves_the_loss_unchanged(sparse):
+    words, mask, patches = make_batch()
+    order = torch.tensor([2, 0, 3, 1])
+    original = sta_loss(words, mask, patches, sparse=sparse)
+    shuffled = sta_loss(words[order], mask[order], patches[order], sparse=sparse)
+    assert torch.allclose(original, shuffled, atol=1e-6)
+
+
+def test_gradients_reach_words_and_patches():
+    words, mask, patches = make_batch()
+    words.requires_grad_(True)
+    patches.requires_grad_(True)
+    sta_loss(words, mask, patches).backward()
+    assert words.grad[mask].abs().sum() > 0
+    assert patches.grad.abs().sum() > 0
+    assert (words.grad[~mask] == 0).all()
+
+
+def test_a_report_without_words_is_left_out_of_the_mean():
+    words, mask, patches = make_batch()
+    empty_mask = mask.clone()
+    empty_mask[3] = False
+    words.requires_grad_(True)
+    with_empty = sta_loss(words, empty_mask, patches)
+    without = sta_loss(words[:3], empty_mask[:3], patches[:3])
+    assert torch.allclose(with_empty, without, atol=1e-6)
+    with_empty.backward()
+    assert torch.isfinite(words.grad).all()
+
+
+def test_aligned_pairs_score_lower_than_misaligned():
+    # Each word equals one patch of its own image: sparse attention finds it exactly.
+    generator = torch.Generator().manual_seed(3)
+    patches = torch.randn(4, 16, 12, generator=generator)
+    words = patches[:, :6].clone()
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    aligned = sta_loss(words, mask, patches)
+    misaligned = sta_loss(words, mask, patches[[1, 2, 3, 0]])
+    assert aligned < misaligned
+
+
+def test_unknown_sparse_kind_is_an_error():
+    with pytest.raises(ValueError, match="sparse"):
+        sta_loss(*make_batch(), sparse="sparsmax")
