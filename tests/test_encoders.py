@@ -125,3 +125,14 @@ def test_default_text_encoder_loads_with_the_network_unavailable():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("(1, 384)")
+
+
+def test_stored_tokens_collate_back_to_the_same_batch(text_encoder):
+    from sista_core.encoders.text import collate_tokens, split_tokens
+
+    texts = ["Small left effusion.", "No acute cardiopulmonary disease. XXXX stable."]
+    tokens = text_encoder.tokenize(texts)
+    again = collate_tokens(split_tokens(tokens), text_encoder.tokenizer.pad_token_id)
+    for name in ("input_ids", "attention_mask", "word_index", "word_mask"):
+        assert torch.equal(getattr(tokens, name), getattr(again, name)), name
+    assert again.words_text == tokens.words_text

@@ -123,35 +123,7 @@ class TextEncoder(nn.Module):
 
     def tokenize(self, texts: list[str]) -> TokenizedText:
         """Tokenise once (do it in the data pipeline, not the training step)."""
-        encoded = self.tokenizer(
-            list(texts),
-            padding=True,
-            truncation=True,
-            max_length=self.max_length,
-            return_offsets_mapping=True,
-            return_tensors="pt",
-        )
-        word_index = torch.full_like(encoded["input_ids"], -1)
-        words_text: list[list[str]] = []
-        for row, text in enumerate(texts):
-            # word_ids numbers the pre-tokenizer's words 0..n-1; pieces share their word's id.
-            spans: dict[int, list[int]] = {}
-            for position, word in enumerate(encoded.word_ids(row)):
-                if word is None:
-                    continue
-                word_index[row, position] = word
-                start, end = encoded["offset_mapping"][row, position].tolist()
-                spans.setdefault(word, [start, end])[1] = end
-            words_text.append([text[start:end] for start, end in spans.values()])
-        num_words = max((len(words) for words in words_text), default=0)
-        word_mask = torch.zeros(len(texts), num_words, dtype=torch.bool)
-        for row, words in enumerate(words_text):
-            word_mask[row, : len(words)] = torch.tensor(
-                [not is_masked_word(w) for w in words], dtype=torch.bool
-            )
-        return TokenizedText(
-            encoded["input_ids"], encoded["attention_mask"], word_index, word_mask, words_text
-        )
+        return tokenize_texts(self.tokenizer, texts, self.max_length)
 
     def forward(self, tokens: TokenizedText) -> dict[str, torch.Tensor | list[list[str]]]:
         device = next(self.model.parameters()).device
@@ -172,3 +144,71 @@ class TextEncoder(nn.Module):
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor | list[list[str]]]:
         """Tokenise and encode raw texts in one call."""
         return self.forward(self.tokenize(texts))
+
+
+def tokenize_texts(tokenizer, texts: list[str], max_length: int) -> TokenizedText:
+    """Pieces plus their word assignment for a fast (offset-mapping) Hugging Face tokenizer."""
+    encoded = tokenizer(
+        list(texts),
+        padding=True,
+        truncation=True,
+        max_length=max_length,
+        return_offsets_mapping=True,
+        return_tensors="pt",
+    )
+    word_index = torch.full_like(encoded["input_ids"], -1)
+    words_text: list[list[str]] = []
+    for row, text in enumerate(texts):
+        # word_ids numbers the pre-tokenizer's words 0..n-1; pieces share their word's id.
+        spans: dict[int, list[int]] = {}
+        for position, word in enumerate(encoded.word_ids(row)):
+            if word is None:
+                continue
+            word_index[row, position] = word
+            start, end = encoded["offset_mapping"][row, position].tolist()
+            spans.setdefault(word, [start, end])[1] = end
+        words_text.append([text[start:end] for start, end in spans.values()])
+    num_words = max((len(words) for words in words_text), default=0)
+    word_mask = torch.zeros(len(texts), num_words, dtype=torch.bool)
+    for row, words in enumerate(words_text):
+        word_mask[row, : len(words)] = torch.tensor(
+            [not is_masked_word(w) for w in words], dtype=torch.bool
+        )
+    return TokenizedText(
+        encoded["input_ids"], encoded["attention_mask"], word_index, word_mask, words_text
+    )
+
+
+def split_tokens(tokens: TokenizedText) -> list[dict[str, list]]:
+    """A padded batch -> one unpadded record per text (for storing in a table)."""
+    records = []
+    for row, words in enumerate(tokens.words_text):
+        length = int(tokens.attention_mask[row].sum())
+        records.append(
+            {
+                "input_ids": tokens.input_ids[row, :length].tolist(),
+                "word_index": tokens.word_index[row, :length].tolist(),
+                "word_mask": tokens.word_mask[row, : len(words)].tolist(),
+                "words_text": list(words),
+            }
+        )
+    return records
+
+
+def collate_tokens(records: list[dict[str, list]], pad_token_id: int = 0) -> TokenizedText:
+    """Stored per-text records (``split_tokens``) -> one padded ``TokenizedText`` batch."""
+    num_tokens = max(len(r["input_ids"]) for r in records)
+    num_words = max(len(r["words_text"]) for r in records)
+    input_ids = torch.full((len(records), num_tokens), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(records), num_tokens), dtype=torch.long)
+    word_index = torch.full((len(records), num_tokens), -1, dtype=torch.long)
+    word_mask = torch.zeros((len(records), num_words), dtype=torch.bool)
+    for row, record in enumerate(records):
+        length = len(record["input_ids"])
+        input_ids[row, :length] = torch.as_tensor(record["input_ids"])
+        attention_mask[row, :length] = 1
+        word_index[row, :length] = torch.as_tensor(record["word_index"])
+        word_mask[row, : len(record["word_mask"])] = torch.as_tensor(record["word_mask"])
+    return TokenizedText(
+        input_ids, attention_mask, word_index, word_mask, [list(r["words_text"]) for r in records]
+    )
