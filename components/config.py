@@ -1,0 +1,245 @@
+"""``params.yaml``: the single source of truth, validated before any work starts.
+
+One pydantic section per stage; unknown keys and out-of-range values are errors that name
+the dotted key (``pretrain.optim.lr: Input should be greater than 0``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from sista_core.config import SISTAConfig
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(gt=0, le=1)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StorageSection(Section):
+    uri: str = "data"  # a local folder (relative to the repo) or s3://bucket/prefix
+    endpoint_url: str | None = None  # S3-compatible endpoint (MinIO, moto); None = AWS
+
+
+class RaySection(Section):
+    address: str | None = None  # None: local Ray; http://head:8265 submits jobs
+    num_cpus: int | None = Field(None, ge=1)
+
+
+class MLflowSection(Section):
+    tracking_uri: str = "sqlite:///mlflow.db"  # MLFLOW_TRACKING_URI overrides
+    artifact_root: str = "mlartifacts"
+    experiment_prefix: str = "sista"
+    registered_model: str = "sista-encoder"
+
+
+class PretrainSetSection(Section):
+    max_reports: int | None = Field(None, ge=8)  # None: every report of the source
+    val_fraction: Fraction = 0.05
+
+
+class DownstreamSetSection(Section):
+    num_patients: int = Field(3000, ge=50)
+    val_fraction: Fraction = 0.15
+    test_fraction: Fraction = 0.25
+    label_fractions: tuple[Fraction, ...] = (0.01, 0.1, 1.0)
+    seeds: tuple[int, ...] = (0, 1, 2)
+
+
+class IngestSection(Section):
+    source: Literal["embedded", "openi", "mimic_cxr"] = "embedded"
+    source_path: str | None = None  # required for real sources
+    image_size: int = Field(128, ge=32, le=1024)
+    seed: int = 0
+    shard_size: int = Field(1024, ge=1)
+    max_quarantine_fraction: Annotated[float, Field(ge=0, le=1)] = 0.05
+    pretrain: PretrainSetSection = PretrainSetSection()
+    downstream: DownstreamSetSection = DownstreamSetSection()
+
+    @model_validator(mode="after")
+    def _real_sources_need_a_path(self) -> IngestSection:
+        if self.source != "embedded" and not self.source_path:
+            raise ValueError(f"ingest.source_path is required for source {self.source!r}")
+        return self
+
+
+class ReportsSection(Section):
+    max_length: int = Field(128, ge=8, le=512)  # text encoder tokens kept per report
+
+
+class SimilaritySection(Section):
+    encoder: str | None = None  # None: the packaged all-MiniLM-L6-v2
+    batch_size: int = Field(128, ge=1)
+    num_actors: int = Field(1, ge=1)
+    top_k: int = Field(32, ge=1)
+    block_size: int = Field(4096, ge=64)
+    thresholds: tuple[Annotated[float, Field(ge=-1, le=1)], ...] = (0.8, 0.85, 0.9, 0.95)
+
+
+class ImageModelSection(Section):
+    name: str = "vit_tiny_patch16_224"
+    img_size: int = Field(128, ge=32)
+    pretrained: bool = False
+    checkpoint: str | None = None
+
+
+class TextModelSection(Section):
+    name_or_path: str | None = None
+    max_length: int = Field(128, ge=8, le=512)
+    freeze_layers: int = Field(0, ge=-1)
+
+
+class SIASection(Section):
+    mode: Literal["eliminate", "positive", "soft", "none"] = "eliminate"
+    threshold: float = Field(0.9, ge=-1)  # above 1 flags nothing: plain InfoNCE
+    temperature: PositiveFloat = 0.07
+    alpha: Annotated[float, Field(ge=0, le=1)] = 0.5
+    sigma: PositiveFloat = 0.1
+
+
+class STASection(Section):
+    sparse: Literal["sparsemax", "entmax15", "topk", "softmax"] = "sparsemax"
+    topk: int = Field(8, ge=1)
+    temperature_attn: PositiveFloat = 0.1
+    temperature_local: PositiveFloat = 0.1
+
+
+class LossSection(Section):
+    sia_weight: Annotated[float, Field(ge=0)] = 1.0
+    sta_weight: Annotated[float, Field(ge=0)] = 1.0
+    intra_weight: Annotated[float, Field(ge=0)] = 0.5
+
+
+class OptimSection(Section):
+    lr: PositiveFloat = 3e-4
+    weight_decay: Annotated[float, Field(ge=0)] = 0.05
+    warmup_steps: int = Field(20, ge=0)
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(32, ge=2)  # per worker
+
+
+class PretrainSection(Section):
+    image: ImageModelSection = ImageModelSection()
+    text: TextModelSection = TextModelSection()
+    embed_dim: int = Field(128, ge=8)
+    sia: SIASection = SIASection()
+    sta: STASection = STASection()
+    loss: LossSection = LossSection()
+    optim: OptimSection = OptimSection()
+    semantics: Literal["embedding", "labels"] = "embedding"
+    workers: int = Field(2, ge=1)
+    cpus_per_worker: PositiveFloat = 1.0
+    use_gpu: bool = False
+    max_failures: int = Field(2, ge=0)
+    seed: int = 0
+    # Baselines pre-train through the same code: each is a partial override of this section.
+    baselines: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {
+            "convirt": {"sia": {"mode": "none"}, "loss": {"sta_weight": 0, "intra_weight": 0}},
+            "dense": {"sta": {"sparse": "softmax"}},
+        }
+    )
+
+    def model_config_for(self, variant: str = "sista") -> SISTAConfig:
+        """The library config of the SISTA run or of a named baseline."""
+        section = self.variant(variant)
+        return SISTAConfig.from_dict(
+            section.model_dump(include={"image", "text", "embed_dim", "sia", "sta", "loss"})
+        )
+
+    def variant(self, name: str) -> PretrainSection:
+        """This section with a baseline's overrides applied (``sista`` is the section itself)."""
+        if name == "sista":
+            return self
+        if name not in self.baselines:
+            raise ConfigError(
+                f"pretrain.baselines has no {name!r}; known: {sorted(self.baselines)}"
+            )
+        merged = _deep_merge(self.model_dump(), self.baselines[name])
+        return _validate(PretrainSection, merged, prefix="pretrain")
+
+
+class EvaluateSection(Section):
+    tasks: tuple[Literal["classification"], ...] = ("classification",)
+    inits: tuple[Literal["sista", "convirt", "dense", "random"], ...] = (
+        "sista",
+        "convirt",
+        "dense",
+        "random",
+    )
+    probe_epochs: int = Field(200, ge=1)
+    probe_lr: PositiveFloat = 1e-2
+    probe_weight_decay: Annotated[float, Field(ge=0)] = 1e-4
+    batch_size: int = Field(64, ge=1)
+    cpus_per_trial: PositiveFloat = 0.5
+
+
+class PublishSection(Section):
+    metric: str = "classification/auroc@0.01"
+    higher_is_better: bool = True
+
+
+class Params(Section):
+    storage: StorageSection = StorageSection()
+    ray: RaySection = RaySection()
+    mlflow: MLflowSection = MLflowSection()
+    ingest: IngestSection = IngestSection()
+    reports: ReportsSection = ReportsSection()
+    similarity: SimilaritySection = SimilaritySection()
+    pretrain: PretrainSection = PretrainSection()
+    evaluate: EvaluateSection = EvaluateSection()
+    publish: PublishSection = PublishSection()
+
+
+class ConfigError(ValueError):
+    """params.yaml is invalid; the message names the file and the dotted key."""
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _validate(kind: type[Section], data: Any, prefix: str = "", source: str = "params"):
+    try:
+        return kind.model_validate(data)
+    except ValidationError as error:
+        lines = []
+        for problem in error.errors():
+            key = ".".join(str(part) for part in (prefix, *problem["loc"]) if part != "")
+            message = problem["msg"].replace("Extra inputs are not permitted", "unknown key")
+            lines.append(f"{source}: {key or '(top level)'}: {message}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict | None = None) -> Params:
+    """Read and validate ``params.yaml`` (plus optional nested overrides)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: parameters file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of stage sections")
+    if overrides:
+        data = _deep_merge(data, overrides)
+    return _validate(Params, data, source=str(path))
+
+
+def tracking_uri(params: Params) -> str:
+    """MLflow tracking URI: ``MLFLOW_TRACKING_URI`` wins over params (a server in production)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or params.mlflow.tracking_uri

@@ -1,0 +1,83 @@
+"""Run one stage as a Ray job: in-process on a local Ray instance by default, or submitted
+to a cluster (``RAY_ADDRESS`` or ``ray.address`` in params) with job submission, streaming
+its logs and exiting non-zero when the job fails so DVC sees the failure.
+
+    python -m pipeline.launch ingest
+    python -m pipeline.launch pretrain --variant convirt
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import os
+import shlex
+import sys
+import time
+
+from components.config import ConfigError, load_params
+from components.stage import STAGES
+
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def entrypoint(stage: str, params_path: str, stage_args: list[str]) -> str:
+    """The job's command: this interpreter by absolute path (a job runs with the head's
+    PATH, which may not hold our venv)."""
+    command = [sys.executable, "-m", f"components.{stage}", "--params", params_path, *stage_args]
+    return shlex.join(command)
+
+
+def submit(address: str, command: str, working_dir: str | None = None) -> int:
+    """Submit ``command`` as a Ray job, stream its logs, return a process exit code."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    runtime_env = {"working_dir": working_dir} if working_dir else None
+    job_id = client.submit_job(entrypoint=command, runtime_env=runtime_env)
+    print(f"submitted job {job_id} to {address}: {command}", flush=True)
+
+    async def stream() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            print(lines, end="", flush=True)
+
+    try:
+        asyncio.run(stream())
+    except Exception as error:  # noqa: BLE001 - log streaming is best effort; status decides
+        print(f"(log stream ended: {error})", file=sys.stderr)
+    status = client.get_job_status(job_id)
+    while str(status) not in TERMINAL and getattr(status, "value", status) not in TERMINAL:
+        time.sleep(1)
+        status = client.get_job_status(job_id)
+    status_name = getattr(status, "value", str(status))
+    print(f"job {job_id}: {status_name}", flush=True)
+    return 0 if status_name == "SUCCEEDED" else 1
+
+
+def launch(stage: str, params_path: str, stage_args: list[str]) -> int:
+    if stage not in STAGES:
+        raise SystemExit(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    try:
+        params = load_params(params_path)  # a config error stops here, before any job starts
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    address = os.environ.get("RAY_ADDRESS") or params.ray.address
+    if address:
+        return submit(address, entrypoint(stage, params_path, stage_args))
+    module = importlib.import_module(f"components.{stage}")
+    module.main(["--params", params_path, *stage_args])
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.launch", description=__doc__)
+    parser.add_argument("stage", choices=STAGES)
+    parser.add_argument("--params", default="params.yaml")
+    args, stage_args = parser.parse_known_args(argv)
+    raise SystemExit(launch(args.stage, args.params, stage_args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.config import ConfigError, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, data) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("profile", ["params.yaml", "profiles/ci.yaml", "profiles/paper.yaml"])
+def test_shipped_parameter_files_validate(profile):
+    load_params(ROOT / profile)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"pretrain": {"optim": {"lrr": 0.1}}}, "pretrain.optim.lrr: unknown key"),
+        ({"pretrian": {}}, "pretrian: unknown key"),
+        (
+            {"pretrain": {"optim": {"lr": -0.001}}},
+            "pretrain.optim.lr: Input should be greater than 0",
+        ),
+        ({"pretrain": {"optim": {"batch_size": "big"}}}, "pretrain.optim.batch_size"),
+        (
+            {"ingest": {"downstream": {"label_fractions": [0.01, 1.5]}}},
+            "ingest.downstream.label_fractions.1: Input should be less than or equal to 1",
+        ),
+        (
+            {"ingest": {"downstream": {"label_fractions": [0.0]}}},
+            "ingest.downstream.label_fractions.0: Input should be greater than 0",
+        ),
+        ({"ingest": {"source": "mimic_cxr"}}, "ingest.source_path is required"),
+        ({"pretrain": {"sia": {"mode": "elimnate"}}}, "pretrain.sia.mode"),
+    ],
+)
+def test_a_bad_value_fails_naming_the_key(tmp_path, data, message):
+    with pytest.raises(ConfigError) as error:
+        load_params(write(tmp_path, data))
+    assert message in str(error.value)
+    assert str(tmp_path / "params.yaml") in str(error.value)
+
+
+def test_missing_file_and_bad_yaml_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    broken = tmp_path / "params.yaml"
+    broken.write_text("pretrain: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(broken)
+
+
+def test_baselines_are_overrides_of_the_sista_section(tmp_path):
+    params = load_params(write(tmp_path, {"pretrain": {"loss": {"intra_weight": 0.3}}}))
+    convirt = params.pretrain.model_config_for("convirt")
+    assert convirt.sia.mode == "none" and convirt.loss.sta_weight == 0
+    dense = params.pretrain.model_config_for("dense")
+    assert dense.sta.sparse == "softmax" and dense.loss.intra_weight == 0.3
+    with pytest.raises(ConfigError, match="no 'simclr'"):
+        params.pretrain.variant("simclr")
