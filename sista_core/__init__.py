@@ -1,22 +1,28 @@
 """sista_core: the SISTA method (losses, encoders, model), importable without the pipeline.
 
-Depends on torch, timm, transformers, entmax, safetensors, numpy and PIL only.
+Depends on torch, timm, transformers, entmax, safetensors, numpy and PIL only. The names
+below load lazily, so that ``import sista_core.datasets`` does not pay for timm and
+transformers.
 """
 
-from .config import SISTAConfig
-from .encoders import ImageEncoder, TextEncoder, TokenizedText
-from .losses import gather_with_grad, intra_loss, sia_loss, sta_loss
-from .model import SISTAModel
+from importlib import import_module
 
-__all__ = [
-    "ImageEncoder",
-    "SISTAConfig",
-    "SISTAModel",
-    "TextEncoder",
-    "TokenizedText",
-    "gather_with_grad",
-    "intra_loss",
-    "sia_loss",
-    "sta_loss",
-]
+_EXPORTS = {
+    "SISTAConfig": "config",
+    "ImageEncoder": "encoders",
+    "TextEncoder": "encoders",
+    "TokenizedText": "encoders",
+    "SISTAModel": "model",
+    "gather_with_grad": "losses",
+    "intra_loss": "losses",
+    "sia_loss": "losses",
+    "sta_loss": "losses",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'sista_core' has no attribute {name!r}")
