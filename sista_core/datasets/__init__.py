@@ -6,6 +6,7 @@ from .covidx import COVIDX_BINARY_CLASSES, COVIDX_CLASSES, Covidx
 from .images import read_dicom, read_image, resize_uint8
 from .mimic_cxr import MimicCxrJpg
 from .object_cxr import FOREIGN_OBJECT, ObjectCxr
+from .openi import OpenIDataset
 from .rle import rle_decode, rle_encode
 from .rsna import RsnaPneumonia
 from .siim import SiimPneumothorax
@@ -19,6 +20,7 @@ __all__ = [
     "DatasetAdapter",
     "MimicCxrJpg",
     "ObjectCxr",
+    "OpenIDataset",
     "RecordError",
     "RecordRef",
     "RsnaPneumonia",
