@@ -241,5 +241,10 @@ def load_params(path: str | Path = "params.yaml", overrides: dict | None = None)
 
 
 def tracking_uri(params: Params) -> str:
-    """MLflow tracking URI: ``MLFLOW_TRACKING_URI`` wins over params (a server in production)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or params.mlflow.tracking_uri
+    """MLflow tracking URI: ``MLFLOW_TRACKING_URI`` wins over params (a server in production).
+    A relative SQLite path is made absolute, so Ray workers in other folders find the store."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.mlflow.tracking_uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
+        uri = prefix + str(Path(uri[len(prefix) :]).resolve())
+    return uri

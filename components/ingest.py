@@ -1,0 +1,299 @@
+"""Stage ``ingest``: source -> manifest (parquet) + uint8 image shards + quarantine + splits.
+
+Images are decoded, checked and resized once here (nanoGPT's "prepare once"), so training
+never decodes a JPEG. Unusable records are quarantined with a reason and counted; the stage
+fails only when more than ``ingest.max_quarantine_fraction`` of a dataset is unusable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from sista_core.datasets import DatasetAdapter, MimicCxrJpg, OpenIDataset, RecordError, RecordRef
+from sista_core.datasets.embedded import OpenIPhantomDataset, PhantomDownstreamDataset
+from sista_core.datasets.images import resize_uint8
+from sista_core.datasets.splits import nested_subsets, patient_splits
+from sista_core.findings import OBSERVATIONS
+
+from .artifacts import atomic_output_dir
+from .config import IngestSection, Params
+from .runtime import ensure_ray
+from .stage import stage_dir, stage_main
+from .tracking import stage_run
+
+RECORDS_PER_TASK = 64  # per-record work is milliseconds: amortise Ray's per-task overhead
+_DEID_ONLY = re.compile(r"^[\sX.,;:-]*$")
+
+
+class QuarantineLimitExceeded(RuntimeError):
+    """Too large a share of a source is unusable: something is wrong with the source."""
+
+
+def report_problem(report: Any) -> str | None:
+    """Why a report cannot be used for pre-training, or None."""
+    if report is None:
+        return None
+    if isinstance(report, bytes):
+        try:
+            report = report.decode("utf-8")
+        except UnicodeDecodeError:
+            return "non_utf8_report"
+    if not str(report).strip():
+        return "empty_report"
+    if _DEID_ONLY.match(str(report)):
+        return "report_only_deid"
+    return None
+
+
+def build_pretrain_source(config: IngestSection) -> DatasetAdapter:
+    if config.source == "embedded":
+        return OpenIPhantomDataset(config.image_size, config.seed, config.pretrain.max_reports)
+    if config.source == "mimic_cxr":
+        return MimicCxrJpg(Path(config.source_path))
+    return OpenIDataset(Path(config.source_path))
+
+
+@dataclass
+class IngestResult:
+    manifest_rows: list[dict[str, Any]] = field(default_factory=list)
+    quarantine_rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _screen(refs: list[RecordRef], dataset: str, result: IngestResult) -> list[RecordRef]:
+    """Drop duplicate ids and bad reports before any pixel is read; quarantine them."""
+    seen: set[str] = set()
+    usable = []
+    for ref in refs:
+        reason = "duplicate_id" if ref.record_id in seen else report_problem(ref.meta.get("report"))
+        seen.add(ref.record_id)
+        if reason:
+            result.quarantine_rows.append(
+                {"record_id": ref.record_id, "dataset": dataset, "reason": reason, "detail": ""}
+            )
+        else:
+            usable.append(ref)
+    return usable
+
+
+def _load_batch(adapter: DatasetAdapter, refs: list[RecordRef], image_size: int):
+    """Ray Data batch function: load, check and resize records; failures become rows too."""
+
+    def load(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images, ok, reasons, details, labels, reports = [], [], [], [], [], []
+        for position in batch["position"]:
+            ref = refs[int(position)]
+            vector = np.full(len(OBSERVATIONS), np.nan, dtype=np.float32)
+            try:
+                sample = adapter.load(ref)
+                image = resize_uint8(sample.image, image_size)
+                for name, value in sample.labels.items():
+                    vector[OBSERVATIONS.index(name)] = value
+                problem = report_problem(sample.report)
+                if problem:
+                    raise RecordError(ref.record_id, problem)
+                images.append(image)
+                ok.append(True)
+                reasons.append("")
+                details.append("")
+                reports.append(sample.report or "")
+            except RecordError as error:
+                images.append(np.zeros((image_size, image_size), np.uint8))
+                ok.append(False)
+                reasons.append(error.reason)
+                details.append(error.detail[:300])
+                reports.append("")
+            labels.append(vector)
+        return {
+            "position": batch["position"],
+            "image": np.stack(images),
+            "ok": np.array(ok),
+            "reason": np.array(reasons, dtype=object),
+            "detail": np.array(details, dtype=object),
+            "labels": np.stack(labels),
+            "report": np.array(reports, dtype=object),
+        }
+
+    return load
+
+
+class ShardWriter:
+    """Buffers images per split and writes ``<dataset>-<split>-<k>.npy`` of ``shard_size``."""
+
+    def __init__(self, folder: Path, dataset: str, shard_size: int):
+        self.folder, self.dataset, self.shard_size = folder, dataset, shard_size
+        self.buffers: dict[str, list[np.ndarray]] = {}
+        self.counts: Counter[str] = Counter()
+
+    def add(self, split: str, image: np.ndarray) -> tuple[str, int]:
+        buffer = self.buffers.setdefault(split, [])
+        shard = f"{self.dataset}-{split}-{self.counts[split] // self.shard_size:05d}.npy"
+        position = len(buffer)
+        buffer.append(image)
+        self.counts[split] += 1
+        if len(buffer) == self.shard_size:
+            self._flush(split)
+        return shard, position
+
+    def _flush(self, split: str) -> None:
+        buffer = self.buffers.pop(split, [])
+        if buffer:
+            shard = (self.counts[split] - 1) // self.shard_size
+            np.save(self.folder / f"{self.dataset}-{split}-{shard:05d}.npy", np.stack(buffer))
+
+    def close(self) -> None:
+        for split in list(self.buffers):
+            self._flush(split)
+
+
+def ingest_dataset(
+    adapter: DatasetAdapter,
+    dataset: str,
+    config: IngestSection,
+    split_fractions: tuple[float, float],
+    out: Path,
+) -> IngestResult:
+    """Read every record of ``adapter`` into shards under ``out/shards``; returns the rows."""
+    result = IngestResult()
+    refs = _screen(list(adapter.records()), dataset, result)
+    splits = patient_splits([r.patient_id for r in refs], *split_fractions, seed=config.seed)
+    (out / "shards").mkdir(exist_ok=True)
+    writer = ShardWriter(out / "shards", dataset, config.shard_size)
+
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # same input, byte-identical shards
+    items = [{"position": i} for i in range(len(refs))]
+    blocks = max(1, min(len(items) // RECORDS_PER_TASK, 256))
+    loaded = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+        _load_batch(adapter, refs, config.image_size), batch_size=None, batch_format="numpy"
+    )
+    for batch in loaded.iter_batches(batch_size=256, batch_format="numpy"):
+        for row in range(len(batch["position"])):
+            ref = refs[int(batch["position"][row])]
+            if not batch["ok"][row]:
+                result.quarantine_rows.append(
+                    {
+                        "record_id": ref.record_id,
+                        "dataset": dataset,
+                        "reason": str(batch["reason"][row]),
+                        "detail": str(batch["detail"][row]),
+                    }
+                )
+                continue
+            split = splits[ref.patient_id]
+            shard, index = writer.add(split, batch["image"][row])
+            manifest_row = {
+                "record_id": ref.record_id,
+                "patient_id": ref.patient_id,
+                "dataset": dataset,
+                "split": split,
+                "shard": shard,
+                "index": index,
+                "report": str(batch["report"][row]) or None,
+            }
+            manifest_row.update(zip(OBSERVATIONS, batch["labels"][row].tolist(), strict=True))
+            result.manifest_rows.append(manifest_row)
+    writer.close()
+    return result
+
+
+def write_subsets(rows: list[dict[str, Any]], config: IngestSection, folder: Path) -> int:
+    """Saved id lists of the downstream training subsets (patient level, nested per seed)."""
+    folder.mkdir(exist_ok=True)
+    train = [row for row in rows if row["dataset"] == "downstream" and row["split"] == "train"]
+    records_of: dict[str, list[str]] = {}
+    for row in train:
+        records_of.setdefault(row["patient_id"], []).append(row["record_id"])
+    written = 0
+    for seed in config.downstream.seeds:
+        subsets = nested_subsets(list(records_of), config.downstream.label_fractions, seed)
+        for fraction, patients in subsets.items():
+            ids = sorted(r for p in patients for r in records_of[p])
+            (folder / subset_file_name(fraction, seed)).write_text("\n".join(ids) + "\n")
+            written += 1
+    return written
+
+
+def subset_file_name(fraction: float, seed: int) -> str:
+    return f"downstream-train-frac{fraction:g}-seed{seed}.txt"
+
+
+def _check_quarantine(result: IngestResult, dataset: str, total: int, limit: float) -> None:
+    bad = sum(1 for row in result.quarantine_rows if row["dataset"] == dataset)
+    if total and bad / total > limit:
+        reasons = Counter(row["reason"] for row in result.quarantine_rows)
+        raise QuarantineLimitExceeded(
+            f"{dataset}: {bad} of {total} records unusable ({bad / total:.1%} > "
+            f"ingest.max_quarantine_fraction={limit:.1%}); reasons: {dict(reasons)}"
+        )
+
+
+def _write_table(rows: list[dict[str, Any]], path: Path, schema: pa.Schema | None = None) -> None:
+    table = pa.Table.from_pylist(rows, schema=schema)
+    pq.write_table(table, path, compression="zstd")
+
+
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        ("record_id", pa.string()),
+        ("dataset", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
+
+
+def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any]:
+    config = params.ingest
+    ensure_ray(params)
+    sources = {
+        "pretrain": (build_pretrain_source(config), (config.pretrain.val_fraction, 0.0)),
+        "downstream": (
+            PhantomDownstreamDataset(
+                config.downstream.num_patients, config.image_size, config.seed + 1
+            ),
+            (config.downstream.val_fraction, config.downstream.test_fraction),
+        ),
+    }
+    with (
+        stage_run(params, "ingest", logged={"ingest": config.model_dump()}) as mlflow_run,
+        atomic_output_dir(
+            stage_dir(params, "ingest"), "ingest", {"mlflow_run_id": mlflow_run.info.run_id}
+        ) as (out, extra),
+    ):
+        combined = IngestResult()
+        counts: dict[str, int] = {}
+        for dataset, (adapter, fractions) in sources.items():
+            result = ingest_dataset(adapter, dataset, config, fractions, out)
+            total = len(result.manifest_rows) + len(result.quarantine_rows)
+            _check_quarantine(result, dataset, total, config.max_quarantine_fraction)
+            combined.manifest_rows += result.manifest_rows
+            combined.quarantine_rows += result.quarantine_rows
+            counts[f"{dataset}_kept"] = len(result.manifest_rows)
+            counts[f"{dataset}_quarantined"] = len(result.quarantine_rows)
+        _write_table(combined.manifest_rows, out / "manifest.parquet")
+        _write_table(combined.quarantine_rows, out / "quarantine.parquet", QUARANTINE_SCHEMA)
+        counts["subset_files"] = write_subsets(combined.manifest_rows, config, out / "subsets")
+        reasons = Counter(row["reason"] for row in combined.quarantine_rows)
+        extra["counts"] = counts
+        extra["quarantine_reasons"] = dict(sorted(reasons.items()))
+        mlflow.log_metrics({k: float(v) for k, v in counts.items()})
+    return {**counts, "quarantine_reasons": dict(reasons)}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return stage_main("ingest", run, argv)
+
+
+if __name__ == "__main__":
+    main()

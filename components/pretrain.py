@@ -1,0 +1,319 @@
+"""Stage ``pretrain``: SISTA pre-training with Ray Train (``TorchTrainer``, DDP).
+
+The training runner is separate from the library (open_clip's split): ``sista_core`` holds
+the model and losses; this file holds the loop, checkpoints, resumption and tracking.
+Baselines (``--variant convirt|dense``) pre-train through the same code with overrides
+from ``pretrain.baselines``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+import ray.train  # noqa: E402
+import torch  # noqa: E402
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # noqa: E402
+from ray.train.torch import TorchTrainer  # noqa: E402
+from safetensors.torch import load_model, save_model  # noqa: E402
+
+from sista_core import SISTAConfig, SISTAModel  # noqa: E402
+from sista_core.encoders.text import collate_tokens  # noqa: E402
+from sista_core.schedule import cosine_with_warmup  # noqa: E402
+
+from .artifacts import atomic_output_dir  # noqa: E402
+from .config import Params, tracking_uri  # noqa: E402
+from .pretrain_data import PretrainData  # noqa: E402
+from .runtime import ensure_ray  # noqa: E402
+from .stage import stage_dir, stage_main  # noqa: E402
+from .tracking import stage_run  # noqa: E402
+
+STEP_METRICS = (
+    "loss",
+    "loss_sia",
+    "loss_sta",
+    "loss_intra",
+    "fraction_negatives_eliminated",
+    "attention_nonzero_per_word",
+)
+STATE_FILE = "training_state.json"
+
+
+def run_fingerprint(section: dict[str, Any]) -> str:
+    """Short hash of the resolved pretrain config: the same config resumes the same run,
+    a changed config starts a new one (never resumes stale weights)."""
+    return hashlib.sha256(json.dumps(section, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def save_training_state(
+    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    save_model(model, str(folder / "model.safetensors"))
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt")  # tensors and numbers only
+    (folder / STATE_FILE).write_text(json.dumps(state))
+
+
+def load_training_state(
+    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+) -> dict[str, Any]:
+    load_model(model, str(folder / "model.safetensors"), strict=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    return json.loads((folder / STATE_FILE).read_text())
+
+
+def retrieval_recall(
+    model: SISTAModel, data: PretrainData, ks=(1, 5, 10), batch_size: int = 64
+) -> dict[str, float]:
+    """Image-to-report recall@k on held-out pairs: a cheap validation signal."""
+    if len(data) < 2:
+        return {}
+    model.eval()
+    image_embeds, text_embeds = [], []
+    with torch.inference_mode():
+        for start in range(0, len(data), batch_size):
+            images = torch.from_numpy(np.asarray(data.images[start : start + batch_size]))
+            image_embeds.append(model.encode_image(model.image_encoder.normalize(images))["global"])
+            tokens = collate_tokens(
+                data.tokens[start : start + batch_size], model.text_encoder.tokenizer.pad_token_id
+            )
+            text_embeds.append(model.encode_text(tokens)["global"])
+    similarity = torch.cat(image_embeds) @ torch.cat(text_embeds).T
+    rank_of_match = (similarity > similarity.diagonal()[:, None]).sum(1)
+    model.train()
+    return {f"val_recall_at_{k}": float((rank_of_match < k).float().mean()) for k in ks}
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(config["seed"])  # identical init everywhere; DDP also broadcasts
+    torch.set_num_threads(config["threads_per_worker"])
+    device = ray.train.torch.get_device()
+    use_autocast = device.type == "cuda"
+
+    data = PretrainData(config["data_root"], "train", config["semantics"])
+    model = SISTAModel(SISTAConfig.from_dict(config["model"]))
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=config["lr"],
+        weight_decay=config["weight_decay"],
+    )
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "history": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state = load_training_state(Path(folder), model, optimizer)
+    core = model
+    model = ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs={"find_unused_parameters": True}
+    )
+    pad_id = core.text_encoder.tokenizer.pad_token_id
+    steps_per_epoch = data.steps_per_epoch(config["batch_size"], world_size)
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{len(data)} training pairs are fewer than one global batch "
+            f"({config['batch_size']} x {world_size} workers)"
+        )
+    total_steps = config["epochs"] * steps_per_epoch
+    tracker = mlflow.MlflowClient(config["tracking_uri"]) if rank == 0 else None
+    validation = (
+        PretrainData(config["data_root"], "val", config["semantics"]) if rank == 0 else None
+    )
+
+    for epoch in range(state["epoch"], config["epochs"]):
+        sums: dict[str, float] = {}
+        tick = time.perf_counter()
+        for batch in data.batches(epoch, rank, world_size, config["batch_size"], config["seed"]):
+            lr = cosine_with_warmup(
+                state["step"], total_steps, config["warmup_steps"], config["lr"]
+            )
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            images = core.image_encoder.normalize(torch.from_numpy(batch.images)).to(device)
+            tokens = collate_tokens(batch.tokens, pad_id).to(device)
+            semantics = torch.from_numpy(batch.semantics).to(device)
+            loaded = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
+                out = model(images, tokens, semantics)
+            forward = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            backward = time.perf_counter()
+            optimizer.step()
+            stepped = time.perf_counter()
+            state["step"] += 1
+            step_metrics = {name: float(out[name].detach()) for name in STEP_METRICS}
+            step_metrics.update(
+                lr=lr,
+                samples_per_s=config["batch_size"] * world_size / (stepped - tick),
+                time_data_s=loaded - tick,
+                time_forward_s=forward - loaded,
+                time_backward_s=backward - forward,
+                time_optimizer_s=stepped - backward,
+            )
+            for name, value in step_metrics.items():
+                sums[name] = sums.get(name, 0.0) + value
+            if tracker is not None and state["step"] % config["log_every"] == 0:
+                timestamp = int(time.time() * 1000)
+                tracker.log_batch(
+                    config["mlflow_run_id"],
+                    metrics=[
+                        mlflow.entities.Metric(k, v, timestamp, state["step"])
+                        for k, v in step_metrics.items()
+                    ],
+                )
+                state["history"].append({"step": state["step"], "epoch": epoch, **step_metrics})
+            tick = time.perf_counter()
+
+        epoch_metrics = {f"epoch_{k}": v / steps_per_epoch for k, v in sums.items()}
+        epoch_metrics.update(epoch=epoch + 1, step=state["step"])
+        state["epoch"] = epoch + 1
+        with tempfile.TemporaryDirectory() as folder:
+            epoch_checkpoint = None
+            if rank == 0:
+                epoch_metrics.update(retrieval_recall(core, validation))
+                tracker.log_batch(
+                    config["mlflow_run_id"],
+                    metrics=[
+                        mlflow.entities.Metric(k, float(v), int(time.time() * 1000), state["step"])
+                        for k, v in epoch_metrics.items()
+                    ],
+                )
+                save_training_state(Path(folder), core, optimizer, state)
+                epoch_checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(epoch_metrics, checkpoint=epoch_checkpoint)
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path, title: str) -> None:
+    steps = [h["step"] for h in history]
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    for name in ("loss", "loss_sia", "loss_sta", "loss_intra"):
+        axes[0].plot(steps, [h[name] for h in history], label=name)
+    axes[0].set_title("loss terms")
+    axes[0].legend()
+    axes[1].plot(steps, [h["fraction_negatives_eliminated"] for h in history])
+    axes[1].set_title("fraction of negatives eliminated (SIA)")
+    axes[2].plot(steps, [h["attention_nonzero_per_word"] for h in history])
+    axes[2].set_title("patches per word with non-zero attention (STA)")
+    for axis in axes:
+        axis.set_xlabel("step")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any]:
+    variant = getattr(args, "variant", "sista") or "sista"
+    section = params.pretrain.variant(variant)
+    model_config = params.pretrain.model_config_for(variant)
+    data_root = Path(params.storage.uri).resolve()
+    fingerprint = run_fingerprint(
+        {
+            "pretrain": section.model_dump(),
+            "ingest": params.ingest.model_dump(),
+            "similarity": params.similarity.model_dump(),
+        }
+    )
+    threads = max(1, int(section.cpus_per_worker))
+    ensure_ray(params)
+    logged = {
+        "pretrain": section.model_dump(exclude={"baselines"}),
+        "variant": variant,
+        "fingerprint": fingerprint,
+    }
+    with (
+        stage_run(params, "pretrain", run_name=f"pretrain-{variant}", logged=logged) as run_,
+        atomic_output_dir(
+            stage_dir(params, "pretrain") / variant,
+            "pretrain",
+            {"mlflow_run_id": run_.info.run_id, "variant": variant, "fingerprint": fingerprint},
+        ) as (out, extra),
+    ):
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "data_root": str(data_root),
+                "semantics": section.semantics,
+                "model": model_config.to_dict(),
+                "seed": section.seed,
+                "lr": section.optim.lr,
+                "weight_decay": section.optim.weight_decay,
+                "warmup_steps": section.optim.warmup_steps,
+                "epochs": section.optim.epochs,
+                "batch_size": section.optim.batch_size,
+                "threads_per_worker": threads,
+                "tracking_uri": tracking_uri(params),
+                "mlflow_run_id": run_.info.run_id,
+                "log_every": 5,
+            },
+            scaling_config=ScalingConfig(
+                num_workers=section.workers,
+                use_gpu=section.use_gpu,
+                resources_per_worker={"CPU": section.cpus_per_worker},
+            ),
+            run_config=RunConfig(
+                name=f"pretrain-{variant}-{fingerprint}",
+                storage_path=str(data_root / "checkpoints"),
+                failure_config=FailureConfig(max_failures=section.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+            ),
+        )
+        result = trainer.fit()
+        model = SISTAModel(model_config)
+        with result.checkpoint.as_directory() as folder:
+            state = load_training_state(Path(folder), model, optimizer=None)
+        model.save_pretrained(out / "model")
+        metrics = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        history_keys = ("step", "epoch", *STEP_METRICS, "samples_per_s", "lr")
+        (out / "history.json").write_text(
+            json.dumps([{k: h[k] for k in history_keys} for h in state["history"]], indent=1)
+        )
+        plot_curves(state["history"], out / "curves.png", f"pre-training ({variant})")
+        mlflow.log_artifacts(str(out / "model"), "model")
+        mlflow.log_artifact(str(out / "curves.png"))
+        extra["metrics"] = metrics
+        if variant == "sista":
+            register_candidate(params, run_.info.run_id)
+    return {"variant": variant, **{k: round(v, 4) for k, v in metrics.items()}}
+
+
+def register_candidate(params: Params, run_id: str) -> str:
+    """Register this run's model folder as a new version with the alias ``candidate``."""
+    name = params.mlflow.registered_model
+    client = mlflow.MlflowClient()
+    if not client.search_registered_models(f"name = '{name}'"):
+        client.create_registered_model(name, description="SISTA pre-trained image encoder")
+    # Our folder is safetensors + JSON (SISTAModel.from_pretrained), not an MLflow flavour:
+    # the version points straight at the logged artifact folder.
+    source = f"{client.get_run(run_id).info.artifact_uri}/model"
+    version = client.create_model_version(name, source=source, run_id=run_id)
+    client.set_registered_model_alias(name, "candidate", version.version)
+    return version.version
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--variant", default="sista", help="sista, or a baseline named in pretrain.baselines"
+        )
+
+    return stage_main("pretrain", run, argv, add_arguments)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Pre-training inputs joined once: image shards, stored tokens and report semantics.
+
+Workers read the stages' declared outputs (ingest shards, the reports table, the similarity
+cache) and batch them without decoding or tokenising anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from sista_core.findings import OBSERVATIONS
+
+TOKEN_COLUMNS = ("input_ids", "word_index", "word_mask", "words_text")
+
+
+@dataclass
+class PretrainBatch:
+    images: np.ndarray  # (B, H, W) uint8
+    tokens: list[dict]  # per report, stored by the reports stage (collate_tokens)
+    semantics: np.ndarray  # (B, ds) float32: s_i of METHOD.md
+    record_ids: list[str]
+
+
+class PretrainData:
+    """One split of the pre-training pairs, in memory (shards memory-mapped)."""
+
+    def __init__(self, data_root: str | Path, split: str, semantics: str = "embedding"):
+        root = Path(data_root)
+        manifest = pq.read_table(root / "ingest" / "manifest.parquet").to_pylist()
+        rows = [r for r in manifest if r["dataset"] == "pretrain" and r["split"] == split]
+        reports = {
+            r["record_id"]: r
+            for r in pq.read_table(root / "reports" / "reports.parquet").to_pylist()
+        }
+        rows = [r for r in rows if r["record_id"] in reports]
+        self.record_ids = [r["record_id"] for r in rows]
+        self.tokens = [{c: reports[i][c] for c in TOKEN_COLUMNS} for i in self.record_ids]
+        self.texts = [reports[i]["text"] for i in self.record_ids]
+        self.semantics = self._semantics(root, semantics, reports)
+        shard_cache = {
+            name: np.load(root / "ingest" / "shards" / name, mmap_mode="r")
+            for name in sorted({r["shard"] for r in rows})
+        }
+        self.images = (
+            np.stack([shard_cache[r["shard"]][r["index"]] for r in rows])
+            if rows
+            else np.zeros((0, 1, 1), np.uint8)
+        )
+
+    def _semantics(self, root: Path, kind: str, reports: dict[str, dict]) -> np.ndarray:
+        if kind == "labels":
+            # Finding-label vectors: mentioned-positive 1, negative 0, uncertain 0.5, absent 0.
+            vectors = np.array([reports[i]["labels"] for i in self.record_ids], np.float32)
+            vectors = np.where(vectors == -1, 0.5, np.nan_to_num(vectors, nan=0.0))
+            assert vectors.shape[1] == len(OBSERVATIONS)
+            return vectors
+        ids = (root / "similarity" / "record_ids.txt").read_text().split()
+        position = {record_id: i for i, record_id in enumerate(ids)}
+        embeddings = np.load(root / "similarity" / "embeddings.npy")
+        return embeddings[[position[i] for i in self.record_ids]].astype(np.float32)
+
+    def __len__(self) -> int:
+        return len(self.record_ids)
+
+    def steps_per_epoch(self, batch_size: int, world_size: int) -> int:
+        return len(self) // (batch_size * world_size)
+
+    def batches(
+        self, epoch: int, rank: int, world_size: int, batch_size: int, seed: int, skip: int = 0
+    ) -> Iterator[PretrainBatch]:
+        """This worker's batches of ``epoch``: one seeded shuffle shared by all workers, each
+        global batch split into equal per-worker parts (the gather needs equal sizes), the
+        last incomplete global batch dropped. ``skip`` resumes inside an epoch."""
+        order = np.random.default_rng((seed, epoch)).permutation(len(self))
+        global_batch = batch_size * world_size
+        for step in range(skip, len(self) // global_batch):
+            chosen = order[step * global_batch : (step + 1) * global_batch]
+            mine = np.sort(chosen[rank * batch_size : (rank + 1) * batch_size])
+            yield PretrainBatch(
+                images=self.images[mine],
+                tokens=[self.tokens[i] for i in mine],
+                semantics=self.semantics[mine],
+                record_ids=[self.record_ids[i] for i in mine],
+            )

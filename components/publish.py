@@ -1,0 +1,124 @@
+"""Stage ``publish``: the results table, and promotion of the candidate encoder.
+
+The candidate (``sista-encoder@candidate``, registered by pretrain) takes the ``champion``
+alias only when it beats the current champion on ``publish.metric``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from .artifacts import atomic_output_dir
+from .config import Params, tracking_uri
+from .stage import stage_dir, stage_main
+from .tracking import stage_run
+
+SCORE_TAG = "score"
+
+
+def metric_value(summary: dict[str, Any], metric: str, init: str = "sista") -> float:
+    """``classification/auroc@0.01`` -> mean AUROC of ``init`` at 1 % labels."""
+    task_metric, fraction = metric.split("@")
+    task, name = task_metric.split("/")
+    return float(summary[task][name][init][f"{float(fraction):g}"]["mean"])
+
+
+def should_promote(candidate: float, champion: float | None, higher_is_better: bool) -> bool:
+    """Promote when there is no champion yet or the candidate is strictly better."""
+    if champion is None:
+        return True
+    return candidate > champion if higher_is_better else candidate < champion
+
+
+def results_markdown(summary: dict[str, Any], note: str) -> str:
+    lines = []
+    for task, by_metric in summary.items():
+        if not isinstance(by_metric, dict):
+            continue
+        for metric, by_init in by_metric.items():
+            fractions = sorted({f for v in by_init.values() for f in v}, key=float)
+            lines.append(f"### {task}: {metric} (test, mean ± std over seeds)\n")
+            lines.append(
+                "| init | " + " | ".join(f"{100 * float(f):g} % labels" for f in fractions) + " |"
+            )
+            lines.append("|---" * (len(fractions) + 1) + "|")
+            for init, by_fraction in sorted(by_init.items()):
+                cells = [
+                    f"{by_fraction[f]['mean']:.3f} ± {by_fraction[f]['std']:.3f}" for f in fractions
+                ]
+                lines.append(f"| {init} | " + " | ".join(cells) + " |")
+            lines.append("")
+    lines.append(f"Images: {note}.")
+    return "\n".join(lines) + "\n"
+
+
+def promote_if_better(params: Params, score: float) -> dict[str, Any]:
+    """Tag the candidate with its score; move ``champion`` to it when it is better."""
+    client = mlflow.MlflowClient(tracking_uri(params))
+    name = params.mlflow.registered_model
+    candidate = client.get_model_version_by_alias(name, "candidate")
+    client.set_model_version_tag(name, candidate.version, SCORE_TAG, str(score))
+    try:
+        champion = client.get_model_version_by_alias(name, "champion")
+        champion_score = float(champion.tags.get(SCORE_TAG, "nan"))
+        champion_score = None if champion_score != champion_score else champion_score
+        champion_version = champion.version
+    except mlflow.exceptions.MlflowException:
+        champion_score, champion_version = None, None
+    promote = should_promote(score, champion_score, params.publish.higher_is_better)
+    if promote:
+        client.set_registered_model_alias(name, "champion", candidate.version)
+    return {
+        "model": name,
+        "metric": params.publish.metric,
+        "candidate_version": candidate.version,
+        "candidate_score": score,
+        "champion_version_before": champion_version,
+        "champion_score_before": champion_score,
+        "promoted": promote,
+    }
+
+
+def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any]:
+    evaluation = json.loads((stage_dir(params, "evaluate") / "metrics.json").read_text())
+    note = evaluation.get("images", "")
+    with (
+        stage_run(params, "publish", logged={"publish": params.publish.model_dump()}) as run_,
+        atomic_output_dir(
+            stage_dir(params, "publish"), "publish", {"mlflow_run_id": run_.info.run_id}
+        ) as (out, extra),
+    ):
+        table = results_markdown(evaluation, note)
+        score = metric_value(evaluation, params.publish.metric)
+        decision = promote_if_better(params, score)
+        Path(out / "results.md").write_text(table)
+        Path(out / "results.json").write_text(
+            json.dumps({"results": evaluation, "registry": decision}, indent=2, sort_keys=True)
+        )
+        mlflow.log_metric("candidate_score", score)
+        mlflow.log_artifact(str(out / "results.md"))
+        extra["registry"] = decision
+    print(table)
+    verdict = (
+        f"promoted {decision['model']} v{decision['candidate_version']} to @champion"
+        if decision["promoted"]
+        else f"kept @champion v{decision['champion_version_before']}"
+    )
+    print(
+        f"{params.publish.metric}: candidate {score:.4f} vs champion "
+        f"{decision['champion_score_before']}: {verdict}"
+    )
+    return decision
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return stage_main("publish", run, argv)
+
+
+if __name__ == "__main__":
+    main()

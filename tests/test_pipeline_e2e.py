@@ -1,0 +1,172 @@
+"""The whole pipeline on the CI profile: every stage as `dvc repro` would run it."""
+
+import json
+
+import mlflow
+import pyarrow.parquet as pq
+import pytest
+
+from tests.pipeline_helpers import STAGE_COMMANDS, run_stages, write_ci_params
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pipeline")
+    write_ci_params(folder)
+    result = run_stages(folder, STAGE_COMMANDS, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return folder, result
+
+
+def test_every_declared_output_exists(pipeline_run):
+    folder, _ = pipeline_run
+    data = folder / "data"
+    expected = [
+        "ingest/manifest.parquet",
+        "ingest/quarantine.parquet",
+        "ingest/subsets",
+        "reports/reports.parquet",
+        "similarity/embeddings.npy",
+        "similarity/topk.parquet",
+        "similarity/stats.json",
+        "similarity/similarity_histogram.png",
+        "evaluate/metrics.json",
+        "evaluate/cells.json",
+        "evaluate/auroc_vs_fraction.png",
+        "publish/results.md",
+        "publish/results.json",
+    ] + [
+        f"pretrain/{v}/{f}"
+        for v in ("sista", "convirt", "dense")
+        for f in (
+            "model/model.safetensors",
+            "model/config.json",
+            "metrics.json",
+            "history.json",
+            "curves.png",
+        )
+    ]
+    missing = [path for path in expected if not (data / path).exists()]
+    assert not missing
+    for stage in ("ingest", "reports", "similarity", "evaluate", "publish"):
+        assert (data / stage / "_stage.json").exists(), stage
+
+
+def test_every_evaluation_cell_has_a_metric(pipeline_run):
+    folder, _ = pipeline_run
+    cells = json.loads((folder / "data/evaluate/cells.json").read_text())
+    keys = {(c["init"], c["fraction"], c["seed"]) for c in cells}
+    assert len(keys) == 4 * 3 * 2 == len(cells)
+    assert all(0.0 <= c["auroc"] <= 1.0 for c in cells)
+
+
+def test_mlflow_holds_every_stage_and_the_registered_candidate(pipeline_run):
+    folder, _ = pipeline_run
+    client = mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    for stage in ("ingest", "reports", "similarity", "pretrain", "evaluate", "publish"):
+        experiment = client.get_experiment_by_name(f"sista-{stage}")
+        assert experiment is not None, stage
+        runs = client.search_runs([experiment.experiment_id])
+        assert runs and all(r.info.status == "FINISHED" for r in runs), stage
+    pretrain = client.get_experiment_by_name("sista-pretrain")
+    sista_run = client.search_runs(
+        [pretrain.experiment_id], "attributes.run_name = 'pretrain-sista'"
+    )[0]
+    assert sista_run.data.params["pretrain.sia.mode"] == "eliminate"
+    losses = client.get_metric_history(sista_run.info.run_id, "loss_sta")
+    assert losses and all(m.value > 0 for m in losses)
+    candidate = client.get_model_version_by_alias("sista-encoder", "candidate")
+    champion = client.get_model_version_by_alias("sista-encoder", "champion")
+    assert candidate.version == champion.version  # the first candidate always becomes champion
+
+
+def test_results_table_lists_every_initialisation(pipeline_run):
+    folder, result = pipeline_run
+    table = (folder / "data/publish/results.md").read_text()
+    for init in ("sista", "convirt", "dense", "random"):
+        assert f"| {init} |" in table
+    assert "phantom" in table
+    assert "promoted sista-encoder" in result.stdout
+
+
+def test_ingest_splits_are_patient_disjoint_and_subsets_nested(pipeline_run):
+    folder, _ = pipeline_run
+    rows = pq.read_table(folder / "data/ingest/manifest.parquet").to_pylist()
+    downstream = [r for r in rows if r["dataset"] == "downstream"]
+    by_split = {}
+    for row in downstream:
+        by_split.setdefault(row["split"], set()).add(row["patient_id"])
+    assert not (by_split["train"] & by_split["test"]) and not (by_split["train"] & by_split["val"])
+    pretrain_patients = {r["patient_id"] for r in rows if r["dataset"] == "pretrain"}
+    assert not pretrain_patients & {r["patient_id"] for r in downstream}
+    subsets = folder / "data/ingest/subsets"
+    for seed in (0, 1):
+        small, medium, full = (
+            set((subsets / f"downstream-train-frac{f}-seed{seed}.txt").read_text().split())
+            for f in ("0.01", "0.1", "1")
+        )
+        assert small <= medium <= full
+        assert full == {r["record_id"] for r in downstream if r["split"] == "train"}
+
+
+def _kill_tree(process) -> None:
+    """SIGKILL a process and every descendant (the local Ray instance it started)."""
+    import psutil
+
+    parent = psutil.Process(process.pid)
+    family = [parent, *parent.children(recursive=True)]
+    for member in family:
+        try:
+            member.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=30)
+
+
+def test_killed_pretraining_resumes_from_its_last_checkpoint(pipeline_run):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    folder, _ = pipeline_run
+    complete_output = (folder / "data/pretrain/sista/_stage.json").read_text()
+    write_ci_params(folder, **{"pretrain.optim.epochs": 4})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+    env.pop("RAY_ADDRESS", None)
+    command = [sys.executable, "-m", "pipeline.launch", "pretrain", "--variant", "sista"]
+    first = subprocess.Popen(
+        command, cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 300
+    checkpoints = []
+    while time.time() < deadline and not checkpoints and first.poll() is None:
+        time.sleep(1)
+        checkpoints = list((folder / "data/checkpoints").glob("pretrain-sista-*/checkpoint_*"))
+    assert checkpoints, "no checkpoint was written before the deadline"
+    time.sleep(2)
+    _kill_tree(first)
+    # Killed mid-stage: the previous complete output is still in place, untouched.
+    assert (folder / "data/pretrain/sista/_stage.json").read_text() == complete_output
+
+    second = subprocess.run(
+        command, cwd=folder, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    history = json.loads((folder / "data/pretrain/sista/history.json").read_text())
+    metrics = json.loads((folder / "data/pretrain/sista/metrics.json").read_text())
+    assert metrics["epoch"] == 4
+
+    client = mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("sista-pretrain")
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        "attributes.run_name = 'pretrain-sista'",
+        order_by=["attributes.start_time DESC"],
+    )
+    resumed_steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")]
+    # The resumed run logs only the steps after its checkpoint: the counter continues.
+    assert min(resumed_steps) > 0
+    assert max(resumed_steps) == metrics["step"] == history[-1]["step"]
