@@ -25,6 +25,7 @@ from sista_core.datasets.embedded import OpenIPhantomDataset, PhantomDownstreamD
 from sista_core.datasets.images import resize_uint8
 from sista_core.datasets.splits import nested_subsets, patient_splits
 from sista_core.findings import OBSERVATIONS
+from sista_core.reports.sections import extract_sections
 
 from .artifacts import atomic_output_dir
 from .config import IngestSection, Params
@@ -33,7 +34,7 @@ from .stage import stage_dir, stage_main
 from .tracking import stage_run
 
 RECORDS_PER_TASK = 64  # per-record work is milliseconds: amortise Ray's per-task overhead
-_DEID_ONLY = re.compile(r"^[\sX.,;:-]*$")
+_DEID_ONLY = re.compile(r"^[\sX_.,;:-]*$")  # Open-I's XXXX and MIMIC's ___ placeholders
 
 
 class QuarantineLimitExceeded(RuntimeError):
@@ -51,7 +52,7 @@ def report_problem(report: Any) -> str | None:
             return "non_utf8_report"
     if not str(report).strip():
         return "empty_report"
-    if _DEID_ONLY.match(str(report)):
+    if _DEID_ONLY.match(extract_sections(str(report)).text):
         return "report_only_deid"
     return None
 

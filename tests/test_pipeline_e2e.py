@@ -6,7 +6,7 @@ import mlflow
 import pyarrow.parquet as pq
 import pytest
 
-from tests.pipeline_helpers import STAGE_COMMANDS, run_stages, write_ci_params
+from pipeline_helpers import STAGE_COMMANDS, run_stages, write_ci_params
 
 pytestmark = pytest.mark.slow
 

@@ -130,7 +130,10 @@ class MimicCxrJpg(DatasetAdapter):
             if self.require_report:
                 raise RecordError(ref.record_id, "missing_report", str(path))
             return None
-        text = path.read_text(encoding="utf-8", errors="replace")
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise RecordError(ref.record_id, "non_utf8_report", f"{path}: {error}") from None
         if not text.strip():
             if self.require_report:
                 raise RecordError(ref.record_id, "empty_report", str(path))
