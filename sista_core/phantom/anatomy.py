@@ -120,6 +120,16 @@ class Anatomy:
         return self.right_lung | self.left_lung
 
     @cached_property
+    def lung_bounds(self) -> tuple[float, float, float, float]:
+        """u0, v0, u1, v1 of the box around both lung fields (the lung behind the heart
+        included), pixel edges in canonical units: the frame real annotations map into."""
+        hard = self.fields > 0.5
+        rows = np.flatnonzero(hard.any(1))
+        cols = np.flatnonzero(hard.any(0))
+        n = self.frame.size
+        return (cols[0] / n, rows[0] / n, (cols[-1] + 1) / n, (rows[-1] + 1) / n)
+
+    @cached_property
     def interior(self) -> np.ndarray:
         """Soft depth inside the lungs, ~1 well inside, ~0.5 at the edge: where a lesion can
         sit without touching the pleura."""

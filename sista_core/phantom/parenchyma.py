@@ -43,6 +43,8 @@ AIRSPACE_PATTERNS: dict[str, AirspacePattern] = {
     # Patchy consolidation in one area, several foci.
     "Pneumonia": AirspacePattern(0.82, 0.4, 0.9, 9, 0.03, (2, 4), (0.045, 0.06, 0.08), True),
 }
+# Exponent of the outline a placed opacity takes inside its box (2 = ellipse, large = box).
+SQUIRCLE = 2.5
 
 
 def paint_airspace(
@@ -72,20 +74,89 @@ def paint_airspace(
             ragged = smooth_noise(rng, density.shape, pattern.texture_cells)
             shape = (1.0 - r) + pattern.ragged * (ragged - 0.5)
             np.maximum(density, ramp(shape * radius, pattern.edge), out=density)
-        texture = smooth_noise(rng, density.shape, max(4, round(radius * 160)))
-        density *= 1.0 - pattern.mottling * texture
-        density *= anatomy.lungs[window] * anatomy.lung(side)[window]
-        if pattern.bronchograms and severity_index(finding) > 0:
-            density *= 1.0 - 0.55 * _bronchograms(
-                rng, density.shape, anatomy.hila[side], window, f.size
-            )
-        film.fill_window(window, density, pattern.filling * strength)
-        film.tissue[window] += 0.03 * strength * density
-        mask = np.zeros((f.size, f.size), dtype=bool)
-        mask[window] = density > 0.3
+        clip = anatomy.lungs[window] * anatomy.lung(side)[window]
+        cells = max(4, round(radius * 160))
+        mask = _fill_airspace(
+            film, anatomy, finding, rng, strength, window, density, clip, cells, side
+        )
         if mask.any():
             masks.append(mask)
     return masks
+
+
+def paint_placed_airspace(
+    film: Film,
+    anatomy: Anatomy,
+    finding: Finding,
+    rng: np.random.Generator,
+    strength: float,
+    regions: list[np.ndarray],
+) -> list[np.ndarray]:
+    """Opacity, consolidation or pneumonia filling each placed region (a mapped RSNA box, or
+    a mask) within the lungs: the region's outline rounded and made ragged, so a box holds a
+    blob reaching its four sides, as a reader draws a box around an opacity."""
+    pattern = AIRSPACE_PATTERNS[finding.observation]
+    f = anatomy.frame
+    masks = []
+    for region in regions:
+        rows, cols = np.flatnonzero(region.any(1)), np.flatnonzero(region.any(0))
+        if rows.size == 0:
+            continue
+        window = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+        inside = region[window]
+        # A squircle inscribed in the region's bounding box (rounded corners, sides reached
+        # midway), its outline made ragged and its margin fading.
+        half = np.array([cols[-1] + 1 - cols[0], rows[-1] + 1 - rows[0]]) / (2 * f.size)
+        centre = (cols[0] / f.size + half[0], rows[0] / f.size + half[1])
+        du = np.abs(f.u[:, window[1]] - centre[0]) / half[0]
+        dv = np.abs(f.v[window[0]] - centre[1]) / half[1]
+        r = (du**SQUIRCLE + dv**SQUIRCLE) ** (1.0 / SQUIRCLE)
+        ragged = smooth_noise(rng, inside.shape, pattern.texture_cells)
+        shape = (1.0 - r) + 0.3 * pattern.ragged * (ragged - 0.5)
+        density = ramp(shape - 0.1, 0.4) * inside
+        centre_u = (cols[0] + cols[-1] + 1) / 2 / f.size
+        side: PatientSide = "right" if centre_u < anatomy.midline else "left"
+        # Mottled at the scale of the unplaced patches (160 cells per unit of radius, over a
+        # window 5.2 radii wide).
+        cells = max(4, round(max(half) * 2 * 160 / 5.2))
+        clip = anatomy.lungs[window]
+        mask = _fill_airspace(
+            film, anatomy, finding, rng, strength, window, density, clip, cells, side
+        )
+        if mask.any():
+            masks.append(mask)
+    return masks
+
+
+def _fill_airspace(
+    film: Film,
+    anatomy: Anatomy,
+    finding: Finding,
+    rng: np.random.Generator,
+    strength: float,
+    window: tuple[slice, slice],
+    density: np.ndarray,
+    clip: np.ndarray,
+    texture_cells: int,
+    side: PatientSide,
+) -> np.ndarray:
+    """Mottle an airspace patch's density (window-sized) with noise of ``texture_cells``
+    across the window, clip it to ``clip`` (the lung), cut air bronchograms towards
+    ``side``'s hilum, and let it replace the air; returns the drawn mask on the whole film."""
+    pattern = AIRSPACE_PATTERNS[finding.observation]
+    f = anatomy.frame
+    texture = smooth_noise(rng, density.shape, texture_cells)
+    density *= 1.0 - pattern.mottling * texture
+    density *= clip
+    if pattern.bronchograms and severity_index(finding) > 0:
+        density *= 1.0 - 0.55 * _bronchograms(
+            rng, density.shape, anatomy.hila[side], window, f.size
+        )
+    film.fill_window(window, density, pattern.filling * strength)
+    film.tissue[window] += 0.03 * strength * density
+    mask = np.zeros((f.size, f.size), dtype=bool)
+    mask[window] = density > 0.3
+    return mask
 
 
 def _bronchograms(

@@ -16,6 +16,9 @@ from .frame import ramp
 EFFUSION_HEIGHTS = (0.18, 0.33, 0.55)
 # Width of the pleural air at the apex, as a fraction of the film, by severity.
 PNEUMOTHORAX_DEPTH = (0.025, 0.05, 0.09)
+# Half the widest gap (canonical units) between a placed pneumothorax and the lung's edge that
+# is filled with air: the mapping from another film's thorax is not exact.
+PLEURAL_GAP = 0.03
 
 
 def paint_effusion(
@@ -59,16 +62,49 @@ def paint_pneumothorax(
     depth *= 0.7 + 0.3 * strength
     for side in sides(finding):
         air = _pleural_air(anatomy, side, depth, apical_only=finding.zone == "apical")
-        if not air.any():
-            continue
+        if air.any():
+            _paint_air(film, anatomy.lung(side), air, strength)
+            masks.append(air)
+    return masks
+
+
+def paint_placed_pneumothorax(
+    film: Film,
+    anatomy: Anatomy,
+    finding: Finding,
+    rng: np.random.Generator,
+    strength: float,
+    regions: list[np.ndarray],
+) -> list[np.ndarray]:
+    """Pleural air where the placed regions (a mapped SIIM mask) fall in each lung field (the
+    phantom's lung field is the hemithorax inside the ribs, i.e. the pleural space). Pleural
+    air lies against the chest wall, so a gap the mapping left between the mask and the
+    lung's edge, narrower than ``2 * PLEURAL_GAP``, is filled with air too (a closing of the
+    air with everything outside the lung, kept near the air). One instance per side."""
+    placed = np.logical_or.reduce(regions)
+    reach = max(1, round(PLEURAL_GAP * anatomy.frame.size))
+    masks = []
+    for side in ("right", "left"):
         lung = anatomy.lung(side)
-        pleural_line = lung & ~air & _touches(air)
-        air_soft = air.astype(np.float32)
-        film.markings *= 1.0 - air_soft
-        film.air += 0.05 * strength * air_soft
-        film.tissue += 0.1 * strength * pleural_line
+        inside = placed & lung
+        if not inside.any():
+            continue
+        closed = ~_grow(~_grow(inside | ~lung, reach), reach)
+        # Only gaps next to the air: not the lung's own narrow corners (costophrenic angles).
+        air = lung & closed & _grow(inside, 2 * reach)
+        _paint_air(film, lung, air, strength)
         masks.append(air)
     return masks
+
+
+def _paint_air(film: Film, lung: np.ndarray, air: np.ndarray, strength: float) -> None:
+    """Pleural air inside one lung field: black, with no vessels, bounded on the lung's side
+    by the thin white visceral pleural line of the retracted lung."""
+    pleural_line = lung & ~air & _touches(air)
+    air_soft = air.astype(np.float32)
+    film.markings *= 1.0 - air_soft
+    film.air += 0.05 * strength * air_soft
+    film.tissue += 0.1 * strength * pleural_line
 
 
 def _pleural_air(
@@ -103,6 +139,14 @@ def lateral_distance(anatomy: Anatomy, side: PatientSide) -> np.ndarray:
     if side == "right":  # lateral is the image left
         return index[None, :] - np.argmax(lung, axis=1)[:, None]
     return (n - 1 - np.argmax(lung[:, ::-1], axis=1))[:, None] - index[None, :]
+
+
+def _grow(region: np.ndarray, steps: int) -> np.ndarray:
+    """``region`` dilated by ``steps`` pixels (4-neighbour steps); the complement of growing
+    the complement is an erosion."""
+    for _ in range(steps):
+        region = region | _touches(region)
+    return region
 
 
 def _touches(region: np.ndarray) -> np.ndarray:

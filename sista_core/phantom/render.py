@@ -1,17 +1,20 @@
 """Render a phantom frontal chest radiograph from a list of findings, with exact ground-truth
 masks and boxes.
 
-Deterministic in (findings, seed): the anatomy, the acquisition, the lung markings, the noise
-and each finding draw from separate random streams keyed by the seed (and, for a finding, by
-its observation and how many of that observation came before it), so adding or removing one
-finding changes the film only where that finding is.
+A finding can also be drawn where a real annotation says (`Placement`: RSNA boxes, a SIIM
+mask), mapped from the source film's lung box into the phantom's; see `placement`.
+
+Deterministic in (findings, seed, placements): the anatomy, the acquisition, the lung
+markings, the noise and each finding draw from separate random streams keyed by the seed
+(and, for a finding, by its observation and how many of that observation came before it), so
+adding or removing one finding changes the film only where that finding is.
 """
 
 from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -22,9 +25,13 @@ from .anatomy import Anatomy, BodyPlan, build_anatomy, paint_soft_tissue, sample
 from .attributes import resolve, strength
 from .film import Film
 from .markings import paint_markings
+from .placement import Placement, landed_side
 
 Painter = Callable[[Film, Anatomy, Finding, np.random.Generator, float], list[np.ndarray]]
 PlanEdit = Callable[[BodyPlan, Finding, float], BodyPlan]
+PlacedPainter = Callable[
+    [Film, Anatomy, Finding, np.random.Generator, float, list[np.ndarray]], list[np.ndarray]
+]
 
 # Plan edits run in this order (hyperinflation narrows the heart before cardiomegaly sets it).
 PLAN_EDITS: dict[str, PlanEdit] = {
@@ -54,6 +61,13 @@ PAINTERS: dict[str, Painter] = {
     "Fracture": skeleton.paint_fracture,
     "Support Devices": devices.paint_devices,
 }
+# Observations that can be drawn at a `Placement`; each painter takes the placed regions.
+PLACED_PAINTERS: dict[str, PlacedPainter] = {
+    "Lung Opacity": parenchyma.paint_placed_airspace,
+    "Consolidation": parenchyma.paint_placed_airspace,
+    "Pneumonia": parenchyma.paint_placed_airspace,
+    "Pneumothorax": pleura.paint_placed_pneumothorax,
+}
 
 
 @dataclass(frozen=True)
@@ -64,7 +78,9 @@ class Phantom:
     a bool (size, size) mask; ``boxes`` maps it to float32 (n, 4) boxes x0, y0, x1, y1 (one
     per instance: per side, per nodule, per device). ``findings`` are the findings actually
     drawn, with the side, severity and zone used. ``anatomy`` holds bool masks of the
-    normal structures ("lungs", "heart", "thorax").
+    normal structures ("lungs", "heart", "thorax"). ``placed`` maps each observation drawn
+    at a `Placement` to the region the placement asked for, mapped onto this film before
+    clipping to the lungs (bool (size, size)); ``masks`` says what was actually drawn.
     """
 
     image: np.ndarray
@@ -74,6 +90,7 @@ class Phantom:
     view: str
     cardiothoracic_ratio: float
     anatomy: Mapping[str, np.ndarray] = field(default_factory=dict)
+    placed: Mapping[str, np.ndarray] = field(default_factory=dict)
 
 
 class PositionedMasks(Mapping[str, np.ndarray]):
@@ -104,14 +121,29 @@ def _stream(seed: int, *key: str | int) -> np.random.Generator:
     return np.random.default_rng(words)
 
 
-def render(findings: Sequence[Finding], seed: int, size: int = 224) -> Phantom:
+def render(
+    findings: Sequence[Finding],
+    seed: int,
+    size: int = 224,
+    placements: Mapping[str, Placement] | None = None,
+) -> Phantom:
     """Render ``findings`` onto a phantom frontal chest film of ``size`` pixels (96-512 work;
     the patient's left is on the image right).
 
     Only positive findings are drawn, uncertain ones half the time and fainter (see
     `attributes`); "No Finding" and negative findings draw nothing. Attributes a finding
     leaves as None are picked from the seed and reported in ``Phantom.findings``.
+
+    ``placements`` maps an observation (one of ``PLACED_PAINTERS``) to where its first
+    finding is drawn instead of a seeded spot: the placed region clipped to the lungs
+    (opacity) or to the pleural space (pneumothorax). A placement draws nothing without a
+    finding of its observation. A placed finding is reported with the side it landed on
+    and no severity or zone (the placement sets its extent).
     """
+    unplaceable = set(placements or {}) - set(PLACED_PAINTERS)
+    if unplaceable:
+        raise ValueError(f"cannot place {sorted(unplaceable)}; placeable: {list(PLACED_PAINTERS)}")
+    pending = dict(placements or {})
     acquisition = sample_acquisition(_stream(seed, "acquisition"))
     plan = sample_plan(_stream(seed, "anatomy"))
 
@@ -142,9 +174,22 @@ def render(findings: Sequence[Finding], seed: int, size: int = 224) -> Phantom:
     skeleton.paint_skeleton(film, anatomy)
     paint_markings(film, anatomy, _stream(seed, "markings"))
     instances: dict[str, list[np.ndarray]] = {}
+    placed: dict[str, np.ndarray] = {}
+    reported: list[Finding] = []
     for finding, weight, rng in drawn:
-        painted = PAINTERS[finding.observation](film, anatomy, finding, rng, weight)
+        placement = pending.pop(finding.observation, None)
+        if placement is None:
+            painted = PAINTERS[finding.observation](film, anatomy, finding, rng, weight)
+        else:
+            regions = placement.regions(anatomy)
+            placed[finding.observation] = np.logical_or.reduce(regions)
+            painted = PLACED_PAINTERS[finding.observation](
+                film, anatomy, finding, rng, weight, regions
+            )
+            side = landed_side(anatomy, painted)
+            finding = replace(finding, side=side, severity=None, zone=None)
         instances.setdefault(finding.observation, []).extend(painted)
+        reported.append(finding)
 
     image = develop(position(film.attenuation(), acquisition), acquisition, _stream(seed, "noise"))
     masks, boxes = {}, {}
@@ -161,13 +206,14 @@ def render(findings: Sequence[Finding], seed: int, size: int = 224) -> Phantom:
         image=image,
         masks=masks,
         boxes=boxes,
-        findings=tuple(f for f, _, _ in drawn if f.observation in masks),
+        findings=tuple(f for f in reported if f.observation in masks),
         view=acquisition.view,
         cardiothoracic_ratio=anatomy.cardiothoracic_ratio,
         anatomy=PositionedMasks(
             {"lungs": anatomy.lung_mask, "heart": anatomy.heart_mask, "thorax": thorax},
             acquisition,
         ),
+        placed=PositionedMasks(placed, acquisition),
     )
 
 
