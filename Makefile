@@ -7,6 +7,10 @@ STAMP := $(VENV)/.installed
 # (pneumonia-model-package declares TensorFlow; torchxrayvision's data folder is all we use).
 DATA_PACKAGES := torchxrayvision==1.5.7 pneumonia-model-package==0.3.0 pydicom-data==1.0.0
 
+# Stage commands in dvc.yaml call `python`: make it the venv's.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+export HF_HUB_OFFLINE := 1
+
 .PHONY: venv repro test bench lint mlflow-ui clean
 
 venv: $(STAMP)
@@ -19,11 +23,9 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 repro: venv
-	@if [ -f dvc.yaml ]; then $(BIN)/dvc repro; else \
-	  echo "NOT BUILT YET: the pipeline stages (ingest, reports, similarity, pretrain, evaluate,"; \
-	  echo "publish) and dvc.yaml are open issues; no pre-training or evaluation result exists."; \
-	  echo "Running what exists: the SISTA loss benchmark (vectorised vs per-sample loop)."; \
-	  $(BIN)/python -m bench.losses; fi
+	$(BIN)/dvc repro
+	@$(BIN)/sista status
+	@cat data/publish/results.md
 
 test: venv
 	$(BIN)/python -m pytest
@@ -34,6 +36,10 @@ bench: venv
 lint: venv
 	$(BIN)/ruff check sista_core components pipeline tests bench
 	$(BIN)/ruff format --check sista_core components pipeline tests bench
+
+mlflow-ui: venv
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db \
+	  --host 127.0.0.1 --port 5000 --uvicorn-opts "--workers 1"
 
 clean:
 	rm -rf $(VENV) .pytest_cache bench/results

@@ -1,0 +1,76 @@
+"""Promotion moves @champion only when the candidate is better (both outcomes, real registry)."""
+
+import mlflow
+import pytest
+
+from components.config import Params
+from components.publish import metric_value, promote_if_better, results_markdown, should_promote
+
+
+def test_should_promote_rules():
+    assert should_promote(0.7, None, higher_is_better=True)
+    assert should_promote(0.71, 0.70, higher_is_better=True)
+    assert not should_promote(0.70, 0.70, higher_is_better=True)
+    assert not should_promote(0.69, 0.70, higher_is_better=True)
+    assert should_promote(0.1, 0.2, higher_is_better=False)
+
+
+SUMMARY = {
+    "classification": {
+        "auroc": {
+            "sista": {
+                "0.01": {"mean": 0.71, "std": 0.01, "n": 3},
+                "1": {"mean": 0.8, "std": 0.0, "n": 3},
+            },
+            "random": {
+                "0.01": {"mean": 0.6, "std": 0.02, "n": 3},
+                "1": {"mean": 0.7, "std": 0.0, "n": 3},
+            },
+        }
+    },
+    "images": "phantom images (synthetic)",
+}
+
+
+def test_metric_value_and_table():
+    assert metric_value(SUMMARY, "classification/auroc@0.01") == 0.71
+    table = results_markdown(SUMMARY, SUMMARY["images"])
+    assert "| sista | 0.710 ± 0.010 | 0.800 ± 0.000 |" in table
+    assert "phantom" in table
+
+
+@pytest.fixture
+def registry(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = mlflow.MlflowClient(uri)
+    client.create_registered_model("sista-encoder")
+    experiment = client.create_experiment("x", artifact_location=(tmp_path / "a").as_uri())
+
+    def new_candidate() -> str:
+        run = client.create_run(experiment)
+        version = client.create_model_version(
+            "sista-encoder", f"{run.info.artifact_uri}/model", run.info.run_id
+        )
+        client.set_registered_model_alias("sista-encoder", "candidate", version.version)
+        return version.version
+
+    return client, new_candidate
+
+
+def test_a_better_candidate_becomes_champion_and_a_worse_one_does_not(registry):
+    client, new_candidate = registry
+    params = Params()
+    first = new_candidate()
+    assert promote_if_better(params, 0.70)["promoted"]
+    assert client.get_model_version_by_alias("sista-encoder", "champion").version == first
+
+    worse = new_candidate()
+    decision = promote_if_better(params, 0.65)
+    assert not decision["promoted"] and decision["champion_score_before"] == 0.70
+    assert client.get_model_version_by_alias("sista-encoder", "champion").version == first
+    assert client.get_model_version("sista-encoder", worse).tags["score"] == "0.65"
+
+    better = new_candidate()
+    assert promote_if_better(params, 0.75)["promoted"]
+    assert client.get_model_version_by_alias("sista-encoder", "champion").version == better
