@@ -1,0 +1,362 @@
+"""Report-similarity cache maths (METHOD.md, "The report-similarity cache").
+
+R_ij = cos(s_i, s_j) over every report of a corpus, without ever holding the N x N matrix:
+exact top-k neighbours and the statistics a user needs to choose the SIA threshold δ are
+built block by block, so memory is O(N·k + block_size²) on top of the (N, d) embeddings.
+Embeddings may be stored in float16; every block is computed in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_THRESHOLDS: tuple[float, ...] = (0.8, 0.85, 0.9, 0.95, 0.98)
+EXACT_STATISTICS_LIMIT = 50_000
+_PAIR_CHUNK = 1 << 16  # sampled pairs gathered at once: 2 x 65536 x d float32
+
+
+def _normalised_block(embeddings: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows start:stop of (N, d) as an L2-normalised float32 block (b, d)."""
+    return F.normalize(embeddings[start:stop].float(), dim=-1)
+
+
+def _check_finite(embeddings: torch.Tensor) -> None:
+    if embeddings.ndim != 2:
+        raise ValueError(f"embeddings must be (N, d), got shape {tuple(embeddings.shape)}")
+    bad = ~torch.isfinite(embeddings).all(dim=-1)
+    if bad.any():
+        rows = bad.nonzero().flatten()[:5].tolist()
+        raise ValueError(f"embeddings hold NaN or inf in {int(bad.sum())} rows (first: {rows})")
+
+
+def _block_topk(report_sim: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k per row of a (b, c) block, ties at the k-th value going to the lower column.
+
+    torch.topk picks arbitrarily among equal values (identical reports are common). Asking
+    for k + 1 shows where a tie straddles the cut (the (k+1)-th value equals the k-th) at
+    almost no cost; only those rows are redone, keeping the lowest tied columns.
+    """
+    num_columns = report_sim.shape[1]
+    if num_columns <= k:
+        return report_sim.topk(num_columns, dim=1)
+    values, columns = report_sim.topk(k + 1, dim=1)
+    kth_sim = values[:, k - 1 : k]
+    tie_at_cut = (values[:, k] == values[:, k - 1]).nonzero().flatten()
+    values, columns = values[:, :k], columns[:, :k]
+    if tie_at_cut.numel():
+        tied_sim, kth_tied = report_sim[tie_at_cut], kth_sim[tie_at_cut]
+        at_kth = tied_sim == kth_tied
+        still_needed = k - (tied_sim > kth_tied).sum(dim=1, keepdim=True)
+        kept = (tied_sim > kth_tied) | (at_kth & (at_kth.cumsum(dim=1) <= still_needed))
+        kept_columns = kept.nonzero()[:, 1].view(-1, k)  # row-major: k per row, ascending
+        values[tie_at_cut] = tied_sim.gather(1, kept_columns)
+        columns[tie_at_cut] = kept_columns
+    return values, columns
+
+
+def _merge_topk(
+    best_sim: torch.Tensor,
+    best_index: torch.Tensor,
+    candidate_sim: torch.Tensor,
+    candidate_index: torch.Tensor,
+) -> None:
+    """Merge candidates (b, c) into the running top-k (b, k) in place.
+
+    Order: similarity descending, then neighbour index ascending (padding index -1 with
+    similarity -inf sorts last among real entries because real entries are finite).
+    """
+    k = best_sim.shape[1]
+    sim = torch.cat([best_sim, candidate_sim], dim=1)
+    index = torch.cat([best_index, candidate_index], dim=1)
+    by_index = index.argsort(dim=1, stable=True)
+    sim, index = sim.gather(1, by_index), index.gather(1, by_index)
+    by_sim = sim.argsort(dim=1, descending=True, stable=True)[:, :k]
+    best_sim.copy_(sim.gather(1, by_sim))
+    best_index.copy_(index.gather(1, by_sim))
+
+
+def topk_neighbours(
+    embeddings: torch.Tensor,
+    k: int,
+    block_size: int = 4096,
+    exclude_self: bool = True,
+    *,
+    symmetric: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact cosine top-k neighbours of every row of ``embeddings`` (N, d).
+
+    Returns ``(indices, similarity)``, both (N, k): int64 neighbour indices and float32
+    cosine similarities, sorted by similarity descending and, among equal similarities, by
+    neighbour index ascending (deterministic whatever the block size). ``exclude_self``
+    leaves i out of its own list. ``symmetric`` computes each block pair (i, j >= i) once
+    and updates both sides (R is symmetric): half the matrix products, same top-k work.
+    ``progress(rows_done)`` is called after each row block with the number of rows whose
+    lists are final. Memory: the running (N, k) lists plus one block_size² float32 block.
+    """
+    _check_finite(embeddings)
+    num_reports = embeddings.shape[0]
+    available = num_reports - 1 if exclude_self else num_reports
+    if not 1 <= k <= available:
+        raise ValueError(f"k={k} must be in [1, {available}] for N={num_reports} reports")
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+
+    best_sim = torch.full((num_reports, k), float("-inf"), device=embeddings.device)
+    best_index = torch.full((num_reports, k), -1, dtype=torch.int64, device=embeddings.device)
+    starts = range(0, num_reports, block_size)
+    for row_start in starts:
+        row_stop = min(row_start + block_size, num_reports)
+        rows = _normalised_block(embeddings, row_start, row_stop)
+        for col_start in starts[row_start // block_size :] if symmetric else starts:
+            col_stop = min(col_start + block_size, num_reports)
+            cols = (
+                rows
+                if col_start == row_start
+                else _normalised_block(embeddings, col_start, col_stop)
+            )
+            report_sim = rows @ cols.T  # (b_rows, b_cols)
+            if col_start == row_start and exclude_self:
+                report_sim.fill_diagonal_(float("-inf"))
+            sim, col = _block_topk(report_sim, k)
+            _merge_topk(
+                best_sim[row_start:row_stop], best_index[row_start:row_stop], sim, col + col_start
+            )
+            if symmetric and col_start != row_start:
+                sim, row = _block_topk(report_sim.T.contiguous(), k)
+                _merge_topk(
+                    best_sim[col_start:col_stop],
+                    best_index[col_start:col_stop],
+                    sim,
+                    row + row_start,
+                )
+        if progress is not None:
+            progress(row_stop)
+    return best_index, best_sim
+
+
+def duplicate_groups(
+    indices: torch.Tensor, similarity: torch.Tensor, threshold: float = 0.999
+) -> torch.Tensor:
+    """Near-duplicate report groups from a top-k table (N, k), as (N,) group ids.
+
+    Single linkage over the top-k pairs with similarity >= threshold; a group's id is its
+    smallest member index, so a report with no near-duplicate is its own group. Pairs
+    beyond the top-k are not seen, but with exact duplicates every member's list holds the
+    lowest-index members (ties go to the lower index), which joins the whole group.
+    """
+    num_reports = indices.shape[0]
+    source = torch.arange(num_reports, device=indices.device)[:, None].expand_as(indices)
+    linked = (similarity >= threshold) & (indices >= 0)
+    ends = torch.cat([source[linked], indices[linked]])
+    other_ends = torch.cat([indices[linked], source[linked]])
+    group = torch.arange(num_reports, device=indices.device)
+    while True:
+        # Each report takes the smallest id among its linked reports, then ids are
+        # short-cut (pointer jumping) until nothing changes: a few passes, not N.
+        updated = group.scatter_reduce(0, ends, group[other_ends], reduce="amin")
+        updated = updated[updated]
+        if torch.equal(updated, group):
+            return group
+        group = updated
+
+
+def sample_batches(
+    num_reports: int, batch_size: int, num_batches: int, seed: int = 0
+) -> torch.Tensor:
+    """Training-like batches (num_batches, batch_size) of report indices.
+
+    Like a shuffling data loader with drop_last: each epoch is a seeded permutation cut into
+    full batches; epochs repeat until num_batches are drawn.
+    """
+    if not 2 <= batch_size <= num_reports:
+        raise ValueError(f"batch_size={batch_size} must be in [2, {num_reports}]")
+    if num_batches < 1:
+        raise ValueError(f"num_batches must be positive, got {num_batches}")
+    generator = torch.Generator().manual_seed(seed)
+    per_epoch = num_reports // batch_size
+    batches = []
+    while len(batches) < num_batches:
+        order = torch.randperm(num_reports, generator=generator)
+        batches.extend(order[: per_epoch * batch_size].view(per_epoch, batch_size))
+    return torch.stack(batches[:num_batches])
+
+
+def _count_pairs(
+    report_sim: torch.Tensor,
+    thresholds: torch.Tensor,
+    histogram: torch.Tensor,
+    at_least: torch.Tensor,
+    ignored: torch.Tensor | None = None,
+) -> None:
+    """Add similarities (any shape) to the histogram and the >= threshold counts, leaving
+    out the ``ignored`` positions (bool, same shape). Bin m of ``bins`` holds R in
+    [-1 + m·w, -1 + (m+1)·w), w = 2 / bins, the last bin including 1. Arithmetic binning,
+    not bucketize, which costs 4x more on the CPU."""
+    bins = histogram.numel()
+    position = ((report_sim + 1.0) * (bins / 2)).floor_().clamp_(0, bins - 1).int()
+    # passed = number of thresholds <= R; pairs >= threshold m are those with passed > m
+    passed = torch.bucketize(report_sim, thresholds, right=True, out_int32=True)
+    if ignored is not None:
+        position.masked_fill_(ignored, bins)  # an overflow bin, dropped below
+        passed.masked_fill_(ignored, 0)
+    histogram += torch.bincount(position.flatten(), minlength=bins + 1)[:bins].cpu()
+    per_level = torch.bincount(passed.flatten(), minlength=thresholds.numel() + 1)
+    at_least += per_level.flip(0).cumsum(0).flip(0)[1:].cpu()
+
+
+def _pair_distribution(
+    embeddings: torch.Tensor,
+    bins: int,
+    thresholds: torch.Tensor,
+    *,
+    exact_limit: int,
+    num_pairs: int,
+    block_size: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Histogram and >= threshold counts of off-diagonal R, exact or over sampled pairs."""
+    num_reports = embeddings.shape[0]
+    histogram = torch.zeros(bins, dtype=torch.int64)
+    at_least = torch.zeros(thresholds.numel(), dtype=torch.int64)
+    if num_reports <= exact_limit:
+        for row_start in range(0, num_reports, block_size):
+            row_stop = min(row_start + block_size, num_reports)
+            rows = _normalised_block(embeddings, row_start, row_stop)
+            # Each unordered pair once: blocks j >= i, and only j > i inside diagonal blocks.
+            lower = torch.ones(len(rows), len(rows), dtype=torch.bool, device=rows.device).tril()
+            for col_start in range(row_start, num_reports, block_size):
+                col_stop = min(col_start + block_size, num_reports)
+                report_sim = rows @ _normalised_block(embeddings, col_start, col_stop).T
+                ignored = lower if col_start == row_start else None
+                _count_pairs(report_sim, thresholds, histogram, at_least, ignored)
+        pairs = num_reports * (num_reports - 1) // 2
+        return histogram, at_least, {"method": "exact", "pairs": pairs}
+
+    # Uniform over ordered pairs i != j (R is symmetric, so over unordered pairs too).
+    for start in range(0, num_pairs, _PAIR_CHUNK):
+        count = min(_PAIR_CHUNK, num_pairs - start)
+        first = torch.randint(num_reports, (count,), generator=generator)
+        second = torch.randint(num_reports - 1, (count,), generator=generator)
+        second += (second >= first).long()
+        first, second = first.to(embeddings.device), second.to(embeddings.device)
+        report_sim = (
+            F.normalize(embeddings[first].float(), dim=-1)
+            * F.normalize(embeddings[second].float(), dim=-1)
+        ).sum(-1)
+        _count_pairs(report_sim, thresholds, histogram, at_least)
+    method = f"sampled: {num_pairs} uniform random pairs i != j (N > {exact_limit})"
+    return histogram, at_least, {"method": method, "pairs": num_pairs}
+
+
+def batch_false_negative_rates(
+    embeddings: torch.Tensor, batches: torch.Tensor, thresholds: Sequence[float]
+) -> dict[str, torch.Tensor]:
+    """Per batch (num_batches, B) of indices and per threshold, what SIA would flag.
+
+    Returns (num_batches, T) tensors: ``pair_fraction``, the fraction of off-diagonal
+    in-batch pairs with R >= δ; ``anchors_with_any``, the fraction of anchors with at least
+    one false negative in the batch.
+    """
+    num_batches, batch_size = batches.shape
+    pair_fraction = torch.empty(num_batches, len(thresholds))
+    anchors_with_any = torch.empty(num_batches, len(thresholds))
+    group = max(1, (1 << 24) // batch_size**2)  # batches per step: ~64 MB of float32 R
+    for first in range(0, num_batches, group):
+        s = F.normalize(embeddings[batches[first : first + group]].float(), dim=-1)  # (g, B, d)
+        report_sim = s @ s.transpose(1, 2)  # (g, B, B)
+        report_sim.diagonal(dim1=1, dim2=2).fill_(float("-inf"))  # i is not its own negative
+        for m, threshold in enumerate(thresholds):
+            flagged = report_sim >= threshold
+            pairs = flagged.sum(dim=(1, 2)) / (batch_size * (batch_size - 1))
+            pair_fraction[first : first + group, m] = pairs.cpu()
+            anchors_with_any[first : first + group, m] = flagged.any(dim=2).float().mean(1).cpu()
+    return {"pair_fraction": pair_fraction, "anchors_with_any": anchors_with_any}
+
+
+def similarity_statistics(
+    embeddings: torch.Tensor,
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    bins: int = 200,
+    batch_size: int = 256,
+    num_batches: int = 200,
+    seed: int = 0,
+    *,
+    exact_limit: int = EXACT_STATISTICS_LIMIT,
+    num_pairs: int = 4_000_000,
+    block_size: int = 4096,
+) -> dict:
+    """Distribution of R over a corpus (N, d) and what each δ would flag, to choose δ.
+
+    - ``histogram``: counts of off-diagonal R in ``bins`` equal bins over [-1, 1]
+      (``bin_edges``), each unordered pair once. Exact block-wise for N <= exact_limit;
+      beyond, over ``num_pairs`` seeded uniform random pairs: ``method`` says which.
+    - ``fraction_at_least[δ]``: fraction of off-diagonal pairs with R >= δ.
+    - ``batch[δ]``: over ``num_batches`` seeded training-like batches of ``batch_size``
+      (``sample_batches``), mean and std of the fraction of in-batch off-diagonal pairs with
+      R >= δ (the false negatives SIA removes), the mean number per anchor, and the mean
+      fraction of anchors with at least one.
+    All floats are plain Python numbers, ready for json.
+    """
+    _check_finite(embeddings)
+    num_reports = embeddings.shape[0]
+    if num_reports < 2:
+        raise ValueError("similarity statistics need at least 2 reports")
+    thresholds = sorted(float(t) for t in thresholds)
+    if not all(-1.0 <= t <= 1.0 for t in thresholds):
+        raise ValueError(f"thresholds must lie in [-1, 1], got {thresholds}")
+    device = embeddings.device
+    thresholds_t = torch.tensor(thresholds, dtype=torch.float32, device=device)
+    bin_edges = torch.linspace(-1.0, 1.0, bins + 1)
+    generator = torch.Generator().manual_seed(seed)
+    histogram, at_least, sampling = _pair_distribution(
+        embeddings,
+        bins,
+        thresholds_t,
+        exact_limit=exact_limit,
+        num_pairs=num_pairs,
+        block_size=block_size,
+        generator=generator,
+    )
+
+    batch_size = min(batch_size, num_reports)
+    batches = sample_batches(num_reports, batch_size, num_batches, seed=seed)
+    rates = batch_false_negative_rates(embeddings, batches, thresholds)
+    pair_fraction, anchors_with_any = rates["pair_fraction"], rates["anchors_with_any"]
+    std = pair_fraction.std(dim=0) if num_batches > 1 else torch.zeros(len(thresholds))
+    batch = {
+        str(t): {
+            "pair_fraction_mean": float(pair_fraction[:, m].mean()),
+            "pair_fraction_std": float(std[m]),
+            "per_anchor_mean": float(pair_fraction[:, m].mean()) * (batch_size - 1),
+            "anchors_with_any_mean": float(anchors_with_any[:, m].mean()),
+        }
+        for m, t in enumerate(thresholds)
+    }
+    pairs = sampling["pairs"]
+    return {
+        "num_reports": num_reports,
+        "method": sampling["method"],
+        "pairs": pairs,
+        "seed": seed,
+        "bin_edges": bin_edges.tolist(),
+        "histogram": histogram.tolist(),
+        "fraction_at_least": {
+            str(t): int(c) / pairs for t, c in zip(thresholds, at_least, strict=True)
+        },
+        "batch_size": batch_size,
+        "num_batches": num_batches,
+        "batch": batch,
+        "mean": _histogram_mean(histogram, bin_edges),
+    }
+
+
+def _histogram_mean(histogram: torch.Tensor, bin_edges: torch.Tensor) -> float:
+    """Approximate mean of R from bin centres (for a one-line summary)."""
+    centres = (bin_edges[1:] + bin_edges[:-1]) / 2
+    total = int(histogram.sum())
+    return float((histogram.double() * centres.double()).sum() / total) if total else math.nan
