@@ -141,12 +141,15 @@ def test_killed_pretraining_resumes_from_its_last_checkpoint(pipeline_run):
         command, cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.time() + 300
-    checkpoints = []
-    while time.time() < deadline and not checkpoints and first.poll() is None:
-        time.sleep(1)
+    registered = False
+    while time.time() < deadline and not registered and first.poll() is None:
+        time.sleep(0.5)
         found = set((folder / "data/checkpoints").glob("pretrain-sista-*/checkpoint_*"))
-        checkpoints = sorted(found - earlier)  # this run's, not the earlier 2-epoch run's
-    assert checkpoints, "no checkpoint was written before the deadline"
+        new = sorted(found - earlier)  # this run's, not the earlier 2-epoch run's
+        # Kill once Ray has recorded the checkpoint in its snapshot, i.e. it is complete.
+        snapshot = new[0].parent / "checkpoint_manager_snapshot.json" if new else None
+        registered = bool(snapshot and snapshot.exists() and new[0].name in snapshot.read_text())
+    assert registered, "no checkpoint was registered before the deadline"
     _kill_tree(first)
     # Killed mid-stage: the previous complete output is still in place, untouched.
     assert (folder / "data/pretrain/sista/_stage.json").read_text() == complete_output
