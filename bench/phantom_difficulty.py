@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from components.config import load_params
+from components.ingest import read_shard_images
 from sista_core.encoders import ImageEncoder
 from sista_core.findings import CHEXPERT_COMPETITION
 from sista_core.probe import macro_auroc
@@ -32,15 +33,7 @@ def downstream_split(data: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         for r in pq.read_table(data / "ingest" / "manifest.parquet").to_pylist()
         if r["dataset"] == "downstream" and r["split"] == split
     ]
-    shards: dict[str, np.ndarray] = {}
-    images = np.stack(
-        [
-            shards.setdefault(r["shard"], np.load(data / "ingest" / "shards" / r["shard"]))[
-                r["index"]
-            ]
-            for r in rows
-        ]
-    )
+    images = read_shard_images(data / "ingest", rows)
     labels = np.array([[r[n] for n in CHEXPERT_COMPETITION] for r in rows], np.float32)
     return images, labels
 

@@ -28,7 +28,7 @@ from sista_core.findings import CHEXPERT_COMPETITION  # noqa: E402
 
 from .artifacts import atomic_output_dir  # noqa: E402
 from .config import Params  # noqa: E402
-from .ingest import subset_file_name  # noqa: E402
+from .ingest import read_shard_images, subset_file_name  # noqa: E402
 from .probe_trial import probe_cell  # noqa: E402
 from .runtime import ensure_ray  # noqa: E402
 from .stage import stage_dir, stage_main  # noqa: E402
@@ -69,15 +69,7 @@ def downstream_arrays(params: Params, out: Path) -> tuple[Path, Path, Path]:
         for r in pq.read_table(ingest_dir / "manifest.parquet").to_pylist()
         if r["dataset"] == "downstream"
     ]
-    shards: dict[str, np.ndarray] = {}
-    images = np.stack(
-        [
-            shards.setdefault(
-                r["shard"], np.load(ingest_dir / "shards" / r["shard"], mmap_mode="r")
-            )[r["index"]]
-            for r in rows
-        ]
-    )
+    images = read_shard_images(ingest_dir, rows)
     labels = np.array([[r[name] for name in CHEXPERT_COMPETITION] for r in rows], np.float32)
     position = {r["record_id"]: i for i, r in enumerate(rows)}
     config = params.ingest.downstream

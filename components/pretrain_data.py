@@ -15,6 +15,8 @@ import pyarrow.parquet as pq
 
 from sista_core.findings import OBSERVATIONS
 
+from .ingest import read_shard_images
+
 TOKEN_COLUMNS = ("input_ids", "word_index", "word_mask", "words_text")
 
 
@@ -42,15 +44,7 @@ class PretrainData:
         self.tokens = [{c: reports[i][c] for c in TOKEN_COLUMNS} for i in self.record_ids]
         self.texts = [reports[i]["text"] for i in self.record_ids]
         self.semantics = self._semantics(root, semantics, reports)
-        shard_cache = {
-            name: np.load(root / "ingest" / "shards" / name, mmap_mode="r")
-            for name in sorted({r["shard"] for r in rows})
-        }
-        self.images = (
-            np.stack([shard_cache[r["shard"]][r["index"]] for r in rows])
-            if rows
-            else np.zeros((0, 1, 1), np.uint8)
-        )
+        self.images = read_shard_images(root / "ingest", rows)
 
     def _semantics(self, root: Path, kind: str, reports: dict[str, dict]) -> np.ndarray:
         if kind == "labels":

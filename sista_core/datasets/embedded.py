@@ -30,6 +30,21 @@ def record_seed(seed: int, record_id: str) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
+def phantom_sample(
+    ref: RecordRef, findings: list[Finding], seed: int, size: int, report: str | None = None
+) -> Sample:
+    """Render ``findings`` for ``ref`` (seeded by its id) and label it with what was drawn."""
+    phantom = render(findings, seed=record_seed(seed, ref.record_id), size=size)
+    return Sample(
+        record_id=ref.record_id,
+        patient_id=ref.patient_id,
+        image=phantom.image,
+        labels=drawn_labels(phantom.masks),
+        report=report,
+        view="PA",
+    )
+
+
 def drawn_labels(masks: dict[str, np.ndarray]) -> dict[str, float]:
     """1.0 for every observation the renderer actually drew, 0.0 for the rest."""
     drawn = {name for name, mask in masks.items() if mask.any()}
@@ -63,15 +78,7 @@ class OpenIPhantomDataset(DatasetAdapter):
     def load(self, ref: RecordRef) -> Sample:
         report = ref.meta["report"]
         findings = label_report(extract_sections(report).text).findings
-        phantom = render(findings, seed=record_seed(self.seed, ref.record_id), size=self.image_size)
-        return Sample(
-            record_id=ref.record_id,
-            patient_id=ref.patient_id,
-            image=phantom.image,
-            labels=drawn_labels(phantom.masks),
-            report=report,
-            view="PA",
-        )
+        return phantom_sample(ref, findings, self.seed, self.image_size, report)
 
 
 def read_chexpert_label_rows(frontal_only: bool = True) -> list[dict[str, float]]:
@@ -107,11 +114,4 @@ class PhantomDownstreamDataset(DatasetAdapter):
             for name, value in ref.meta["chexpert_row"].items()
             if value in (1.0, -1.0) and name != "No Finding"
         ]
-        phantom = render(findings, seed=record_seed(self.seed, ref.record_id), size=self.image_size)
-        return Sample(
-            record_id=ref.record_id,
-            patient_id=ref.patient_id,
-            image=phantom.image,
-            labels=drawn_labels(phantom.masks),
-            view="PA",
-        )
+        return phantom_sample(ref, findings, self.seed, self.image_size)
