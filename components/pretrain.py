@@ -29,6 +29,7 @@ from ray.train.torch import TorchTrainer  # noqa: E402
 from safetensors.torch import load_model, save_model  # noqa: E402
 
 from sista_core import SISTAConfig, SISTAModel  # noqa: E402
+from sista_core.cpu import retain_freed_memory  # noqa: E402
 from sista_core.encoders.text import collate_tokens  # noqa: E402
 from sista_core.schedule import cosine_with_warmup  # noqa: E402
 
@@ -101,6 +102,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config["seed"])  # identical init everywhere; DDP also broadcasts
     torch.set_num_threads(config["threads_per_worker"])
+    retain_freed_memory()  # large activations reuse their pages step after step
     device = ray.train.torch.get_device()
     use_autocast = device.type == "cuda"
 

@@ -10,6 +10,7 @@ from bench.losses import sta_loss_per_sample_loop
 from sista_core.losses import sta_loss
 from sista_core.losses.sparse_attention import sparsemax
 from sista_core.losses.sta import (
+    _PaddedAffinity,
     _rows_with_weight,
     _UnitGroundedText,
     matched_log_softmax_loss,
@@ -183,6 +184,24 @@ def test_unit_grounded_text_gradcheck():
     words, weights_t = grounded_text_case(torch.float64)
     inputs = (words.requires_grad_(True), weights_t.requires_grad_(True))
     assert torch.autograd.gradcheck(_UnitGroundedText.apply, inputs)
+
+
+def test_padded_affinity_equals_baddbmm_and_passes_gradcheck():
+    words = randn(3, 5, 4, dtype=torch.float64).requires_grad_(True)
+    patches = randn(3, 7, 4, seed=1, dtype=torch.float64).requires_grad_(True)
+    padding = torch.tensor([0.0, -1.0e4], dtype=torch.float64)[torch.randint(0, 2, (3, 5, 1))]
+    expected = torch.baddbmm(padding, words, patches.transpose(1, 2))
+    torch.testing.assert_close(_PaddedAffinity.apply(words, patches, padding), expected)
+    grad = randn(3, 5, 7, seed=2, dtype=torch.float64)
+    ours = torch.autograd.grad(
+        _PaddedAffinity.apply(words, patches, padding), (words, patches), grad
+    )
+    reference = torch.autograd.grad(expected, (words, patches), grad)
+    for a, b in zip(ours, reference, strict=True):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(
+        lambda w, p: _PaddedAffinity.apply(w, p, padding), (words, patches)
+    )
 
 
 def test_rows_with_weight_packs_weighted_rows_first_in_order():

@@ -16,29 +16,34 @@ SPARSE_KINDS: tuple[str, ...] = ("sparsemax", "entmax15", "topk", "softmax")
 _PARTIAL_SORT = 16
 
 
-def _sparsemax_last_dim(
-    shifted: torch.Tensor,
+def _sparsemax_along(
+    shifted: torch.Tensor, dim: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """sparsemax weights max(z_i - tau, 0) over the last dim, the support indicator (1.0 on
-    the support, 0.0 off it) and the support size (..., 1), for rows whose maximum is 0.
+    """sparsemax weights max(z_i - tau, 0) along ``dim``, the support indicator (1.0 on the
+    support, 0.0 off it) and the support size (size 1 along ``dim``), for rows whose maximum
+    is 0.
 
     tau solves f(tau) = sum_i max(z_i - tau, 0) - 1 = 0. f is convex, decreasing and
     piecewise linear, so Newton's step tau <- (sum_{z_i > tau} z_i - 1) / |{z_i > tau}|
     (Michelot's projection), started left of the root at tau = max - 1 = -1, climbs to it
-    without overshooting and lands on it exactly once the support stops changing: 6-7
+    without overshooting and lands on it exactly once the support stops changing: 5-7
     passes over each row for 196 patches, instead of a partial sort (``topk``), which costs
     3-4x more on CPU. tau is then the sort-based threshold (sum of the support minus 1 over
     its size) up to rounding, and the last pass's clamped excess is the output.
+
+    Reducing along ``dim`` in place, rather than over a transposed view's last dim, keeps
+    every pass on contiguous memory: on (64, 64, 196) attention maps reduced over the
+    words, the transposed passes cost 4x more.
     """
-    threshold = shifted.new_full((*shifted.shape[:-1], 1), -1.0)
+    threshold = shifted.new_full((*shifted.shape[:dim], 1, *shifted.shape[dim + 1 :]), -1.0)
     support_size = None
-    for _ in range(shifted.shape[-1] + 1):  # the support shrinks at every step until it stops
+    for _ in range(shifted.shape[dim] + 1):  # the support shrinks at every step until it stops
         weights = (shifted - threshold).clamp_(min=0)
         on_support = torch.sign(weights)  # float: bool tensors are slow to make and sum
-        new_size = on_support.sum(-1, keepdim=True)
+        new_size = on_support.sum(dim, keepdim=True)
         if support_size is not None and torch.equal(new_size, support_size):
             break
-        step = torch.addcdiv(threshold, weights.sum(-1, keepdim=True) - 1, new_size)
+        step = torch.addcdiv(threshold, weights.sum(dim, keepdim=True) - 1, new_size)
         # Exact Newton steps only climb; never stepping back keeps rounding near the root
         # from bouncing an entry in and out of the support.
         threshold = torch.maximum(threshold, step)
@@ -47,34 +52,33 @@ def _sparsemax_last_dim(
 
 
 class _Sparsemax(torch.autograd.Function):
-    """sparsemax (Martins & Astudillo, 2016) over the last dim; same values as entmax's
+    """sparsemax (Martins & Astudillo, 2016) along ``dim``; same values as entmax's
     ``sparsemax`` (to float rounding) and the same exact zeros, with a sort-free threshold."""
 
     @staticmethod
-    def forward(ctx, scores: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, scores: torch.Tensor, dim: int) -> torch.Tensor:
         # Half-precision scores (autocast) are solved in float32; the output keeps their dtype.
         scores_32 = scores.to(torch.promote_types(scores.dtype, torch.float32))
-        shifted = scores_32 - scores_32.amax(dim=-1, keepdim=True)  # as entmax: tau is O(1)
-        weights, on_support, support_size = _sparsemax_last_dim(shifted)
+        shifted = scores_32 - scores_32.amax(dim=dim, keepdim=True)  # as entmax: tau is O(1)
+        weights, on_support, support_size = _sparsemax_along(shifted, dim)
         ctx.save_for_backward(on_support, support_size)
+        ctx.dim = dim
         return weights.to(scores.dtype)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_weights: torch.Tensor) -> torch.Tensor:
+    def backward(ctx, grad_weights: torch.Tensor) -> tuple[torch.Tensor, None]:
         # Jacobian diag(s) - s s^T / |S|, s the support indicator: on the support the
         # gradient minus its mean over the support, zero elsewhere.
         on_support, support_size = ctx.saved_tensors
         grad = grad_weights * on_support
-        mean = grad.sum(dim=-1, keepdim=True) / support_size
-        return grad.addcmul_(on_support, mean, value=-1).to(grad_weights.dtype)
+        mean = grad.sum(dim=ctx.dim, keepdim=True) / support_size
+        return grad.addcmul_(on_support, mean, value=-1).to(grad_weights.dtype), None
 
 
 def sparsemax(scores: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Euclidean projection of ``scores`` onto the simplex along ``dim``: sparse weights."""
-    if dim in (-1, scores.dim() - 1):
-        return _Sparsemax.apply(scores)
-    return _Sparsemax.apply(scores.transpose(dim, -1)).transpose(dim, -1)
+    return _Sparsemax.apply(scores, dim % scores.dim())
 
 
 def topk_softmax(scores: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:

@@ -61,6 +61,27 @@ def _product_like(a: torch.Tensor, b: torch.Tensor, like: torch.Tensor) -> torch
     return a @ b
 
 
+class _PaddedAffinity(torch.autograd.Function):
+    """``padding + words @ patches^T`` whose patch gradient is made patch-major,
+    grad^T @ words, (B, Np, d): autograd's words^T @ grad is (B, d, Np), slower to produce,
+    and adding it to the grounded visual vectors' (B, Np, d) gradient is a strided pass."""
+
+    @staticmethod
+    def forward(ctx, words, patches, padding):
+        ctx.save_for_backward(words, patches)
+        return torch.baddbmm(padding, words, patches.transpose(1, 2))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_affinity):
+        words, patches = ctx.saved_tensors
+        grad_words = grad_affinity @ patches if ctx.needs_input_grad[0] else None
+        grad_patches = None
+        if ctx.needs_input_grad[1]:
+            grad_patches = grad_affinity.transpose(1, 2) @ words
+        return grad_words, grad_patches, None
+
+
 class _MatchedLogSoftmax(torch.autograd.Function):
     """Per-sample -sum_r w_r log softmax_j(<q_r, k_j>)[t_r]: the weighted InfoNCE terms of
     STA, where query r's positive is key t_r and the other keys of its sample are negatives.
@@ -274,7 +295,7 @@ def _sta_loss_float32(
     # directions: no patch picks a padded word, and the padded words' own rows are zeroed
     # below. So, as with a masked_fill, no gradient reaches the padded entries.
     padding = torch.where(word_mask, 0.0, _PADDING_SCORE)[..., None]
-    affinity = torch.baddbmm(padding, words, scaled_patches.transpose(1, 2))
+    affinity = _PaddedAffinity.apply(words, scaled_patches, padding)
 
     # Word to patch: each real word picks a few patches; c_k is its grounded visual vector.
     word_to_patch = sparse_normalize(affinity, sparse, topk=topk, dim=-1)
