@@ -51,6 +51,12 @@ class DownstreamSetSection(Section):
     test_fraction: Fraction = 0.25
     label_fractions: tuple[Fraction, ...] = (0.01, 0.1, 1.0)
     seeds: tuple[int, ...] = (0, 1, 2)
+    # Segmentation (pneumothorax) and detection (opacity boxes) sets: phantoms placed by real
+    # SIIM / RSNA annotations, or the real datasets' folders when a path is given; 0 skips.
+    segmentation_patients: int = Field(1000, ge=0)
+    detection_patients: int = Field(1000, ge=0)
+    segmentation_path: str | None = None
+    detection_path: str | None = None
 
 
 class IngestSection(Section):
@@ -167,7 +173,9 @@ class PretrainSection(Section):
 
 
 class EvaluateSection(Section):
-    tasks: tuple[Literal["classification"], ...] = ("classification",)
+    tasks: tuple[
+        Literal["classification", "segmentation", "detection", "zero_shot", "retrieval"], ...
+    ] = ("classification", "segmentation", "detection", "zero_shot", "retrieval")
     inits: tuple[Literal["sista", "convirt", "dense", "random"], ...] = (
         "sista",
         "convirt",
@@ -177,8 +185,23 @@ class EvaluateSection(Section):
     probe_epochs: int = Field(200, ge=1)
     probe_lr: PositiveFloat = 1e-2
     probe_weight_decay: Annotated[float, Field(ge=0)] = 1e-4
-    batch_size: int = Field(64, ge=1)
+    # Segmentation and detection heads on cached frozen features: about head_steps updates
+    # for every label fraction (epochs scale with the subset's size).
+    head_steps: int = Field(100, ge=1)
+    head_lr: PositiveFloat = 1e-3
+    head_batch_size: int = Field(16, ge=1)
+    head_width: int = Field(32, ge=1)  # decoder / detector channels
+    pyramid_levels: int = Field(4, ge=1)
+    localisation_images: int = Field(100, ge=0)  # STA heat-map check; 0 skips it
     cpus_per_trial: PositiveFloat = 0.5
+
+    @model_validator(mode="after")
+    def _trained_tasks_exist(self) -> EvaluateSection:
+        if not any(t in self.tasks for t in ("classification", "segmentation", "detection")):
+            raise ValueError(
+                "evaluate.tasks needs at least one of classification, segmentation, detection"
+            )
+        return self
 
 
 class PublishSection(Section):

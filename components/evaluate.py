@@ -1,8 +1,11 @@
-"""Stage ``evaluate``: downstream linear probes fanned out with Ray Tune.
+"""Stage ``evaluate``: the downstream suite, fanned out with Ray Tune.
 
-Cells are init x label fraction x seed. Each initialisation's frozen features are computed
-once (a Ray task per init); every Tune trial then trains a probe on cached features, so a
-cell costs seconds, not a model start-up. Images are phantoms: results say so.
+Trained tasks (classification: linear probe, AUROC; segmentation: decoder, Dice; detection:
+one-stage head, mAP) are cells of task x init x label fraction x seed. Each initialisation's
+frozen features are computed once (a Ray task per init); every Tune trial then trains a head
+on cached features, so a cell costs seconds, not a model start-up. The language tasks
+(zero-shot classification from prompts, image-report retrieval) need no labels: one score
+per init that has a text encoder. Images are phantoms: results say so.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
 from ray import tune  # noqa: E402
 
 from sista_core.encoders import ImageEncoder  # noqa: E402
@@ -28,13 +32,38 @@ from sista_core.findings import CHEXPERT_COMPETITION  # noqa: E402
 
 from .artifacts import atomic_output_dir  # noqa: E402
 from .config import Params  # noqa: E402
-from .ingest import read_shard_images, subset_file_name  # noqa: E402
-from .probe_trial import probe_cell  # noqa: E402
+from .evaluation_cells import (  # noqa: E402
+    TASK_DATASETS,
+    evaluation_cell,
+    features_path,
+)
+from .ingest import read_shard_images, read_shard_masks, row_boxes, subset_file_name  # noqa: E402
 from .runtime import ensure_ray  # noqa: E402
 from .stage import stage_dir, stage_main  # noqa: E402
 from .tracking import stage_run  # noqa: E402
 
-PHANTOM_NOTE = "phantom images (synthetic), real CheXpert label statistics"
+PHANTOM_NOTE = "phantom images (synthetic) placed by real CheXpert labels, SIIM masks, RSNA boxes"
+TRAINED_TASKS = ("classification", "segmentation", "detection")
+LANGUAGE_TASKS = ("zero_shot", "retrieval")
+# The metrics each task reports; the first is the one plotted against the label fraction.
+TASK_METRICS = {
+    "classification": ("auroc",),
+    "segmentation": ("dice",),
+    "detection": ("map_40_75", "map_50"),
+    "zero_shot": ("auroc",),
+    "retrieval": tuple(
+        f"{direction}_recall_at_{k}"
+        for direction in ("image_to_text", "text_to_image")
+        for k in (1, 5, 10)
+    ),
+}
+METRIC_LABELS = {
+    "auroc": "macro AUROC (5 findings)",
+    "dice": "Dice on pneumothorax-positive images",
+    "map_40_75": "mAP@[0.4:0.75] (opacity boxes)",
+}
+# Language tasks use no labels: their column in the tables is "0 % labels".
+NO_LABELS = "0"
 
 
 def load_encoder(init: str, params: Params) -> ImageEncoder:
@@ -47,84 +76,259 @@ def load_encoder(init: str, params: Params) -> ImageEncoder:
 
 
 @ray.remote(num_cpus=1)
-def extract_features(init: str, params: Params, images_path: str, out_path: str) -> str:
-    """Frozen global features of every downstream image for one initialisation."""
+def extract_features(init: str, params: Params, work: str, datasets: list[str]) -> str:
+    """One initialisation's frozen features of every downstream set it is scored on: the
+    global vector for classification, the feature pyramid for segmentation and detection."""
     torch.set_num_threads(1)
     encoder = load_encoder(init, params).eval()
-    images = np.load(images_path, mmap_mode="r")
-    features = []
-    with torch.inference_mode():
-        for start in range(0, len(images), 128):
-            batch = torch.from_numpy(np.array(images[start : start + 128]))
-            features.append(encoder(encoder.normalize(batch))["global"].float())
-    np.save(out_path, torch.cat(features).numpy())
-    return out_path
+    levels = params.evaluate.pyramid_levels
+    for dataset in datasets:
+        images = np.load(Path(work) / f"{dataset}.images.npy", mmap_mode="r")
+        outputs: list[list[torch.Tensor]] = []
+        with torch.inference_mode():
+            for start in range(0, len(images), 128):
+                batch = encoder.normalize(torch.from_numpy(np.array(images[start : start + 128])))
+                if dataset == "downstream":
+                    outputs.append([encoder(batch)["global"].float()])
+                else:
+                    outputs.append([level.half() for level in encoder.pyramid(batch, levels)])
+        stacked = [torch.cat(level).numpy() for level in zip(*outputs, strict=True)]
+        path = features_path(Path(work), init, dataset)
+        if dataset == "downstream":
+            np.save(path, stacked[0])
+        else:
+            np.savez(path, **{f"level_{i}": level for i, level in enumerate(stacked)})
+    return init
 
 
-def downstream_arrays(params: Params, out: Path) -> tuple[Path, Path, Path]:
-    """Images, labels and the saved subsets of the downstream set, as files trials read."""
+@ray.remote(num_cpus=1)
+def language_scores(init: str, params: Params, work: str) -> dict[str, dict[str, float]]:
+    """Zero-shot AUROC on the classification test split and retrieval recall@k on the
+    held-out pre-training pairs, for a pre-trained model (text encoder included)."""
+    from sista_core import SISTAModel
+    from sista_core.probe import macro_auroc
+    from sista_core.zeroshot import zero_shot_logits
+
+    from .pretrain import retrieval_recall
+    from .pretrain_data import PretrainData
+
+    torch.set_num_threads(1)
+    tasks = params.evaluate.tasks
+    model = SISTAModel.from_pretrained(stage_dir(params, "pretrain") / init / "model").eval()
+    scores: dict[str, dict[str, float]] = {}
+    if "zero_shot" in tasks:
+        test = json.loads((Path(work) / "downstream.split.json").read_text())["test"]
+        images = torch.from_numpy(np.load(Path(work) / "downstream.images.npy")[test])
+        labels = torch.from_numpy(np.load(Path(work) / "downstream.labels.npy")[test])
+        auroc, _ = macro_auroc(zero_shot_logits(model, images), labels)
+        scores["zero_shot"] = {"auroc": auroc}
+    if "retrieval" in tasks:
+        held_out = PretrainData(
+            Path(params.storage.uri).resolve(), "val", params.pretrain.semantics
+        )
+        recall = retrieval_recall(model, held_out)
+        scores["retrieval"] = {
+            f"image_to_text_recall_at_{k}": recall[f"val_recall_at_{k}"] for k in (1, 5, 10)
+        } | {
+            f"text_to_image_recall_at_{k}": recall[f"val_text_to_image_recall_at_{k}"]
+            for k in (1, 5, 10)
+        }
+    return scores
+
+
+def prepare_sets(params: Params, datasets: list[str], work: Path) -> None:
+    """Images, targets and the saved subsets of each downstream set, as files trials read:
+    ``<set>.images.npy``, labels / masks / boxes, and ``<set>.split.json`` (test and val
+    indices, and the training subsets ingest wrote, by ``fraction/seed``)."""
     ingest_dir = stage_dir(params, "ingest")
-    rows = [
-        r
-        for r in pq.read_table(ingest_dir / "manifest.parquet").to_pylist()
-        if r["dataset"] == "downstream"
-    ]
-    images = read_shard_images(ingest_dir, rows)
-    labels = np.array([[r[name] for name in CHEXPERT_COMPETITION] for r in rows], np.float32)
-    position = {r["record_id"]: i for i, r in enumerate(rows)}
+    manifest = pq.read_table(ingest_dir / "manifest.parquet").to_pylist()
     config = params.ingest.downstream
-    subsets = {}
-    for seed in config.seeds:
-        for fraction in config.label_fractions:
-            ids = (ingest_dir / "subsets" / subset_file_name(fraction, seed)).read_text().split()
-            subsets[f"{fraction:g}/{seed}"] = [position[i] for i in ids]
-    split = {
-        "test": [i for i, r in enumerate(rows) if r["split"] == "test"],
-        "val": [i for i, r in enumerate(rows) if r["split"] == "val"],
-        "subsets": subsets,
-    }
-    paths = (out / "images.npy", out / "labels.npy", out / "split.json")
-    np.save(paths[0], images)
-    np.save(paths[1], labels)
-    paths[2].write_text(json.dumps(split))
-    return paths
+    for dataset in datasets:
+        rows = [r for r in manifest if r["dataset"] == dataset]
+        if not rows:
+            raise ValueError(
+                f"evaluate needs the {dataset!r} set, but ingest wrote none "
+                f"(ingest.downstream.{dataset}_patients is 0?)"
+            )
+        np.save(work / f"{dataset}.images.npy", read_shard_images(ingest_dir, rows))
+        if dataset == "downstream":
+            labels = [[r[name] for name in CHEXPERT_COMPETITION] for r in rows]
+            np.save(work / "downstream.labels.npy", np.array(labels, np.float32))
+        elif dataset == "segmentation":
+            np.save(work / "segmentation.masks.npy", read_shard_masks(ingest_dir, rows))
+        else:
+            boxes = [row_boxes(r).tolist() for r in rows]
+            detection = {"boxes": boxes, "image_size": params.ingest.image_size}
+            (work / "detection.boxes.json").write_text(json.dumps(detection))
+        position = {r["record_id"]: i for i, r in enumerate(rows)}
+        subsets = {}
+        for seed in config.seeds:
+            for fraction in config.label_fractions:
+                name = subset_file_name(fraction, seed, dataset)
+                ids = (ingest_dir / "subsets" / name).read_text().split()
+                subsets[f"{fraction:g}/{seed}"] = [position[i] for i in ids]
+        split = {
+            "test": [i for i, r in enumerate(rows) if r["split"] == "test"],
+            "val": [i for i, r in enumerate(rows) if r["split"] == "val"],
+            "subsets": subsets,
+        }
+        (work / f"{dataset}.split.json").write_text(json.dumps(split))
 
 
-def summarise(cells: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
-    """init -> fraction -> mean, std over seeds, n."""
-    table: dict[str, dict[str, dict[str, float]]] = {}
-    for init in sorted({c["init"] for c in cells}):
-        for fraction in sorted({c["fraction"] for c in cells}):
-            scores = [c["auroc"] for c in cells if c["init"] == init and c["fraction"] == fraction]
-            table.setdefault(init, {})[f"{fraction:g}"] = {
-                "mean": float(np.mean(scores)),
-                "std": float(np.std(scores)),
-                "n": len(scores),
-            }
+def summarise(cells: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, dict]]]:
+    """task -> metric -> init -> fraction -> mean, std over seeds, n."""
+    table: dict[str, dict[str, dict[str, dict]]] = {}
+    for task in sorted({c["task"] for c in cells}):
+        ours = [c for c in cells if c["task"] == task]
+        for metric in TASK_METRICS[task]:
+            for init in sorted({c["init"] for c in ours}):
+                for fraction in sorted({c["fraction"] for c in ours}):
+                    scores = [
+                        c[metric] for c in ours if c["init"] == init and c["fraction"] == fraction
+                    ]
+                    table.setdefault(task, {}).setdefault(metric, {}).setdefault(init, {})[
+                        f"{fraction:g}"
+                    ] = {
+                        "mean": float(np.mean(scores)),
+                        "std": float(np.std(scores)),
+                        "n": len(scores),
+                    }
     return table
 
 
 def plot_fraction_curves(summary: dict, path: Path) -> None:
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for init, by_fraction in summary.items():
-        fractions = sorted(by_fraction, key=float)
-        x = [100 * float(f) for f in fractions]
-        mean = np.array([by_fraction[f]["mean"] for f in fractions])
-        std = np.array([by_fraction[f]["std"] for f in fractions])
-        axis.plot(x, mean, marker="o", label=init)
-        axis.fill_between(x, mean - std, mean + std, alpha=0.2)
-    axis.set_xscale("log")
-    axis.set_xlabel("% of training labels")
-    axis.set_ylabel("macro AUROC (5 findings), test")
-    axis.set_title(f"Linear probe; {PHANTOM_NOTE}", fontsize=8)
-    axis.legend()
+    """Score vs label fraction per initialisation, mean with a +- std band, one panel per
+    trained task."""
+    tasks = [t for t in TRAINED_TASKS if t in summary]
+    figure, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
+    for axis, task in zip(axes[0], tasks, strict=True):
+        metric = TASK_METRICS[task][0]
+        for init, by_fraction in summary[task][metric].items():
+            fractions = sorted(by_fraction, key=float)
+            x = [100 * float(f) for f in fractions]
+            mean = np.array([by_fraction[f]["mean"] for f in fractions])
+            std = np.array([by_fraction[f]["std"] for f in fractions])
+            axis.plot(x, mean, marker="o", label=init)
+            axis.fill_between(x, mean - std, mean + std, alpha=0.2)
+        axis.set_xscale("log")
+        axis.set_xlabel("% of training labels")
+        axis.set_ylabel(f"{METRIC_LABELS[metric]}, test")
+        axis.set_title(task)
+        axis.legend(fontsize=8)
+    figure.suptitle(f"Frozen encoder, mean ± std over seeds; {PHANTOM_NOTE}", fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
+def plot_examples(work: Path, task: str, inits: list[str], path: Path) -> None:
+    """The first test images with ground truth (green) and each init's prediction (red):
+    masks as contours and fills, boxes as rectangles with their scores."""
+    images = np.load(work / f"{TASK_DATASETS[task]}.images.npy", mmap_mode="r")
+    kept = {i: np.load(work / f"examples.{task}.{i}.npz") for i in inits}
+    index = next(iter(kept.values()))["index"]
+    truth_masks = np.load(work / "segmentation.masks.npy") if task == "segmentation" else None
+    truth_boxes = (
+        json.loads((work / "detection.boxes.json").read_text())["boxes"]
+        if task == "detection"
+        else None
+    )
+    figure, axes = plt.subplots(
+        len(inits), len(index), figsize=(1.9 * len(index), 2.0 * len(inits)), squeeze=False
+    )
+    for row, init in enumerate(inits):
+        for column, image_index in enumerate(index):
+            axis = axes[row][column]
+            axis.imshow(images[image_index], cmap="gray")
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if task == "segmentation":
+                truth = truth_masks[image_index]
+                if truth.any():
+                    axis.contour(truth, levels=[0.5], colors="lime", linewidths=0.8)
+                predicted = np.ma.masked_where(~kept[init]["predicted"][column], truth)
+                axis.imshow(predicted, cmap="autumn", alpha=0.45, vmin=0, vmax=1)
+            else:
+                for x0, y0, x1, y1 in np.asarray(truth_boxes[image_index]).reshape(-1, 4):
+                    axis.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="lime"))
+                boxes, scores = kept[init][f"boxes_{column}"], kept[init][f"scores_{column}"]
+                for (x0, y0, x1, y1), score in list(zip(boxes, scores, strict=True))[:3]:
+                    axis.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="red"))
+                    axis.text(x0, y0, f"{score:.2f}", color="red", fontsize=6)
+            if column == 0:
+                axis.set_ylabel(init)
+    figure.suptitle(f"{task}: ground truth green, prediction red; {PHANTOM_NOTE}", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def cell_rows(results: tune.ResultGrid) -> list[dict[str, Any]]:
+    rows = []
+    for result in results:
+        if result.error:
+            raise RuntimeError(f"evaluation cell {result.config} failed: {result.error}")
+        config, metrics = result.config, result.metrics
+        rows.append(
+            {
+                "task": config["task"],
+                "init": config["init"],
+                "fraction": config["fraction"],
+                "seed": config["seed"],
+                "train_size": metrics["train_size"],
+                **{name: metrics[name] for name in TASK_METRICS[config["task"]]},
+                **({"per_label": metrics["per_label"]} if "per_label" in metrics else {}),
+            }
+        )
+    return sorted(rows, key=lambda c: (c["task"], c["init"], c["fraction"], c["seed"]))
+
+
+def language_summary(scores: dict[str, dict[str, dict[str, float]]]) -> dict:
+    """init -> task -> metric -> value, as task -> metric -> init -> {"0": one value}."""
+    table: dict[str, dict[str, dict]] = {}
+    for init, by_task in scores.items():
+        for task, by_metric in by_task.items():
+            for metric, value in by_metric.items():
+                table.setdefault(task, {}).setdefault(metric, {})[init] = {
+                    NO_LABELS: {"mean": value, "std": 0.0, "n": 1}
+                }
+    return table
+
+
+def heat_map_figures(params: Params, out: Path) -> dict[str, Any]:
+    """STA heat maps of the pre-trained SISTA model on phantoms with one focal finding, and
+    how often the finding's name attends inside its ground-truth mask more than a uniform
+    map would (the localisation rate)."""
+    from sista_core import SISTAModel
+    from sista_core.explain import FOCAL_FINDINGS, explain_png, focal_report, localisation_rate
+    from sista_core.findings import Finding
+    from sista_core.phantom import render
+
+    model = SISTAModel.from_pretrained(stage_dir(params, "pretrain") / "sista" / "model").eval()
+    size = model.image_encoder.config.img_size
+    for number, observation in enumerate(("Pneumothorax", "Nodule", "Consolidation")):
+        phantom = render([Finding(observation)], seed=10_000 + number, size=size)
+        name = FOCAL_FINDINGS[observation].split()[-1]
+        explain_png(
+            model,
+            phantom.image,
+            focal_report(phantom.findings[0]),
+            out / f"heatmap_{name}.png",
+            words=[name],
+        )
+    return localisation_rate(model, params.evaluate.localisation_images, seed=20_000)
+
+
 def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any]:
     config = params.evaluate
+    downstream = params.ingest.downstream
+    trained = [t for t in TRAINED_TASKS if t in config.tasks]
+    language = [t for t in LANGUAGE_TASKS if t in config.tasks]
+    text_inits = [i for i in config.inits if i != "random"]  # random init has no text model
+    datasets = [TASK_DATASETS[t] for t in trained]
+    if "zero_shot" in language and "downstream" not in datasets:
+        datasets.append("downstream")
+    examples_cell = [max(downstream.label_fractions), downstream.seeds[0]]
     ensure_ray(params)
     with (
         stage_run(params, "evaluate", logged={"evaluate": config.model_dump()}) as run_,
@@ -132,27 +336,32 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
             stage_dir(params, "evaluate"), "evaluate", {"mlflow_run_id": run_.info.run_id}
         ) as (out, extra),
     ):
-        work = out.resolve() / "features"  # absolute: Tune trials run in their own folders
+        work = out.resolve() / "work"  # absolute: Tune trials run in their own folders
         work.mkdir()
-        images_path, labels_path, split_path = downstream_arrays(params, work)
-        ray.get(
-            [
-                extract_features.remote(init, params, str(images_path), str(work / f"{init}.npy"))
-                for init in config.inits
-            ]
-        )
+        prepare_sets(params, datasets, work)
+        # Trained tasks read only their own sets' features; zero-shot reads images itself.
+        featured = [TASK_DATASETS[t] for t in trained]
+        ray.get([extract_features.remote(i, params, str(work), featured) for i in config.inits])
+        language_futures = {
+            init: language_scores.remote(init, params, str(work))
+            for init in (text_inits if language else [])
+        }
         tuner = tune.Tuner(
-            tune.with_resources(probe_cell, {"cpu": config.cpus_per_trial}),
+            tune.with_resources(evaluation_cell, {"cpu": config.cpus_per_trial}),
             param_space={
+                "task": tune.grid_search(trained),
                 "init": tune.grid_search(list(config.inits)),
-                "fraction": tune.grid_search(list(params.ingest.downstream.label_fractions)),
-                "seed": tune.grid_search(list(params.ingest.downstream.seeds)),
+                "fraction": tune.grid_search(list(downstream.label_fractions)),
+                "seed": tune.grid_search(list(downstream.seeds)),
                 "features_dir": str(work),
-                "labels_path": str(labels_path),
-                "split_path": str(split_path),
-                "epochs": config.probe_epochs,
-                "lr": config.probe_lr,
-                "weight_decay": config.probe_weight_decay,
+                "examples_cell": examples_cell,
+                "probe_epochs": config.probe_epochs,
+                "probe_lr": config.probe_lr,
+                "probe_weight_decay": config.probe_weight_decay,
+                "head_steps": config.head_steps,
+                "head_lr": config.head_lr,
+                "head_batch_size": config.head_batch_size,
+                "head_width": config.head_width,
             },
             # Reused trial processes import torch once, not once per cell.
             tune_config=tune.TuneConfig(reuse_actors=True),
@@ -162,40 +371,50 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
                 verbose=0,
             ),
         )
-        results = tuner.fit()
-        cells = []
-        for result in results:
-            if result.error:
-                raise RuntimeError(f"evaluation cell {result.config} failed: {result.error}")
-            cells.append(
-                {
-                    "task": "classification",
-                    "init": result.config["init"],
-                    "fraction": result.config["fraction"],
-                    "seed": result.config["seed"],
-                    "auroc": result.metrics["auroc"],
-                    "per_label": result.metrics["per_label"],
-                    "train_size": result.metrics["train_size"],
-                }
-            )
-        cells.sort(key=lambda c: (c["init"], c["fraction"], c["seed"]))
+        cells = cell_rows(tuner.fit())
         summary = summarise(cells)
+        summary |= language_summary({i: ray.get(f) for i, f in language_futures.items()})
+        metrics: dict[str, Any] = {**summary, "images": PHANTOM_NOTE}
+        if "sista" in config.inits and config.localisation_images:
+            metrics["heatmap_localisation"] = heat_map_figures(params, out)
         (out / "cells.json").write_text(json.dumps(cells, indent=1))
-        metrics = {"classification": {"auroc": summary}, "images": PHANTOM_NOTE}
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        plot_fraction_curves(summary, out / "auroc_vs_fraction.png")
-        for path in (images_path, labels_path):
-            path.unlink()  # large and re-derivable from ingest; keep features and splits
+        plot_fraction_curves(summary, out / "scores_vs_fraction.png")
+        for task in ("segmentation", "detection"):
+            if task in trained:
+                plot_examples(work, task, list(config.inits), out / f"examples_{task}.png")
+        features = out / "features"  # kept: the global features and splits (small)
+        features.mkdir()
+        for path in work.glob("*.downstream.npy"):
+            path.rename(features / path.name.replace(".downstream", ""))
+        for path in work.glob("*.split.json"):
+            path.rename(features / path.name)
+        _remove_tree(work)  # images and pyramids: large, and re-derivable from ingest
         mlflow.log_metrics(
             {
-                f"auroc.{init}.{fraction}": value["mean"]
-                for init, by_fraction in summary.items()
+                f"{task}.{metric}.{init}.{fraction}": value["mean"]
+                for task, by_metric in summary.items()
+                for metric, by_init in by_metric.items()
+                for init, by_fraction in by_init.items()
                 for fraction, value in by_fraction.items()
             }
         )
-        mlflow.log_artifact(str(out / "auroc_vs_fraction.png"))
+        for png in sorted(out.glob("*.png")):
+            mlflow.log_artifact(str(png))
         extra["summary"] = summary
-    return {init: {f: round(v["mean"], 3) for f, v in s.items()} for init, s in summary.items()}
+    return {
+        task: {
+            init: {f: round(v["mean"], 3) for f, v in by_fraction.items()}
+            for init, by_fraction in by_metric[TASK_METRICS[task][0]].items()
+        }
+        for task, by_metric in summary.items()
+    }
+
+
+def _remove_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*"), reverse=True):
+        path.rmdir() if path.is_dir() else path.unlink()
+    folder.rmdir()
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

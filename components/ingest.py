@@ -22,7 +22,13 @@ import ray
 
 from sista_core.datasets import DatasetAdapter, MimicCxrJpg, OpenIDataset, RecordError, RecordRef
 from sista_core.datasets.embedded import OpenIPhantomDataset, PhantomDownstreamDataset
-from sista_core.datasets.images import resize_uint8
+from sista_core.datasets.embedded_tasks import (
+    PhantomOpacityDetection,
+    PhantomPneumothoraxSegmentation,
+)
+from sista_core.datasets.images import resize_boxes, resize_mask, resize_uint8
+from sista_core.datasets.rsna import RsnaPneumonia
+from sista_core.datasets.siim import SiimPneumothorax
 from sista_core.datasets.splits import nested_subsets, patient_splits
 from sista_core.findings import OBSERVATIONS
 from sista_core.reports.sections import extract_sections
@@ -33,6 +39,8 @@ from .runtime import ensure_ray
 from .stage import stage_dir, stage_main
 from .tracking import stage_run
 
+# Downstream sets whose records carry a mask and boxes (stored beside their images).
+TARGET_DATASETS = ("segmentation", "detection")
 RECORDS_PER_TASK = 64  # per-record work is milliseconds: amortise Ray's per-task overhead
 _DEID_ONLY = re.compile(r"^[\sX_.,;:-]*$")  # Open-I's XXXX and MIMIC's ___ placeholders
 
@@ -65,6 +73,30 @@ def build_pretrain_source(config: IngestSection) -> DatasetAdapter:
     return OpenIDataset(Path(config.source_path))
 
 
+def build_downstream_sources(config: IngestSection) -> dict[str, DatasetAdapter]:
+    """The downstream sets by name: classification (``downstream``), then segmentation and
+    detection, each from its real folder when one is configured, else phantoms placed by
+    real annotations. A set of 0 patients is skipped."""
+    downstream = config.downstream
+    size, seed = config.image_size, config.seed
+    sources: dict[str, DatasetAdapter] = {
+        "downstream": PhantomDownstreamDataset(downstream.num_patients, size, seed + 1)
+    }
+    if downstream.segmentation_path:
+        sources["segmentation"] = SiimPneumothorax(Path(downstream.segmentation_path))
+    elif downstream.segmentation_patients:
+        sources["segmentation"] = PhantomPneumothoraxSegmentation(
+            downstream.segmentation_patients, size, seed + 2
+        )
+    if downstream.detection_path:
+        sources["detection"] = RsnaPneumonia(Path(downstream.detection_path))
+    elif downstream.detection_patients:
+        sources["detection"] = PhantomOpacityDetection(
+            downstream.detection_patients, size, seed + 3
+        )
+    return sources
+
+
 @dataclass
 class IngestResult:
     manifest_rows: list[dict[str, Any]] = field(default_factory=list)
@@ -87,17 +119,27 @@ def _screen(refs: list[RecordRef], dataset: str, result: IngestResult) -> list[R
     return usable
 
 
-def _load_batch(adapter: DatasetAdapter, refs: list[RecordRef], image_size: int):
-    """Ray Data batch function: load, check and resize records; failures become rows too."""
+def _load_batch(
+    adapter: DatasetAdapter, refs: list[RecordRef], image_size: int, with_targets: bool
+):
+    """Ray Data batch function: load, check and resize records; failures become rows too.
+    ``with_targets``: also the mask and boxes, mapped onto the resized image."""
 
     def load(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images, ok, reasons, details, labels, reports = [], [], [], [], [], []
+        masks, boxes = [], []
         for position in batch["position"]:
             ref = refs[int(position)]
             vector = np.full(len(OBSERVATIONS), np.nan, dtype=np.float32)
+            mask = np.zeros((image_size, image_size), bool)
+            record_boxes = np.zeros((0, 4), np.float32)
             try:
                 sample = adapter.load(ref)
                 image = resize_uint8(sample.image, image_size)
+                if with_targets and sample.mask is not None:
+                    mask = resize_mask(sample.mask, image_size)
+                if with_targets and sample.boxes is not None:
+                    record_boxes = resize_boxes(sample.boxes, sample.image.shape, image_size)
                 for name, value in sample.labels.items():
                     vector[OBSERVATIONS.index(name)] = value
                 problem = report_problem(sample.report)
@@ -115,7 +157,13 @@ def _load_batch(adapter: DatasetAdapter, refs: list[RecordRef], image_size: int)
                 details.append(error.detail[:300])
                 reports.append("")
             labels.append(vector)
+            masks.append(mask)
+            boxes.append(record_boxes.ravel().tolist())
+        targets = {}
+        if with_targets:
+            targets = {"mask": np.stack(masks), "boxes": np.array(boxes, dtype=object)}
         return {
+            **targets,
             "position": batch["position"],
             "image": np.stack(images),
             "ok": np.array(ok),
@@ -129,18 +177,22 @@ def _load_batch(adapter: DatasetAdapter, refs: list[RecordRef], image_size: int)
 
 
 class ShardWriter:
-    """Buffers images per split and writes ``<dataset>-<split>-<k>.npy`` of ``shard_size``."""
+    """Buffers images per split and writes ``<dataset>-<split>-<k>.npy`` of ``shard_size``,
+    and the records' masks, when given, as ``<dataset>-<split>-<k>.mask.npy``."""
 
     def __init__(self, folder: Path, dataset: str, shard_size: int):
         self.folder, self.dataset, self.shard_size = folder, dataset, shard_size
         self.buffers: dict[str, list[np.ndarray]] = {}
+        self.mask_buffers: dict[str, list[np.ndarray]] = {}
         self.counts: Counter[str] = Counter()
 
-    def add(self, split: str, image: np.ndarray) -> tuple[str, int]:
+    def add(self, split: str, image: np.ndarray, mask: np.ndarray | None = None) -> tuple[str, int]:
         buffer = self.buffers.setdefault(split, [])
         shard = f"{self.dataset}-{split}-{self.counts[split] // self.shard_size:05d}.npy"
         position = len(buffer)
         buffer.append(image)
+        if mask is not None:
+            self.mask_buffers.setdefault(split, []).append(mask)
         self.counts[split] += 1
         if len(buffer) == self.shard_size:
             self._flush(split)
@@ -148,9 +200,13 @@ class ShardWriter:
 
     def _flush(self, split: str) -> None:
         buffer = self.buffers.pop(split, [])
+        masks = self.mask_buffers.pop(split, [])
         if buffer:
             shard = (self.counts[split] - 1) // self.shard_size
-            np.save(self.folder / f"{self.dataset}-{split}-{shard:05d}.npy", np.stack(buffer))
+            name = f"{self.dataset}-{split}-{shard:05d}"
+            np.save(self.folder / f"{name}.npy", np.stack(buffer))
+            if masks:
+                np.save(self.folder / f"{name}.mask.npy", np.stack(masks))
 
     def close(self) -> None:
         for split in list(self.buffers):
@@ -175,8 +231,11 @@ def ingest_dataset(
     context.execution_options.preserve_order = True  # same input, byte-identical shards
     items = [{"position": i} for i in range(len(refs))]
     blocks = max(1, min(len(items) // RECORDS_PER_TASK, 256))
+    with_targets = dataset in TARGET_DATASETS
     loaded = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-        _load_batch(adapter, refs, config.image_size), batch_size=None, batch_format="numpy"
+        _load_batch(adapter, refs, config.image_size, with_targets),
+        batch_size=None,
+        batch_format="numpy",
     )
     for batch in loaded.iter_batches(batch_size=256, batch_format="numpy"):
         for row in range(len(batch["position"])):
@@ -192,7 +251,8 @@ def ingest_dataset(
                 )
                 continue
             split = splits[ref.patient_id]
-            shard, index = writer.add(split, batch["image"][row])
+            mask = batch["mask"][row] if with_targets else None
+            shard, index = writer.add(split, batch["image"][row], mask)
             manifest_row = {
                 "record_id": ref.record_id,
                 "patient_id": ref.patient_id,
@@ -201,6 +261,8 @@ def ingest_dataset(
                 "shard": shard,
                 "index": index,
                 "report": str(batch["report"][row]) or None,
+                # x0, y0, x1, y1 per box, flattened, in pixels of the stored image
+                "boxes": list(batch["boxes"][row]) if with_targets else None,
             }
             manifest_row.update(zip(OBSERVATIONS, batch["labels"][row].tolist(), strict=True))
             result.manifest_rows.append(manifest_row)
@@ -220,10 +282,24 @@ def read_shard_images(ingest_dir: Path, rows: list[dict[str, Any]]) -> np.ndarra
     return np.stack([shards[row["shard"]][row["index"]] for row in rows])
 
 
-def write_subsets(rows: list[dict[str, Any]], config: IngestSection, folder: Path) -> int:
-    """Saved id lists of the downstream training subsets (patient level, nested per seed)."""
+def read_shard_masks(ingest_dir: Path, rows: list[dict[str, Any]]) -> np.ndarray:
+    """The masks (B, H, W) bool of segmentation/detection manifest ``rows``."""
+    mask_rows = [{**row, "shard": row["shard"].replace(".npy", ".mask.npy")} for row in rows]
+    return read_shard_images(ingest_dir, mask_rows).astype(bool)
+
+
+def row_boxes(row: dict[str, Any]) -> np.ndarray:
+    """A manifest row's boxes as float32 (n, 4) x0, y0, x1, y1."""
+    return np.asarray(row["boxes"] or [], np.float32).reshape(-1, 4)
+
+
+def write_subsets(
+    rows: list[dict[str, Any]], config: IngestSection, folder: Path, dataset: str
+) -> int:
+    """Saved id lists of a downstream set's training subsets (patient level, nested per
+    seed): evaluation reads these, it never re-samples."""
     folder.mkdir(exist_ok=True)
-    train = [row for row in rows if row["dataset"] == "downstream" and row["split"] == "train"]
+    train = [row for row in rows if row["dataset"] == dataset and row["split"] == "train"]
     records_of: dict[str, list[str]] = {}
     for row in train:
         records_of.setdefault(row["patient_id"], []).append(row["record_id"])
@@ -232,13 +308,13 @@ def write_subsets(rows: list[dict[str, Any]], config: IngestSection, folder: Pat
         subsets = nested_subsets(list(records_of), config.downstream.label_fractions, seed)
         for fraction, patients in subsets.items():
             ids = sorted(r for p in patients for r in records_of[p])
-            (folder / subset_file_name(fraction, seed)).write_text("\n".join(ids) + "\n")
+            (folder / subset_file_name(fraction, seed, dataset)).write_text("\n".join(ids) + "\n")
             written += 1
     return written
 
 
-def subset_file_name(fraction: float, seed: int) -> str:
-    return f"downstream-train-frac{fraction:g}-seed{seed}.txt"
+def subset_file_name(fraction: float, seed: int, dataset: str = "downstream") -> str:
+    return f"{dataset}-train-frac{fraction:g}-seed{seed}.txt"
 
 
 def _check_quarantine(result: IngestResult, dataset: str, total: int, limit: float) -> None:
@@ -269,14 +345,13 @@ QUARANTINE_SCHEMA = pa.schema(
 def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any]:
     config = params.ingest
     ensure_ray(params)
+    downstream_fractions = (config.downstream.val_fraction, config.downstream.test_fraction)
     sources = {
         "pretrain": (build_pretrain_source(config), (config.pretrain.val_fraction, 0.0)),
-        "downstream": (
-            PhantomDownstreamDataset(
-                config.downstream.num_patients, config.image_size, config.seed + 1
-            ),
-            (config.downstream.val_fraction, config.downstream.test_fraction),
-        ),
+        **{
+            name: (adapter, downstream_fractions)
+            for name, adapter in build_downstream_sources(config).items()
+        },
     }
     with (
         stage_run(params, "ingest", logged={"ingest": config.model_dump()}) as mlflow_run,
@@ -296,7 +371,11 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
             counts[f"{dataset}_quarantined"] = len(result.quarantine_rows)
         _write_table(combined.manifest_rows, out / "manifest.parquet")
         _write_table(combined.quarantine_rows, out / "quarantine.parquet", QUARANTINE_SCHEMA)
-        counts["subset_files"] = write_subsets(combined.manifest_rows, config, out / "subsets")
+        counts["subset_files"] = sum(
+            write_subsets(combined.manifest_rows, config, out / "subsets", dataset)
+            for dataset in sources
+            if dataset != "pretrain"
+        )
         reasons = Counter(row["reason"] for row in combined.quarantine_rows)
         extra["counts"] = counts
         extra["quarantine_reasons"] = dict(sorted(reasons.items()))

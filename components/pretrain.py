@@ -31,6 +31,7 @@ from safetensors.torch import load_model, save_model  # noqa: E402
 from sista_core import SISTAConfig, SISTAModel  # noqa: E402
 from sista_core.cpu import retain_freed_memory  # noqa: E402
 from sista_core.encoders.text import collate_tokens  # noqa: E402
+from sista_core.retrieval import recall_at_k  # noqa: E402
 from sista_core.schedule import cosine_with_warmup  # noqa: E402
 
 from .artifacts import atomic_output_dir  # noqa: E402
@@ -77,7 +78,8 @@ def load_training_state(
 def retrieval_recall(
     model: SISTAModel, data: PretrainData, ks=(1, 5, 10), batch_size: int = 64
 ) -> dict[str, float]:
-    """Image-to-report recall@k on held-out pairs: a cheap validation signal."""
+    """Recall@k on held-out pairs, a cheap validation signal: ``val_recall_at_{k}`` is
+    image-to-report, ``val_text_to_image_recall_at_{k}`` report-to-image."""
     if len(data) < 2:
         return {}
     model.eval()
@@ -90,10 +92,12 @@ def retrieval_recall(
                 data.tokens[start : start + batch_size], model.text_encoder.tokenizer.pad_token_id
             )
             text_embeds.append(model.encode_text(tokens)["global"])
-    similarity = torch.cat(image_embeds) @ torch.cat(text_embeds).T
-    rank_of_match = (similarity > similarity.diagonal()[:, None]).sum(1)
+    recall = recall_at_k(torch.cat(image_embeds), torch.cat(text_embeds), ks)
     model.train()
-    return {f"val_recall_at_{k}": float((rank_of_match < k).float().mean()) for k in ks}
+    return {
+        **{f"val_recall_at_{k}": recall[f"image_to_text_recall_at_{k}"] for k in ks},
+        **{f"val_text_to_image_recall_at_{k}": recall[f"text_to_image_recall_at_{k}"] for k in ks},
+    }
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

@@ -35,13 +35,24 @@ def should_promote(candidate: float, champion: float | None, higher_is_better: b
     return candidate > champion if higher_is_better else candidate < champion
 
 
+# Entries of evaluate's metrics.json that are not task tables.
+NOT_TASKS = ("images", "heatmap_localisation")
+
+
 def results_markdown(summary: dict[str, Any], note: str) -> str:
+    """Trained tasks: one table per metric, inits x label fractions (mean ± std over seeds).
+    Language tasks (no labels): one table per task, inits x metrics."""
     lines = []
     for task, by_metric in summary.items():
-        if not isinstance(by_metric, dict):
+        if task in NOT_TASKS:
+            continue
+        fractions = sorted(
+            {f for by_init in by_metric.values() for v in by_init.values() for f in v}, key=float
+        )
+        if fractions == ["0"]:
+            lines += _language_table(task, by_metric)
             continue
         for metric, by_init in by_metric.items():
-            fractions = sorted({f for v in by_init.values() for f in v}, key=float)
             lines.append(f"### {task}: {metric} (test, mean ± std over seeds)\n")
             lines.append(
                 "| init | " + " | ".join(f"{100 * float(f):g} % labels" for f in fractions) + " |"
@@ -53,8 +64,39 @@ def results_markdown(summary: dict[str, Any], note: str) -> str:
                 ]
                 lines.append(f"| {init} | " + " | ".join(cells) + " |")
             lines.append("")
+    if "heatmap_localisation" in summary:
+        found = summary["heatmap_localisation"]
+        lines.append(
+            f"STA heat maps (SISTA): the finding's name puts more attention inside the finding's "
+            f"mask than a uniform map would on {found['rate']:.0%} of {found['num_images']} "
+            f"phantoms with one focal finding (mean mass in mask {found['mean_mass_in_mask']:.3f} "
+            f"vs {found['mean_uniform_mass']:.3f} uniform).\n"
+        )
     lines.append(f"Images: {note}.")
     return "\n".join(lines) + "\n"
+
+
+def _natural_key(name: str) -> tuple[str, int]:
+    """``recall_at_10`` after ``recall_at_5`` (the JSON keeps metrics sorted as text)."""
+    stem = name.rstrip("0123456789")
+    return stem, int(name[len(stem) :] or 0)
+
+
+def _language_table(task: str, by_metric: dict[str, Any]) -> list[str]:
+    # Recall@1, @5, @10 in that order (the JSON keeps them sorted as text).
+    metrics = sorted(
+        by_metric,
+        key=lambda m: (m.rstrip("0123456789"), int("0" + m[len(m.rstrip("0123456789")) :])),
+    )
+    inits = sorted({init for by_init in by_metric.values() for init in by_init})
+    lines = [f"### {task} (no labels; held-out data)\n", "| init | " + " | ".join(metrics) + " |"]
+    lines.append("|---" * (len(metrics) + 1) + "|")
+    for init in inits:
+        values = [by_metric[m].get(init, {}).get("0", {}).get("mean") for m in metrics]
+        lines.append(
+            f"| {init} | " + " | ".join("—" if v is None else f"{v:.3f}" for v in values) + " |"
+        )
+    return [*lines, ""]
 
 
 def promote_if_better(params: Params, score: float) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 sista run STAGE [--variant NAME]   run one stage (a Ray job; see pipeline.launch)
 sista status                       what each stage last produced
 sista profile NAME                 switch params.yaml to profiles/NAME.yaml
+sista explain IMAGE "REPORT"       heat maps of the report's words on the image (PNG)
 """
 
 from __future__ import annotations
@@ -64,6 +65,36 @@ def switch_profile(name: str) -> int:
     return 0
 
 
+def explain(
+    image_path: str, report: str, model_dir: str, out: str | None, words: str | None
+) -> int:
+    """Write the word heat maps of ``report`` on the image; 2 with one line on any failure."""
+    # Imported here: torch and the model take seconds to load, which `status` need not wait for.
+    from sista_core import SISTAModel
+    from sista_core.checkpoint import CheckpointError
+    from sista_core.datasets.base import RecordError
+    from sista_core.datasets.images import read_image, resize_uint8
+    from sista_core.explain import explain_png
+
+    if not Path(model_dir).is_dir():
+        print(f"no model folder at {model_dir}", file=sys.stderr)
+        return 2
+    if not Path(image_path).is_file():
+        print(f"no image at {image_path}", file=sys.stderr)
+        return 2
+    out_path = Path(out or f"{Path(image_path).stem}_explain.png")
+    try:
+        model = SISTAModel.from_pretrained(model_dir)
+        size = model.image_encoder.config.img_size
+        image = resize_uint8(read_image(Path(image_path), image_path), size)
+        shown = explain_png(model, image, report, out_path, words.split(",") if words else None)
+    except (CheckpointError, RecordError, ValueError, OSError) as error:
+        print(error, file=sys.stderr)
+        return 2
+    print(f"wrote {out_path} ({', '.join(shown)})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="sista", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -75,11 +106,19 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("status", help="what each stage last produced")
     profile = commands.add_parser("profile", help="switch params.yaml to a profile")
     profile.add_argument("name")
+    heat_maps = commands.add_parser("explain", help="heat maps of a report's words on an image")
+    heat_maps.add_argument("image", help="PNG or JPEG radiograph")
+    heat_maps.add_argument("report", help="the report text, quoted")
+    heat_maps.add_argument("--model", default="data/pretrain/sista/model", help="SISTAModel folder")
+    heat_maps.add_argument("--out", help="PNG to write (default: ./IMAGESTEM_explain.png)")
+    heat_maps.add_argument("--words", help="comma-separated words (default: the most focused)")
     args, rest = parser.parse_known_args(argv)
     if args.command == "run":
         raise SystemExit(launch(args.stage, args.params, rest))
     if args.command == "status":
         raise SystemExit(status(args.params))
+    if args.command == "explain":
+        raise SystemExit(explain(args.image, args.report, args.model, args.out, args.words))
     raise SystemExit(switch_profile(args.name))
 
 

@@ -16,8 +16,10 @@ from dataset_fixtures import (
 )
 
 from components.config import IngestSection
-from components.ingest import ingest_dataset
+from components.ingest import ingest_dataset, read_shard_masks, row_boxes
 from sista_core.datasets import MimicCxrJpg, RsnaPneumonia
+from sista_core.datasets.embedded_tasks import PhantomPneumothoraxSegmentation
+from sista_core.datasets.images import resize_boxes, resize_mask
 
 # study case -> (what the image is, what the report is, expected quarantine reason or None)
 MIMIC_CASES = {
@@ -126,3 +128,43 @@ def test_every_broken_dicom_is_quarantined_with_its_reason(tmp_path, local_ray):
     assert manifest_ids == layout.good
     assert "no_pixel_data" in {r["reason"] for r in result.quarantine_rows}
     assert "unsupported_photometric" in {r["reason"] for r in result.quarantine_rows}
+
+
+def test_detection_boxes_and_segmentation_masks_are_stored_with_their_images(tmp_path, local_ray):
+    """Targets travel with their images: boxes in the manifest, masks in shards beside the
+    image shards, both mapped onto the resized image exactly as the adapter's sample is."""
+    layout = build_rsna(tmp_path / "rsna")
+    config = IngestSection(image_size=64)
+    out = tmp_path / "out"
+    out.mkdir()
+    adapter = RsnaPneumonia(layout.root)
+    result = ingest_dataset(adapter, "detection", config, (0.2, 0.2), out)
+    refs = {ref.record_id: ref for ref in adapter.records()}
+    with_boxes = 0
+    for row in result.manifest_rows:
+        sample = adapter.load(refs[row["record_id"]])
+        expected = resize_boxes(sample.boxes, sample.image.shape, 64)
+        np.testing.assert_allclose(row_boxes(row), expected, atol=1e-4)
+        with_boxes += len(expected) > 0
+    assert with_boxes > 0
+
+    segmentation = PhantomPneumothoraxSegmentation(12, image_size=96, seed=0, positive_fraction=1)
+    result = ingest_dataset(segmentation, "segmentation", config, (0.2, 0.2), out)
+    masks = read_shard_masks(out, result.manifest_rows)
+    refs = {ref.record_id: ref for ref in segmentation.records()}
+    for row, mask in zip(result.manifest_rows, masks, strict=True):
+        expected = resize_mask(segmentation.load(refs[row["record_id"]]).mask, 64)
+        assert mask.shape == (64, 64) and (mask == expected).all()
+    assert masks.any(axis=(1, 2)).sum() > 0
+
+
+def test_resize_mask_and_boxes_follow_the_letterbox():
+    mask = np.zeros((100, 200), bool)
+    mask[40:60, 100:150] = True  # a 20 x 50 block
+    resized = resize_mask(mask, 50)  # scale 0.25, image 25 x 50 placed at y offset 12 or 13
+    rows, cols = np.nonzero(resized)
+    assert cols.min() == 25 and cols.max() == 36  # pixels 25..36 cover x in [25, 37.5)
+    boxes = resize_boxes(np.array([[100, 40, 150, 60]], np.float32), (100, 200), 50)
+    offset_y = (50 - 25) // 2
+    np.testing.assert_allclose(boxes, [[25, 10 + offset_y, 37.5, 15 + offset_y]])
+    assert rows.min() == 10 + offset_y

@@ -33,7 +33,11 @@ def test_every_declared_output_exists(pipeline_run):
         "similarity/similarity_histogram.png",
         "evaluate/metrics.json",
         "evaluate/cells.json",
-        "evaluate/auroc_vs_fraction.png",
+        "evaluate/scores_vs_fraction.png",
+        "evaluate/examples_segmentation.png",
+        "evaluate/examples_detection.png",
+        "evaluate/heatmap_pneumothorax.png",
+        "evaluate/features/sista.npy",
         "publish/results.md",
         "publish/results.json",
     ] + [
@@ -56,9 +60,29 @@ def test_every_declared_output_exists(pipeline_run):
 def test_every_evaluation_cell_has_a_metric(pipeline_run):
     folder, _ = pipeline_run
     cells = json.loads((folder / "data/evaluate/cells.json").read_text())
-    keys = {(c["init"], c["fraction"], c["seed"]) for c in cells}
-    assert len(keys) == 4 * 3 * 2 == len(cells)
-    assert all(0.0 <= c["auroc"] <= 1.0 for c in cells)
+    keys = {(c["task"], c["init"], c["fraction"], c["seed"]) for c in cells}
+    assert len(keys) == 3 * 4 * 3 * 2 == len(cells)
+    metric_of = {"classification": "auroc", "segmentation": "dice", "detection": "map_40_75"}
+    assert all(0.0 <= c[metric_of[c["task"]]] <= 1.0 for c in cells)
+    metrics = json.loads((folder / "data/evaluate/metrics.json").read_text())
+    for task in ("zero_shot", "retrieval"):  # the label-free tasks: every init with text
+        for by_init in metrics[task].values():
+            assert set(by_init) == {"sista", "convirt", "dense"}
+    assert metrics["heatmap_localisation"]["num_images"] > 0
+
+
+def test_evaluation_trains_on_the_subsets_ingest_saved(pipeline_run):
+    folder, _ = pipeline_run
+    subsets = folder / "data/ingest/subsets"
+    cells = json.loads((folder / "data/evaluate/cells.json").read_text())
+    dataset_of = {
+        "classification": "downstream",
+        "segmentation": "segmentation",
+        "detection": "detection",
+    }
+    for cell in cells:
+        name = f"{dataset_of[cell['task']]}-train-frac{cell['fraction']:g}-seed{cell['seed']}.txt"
+        assert cell["train_size"] == len((subsets / name).read_text().split()), name
 
 
 def test_mlflow_holds_every_stage_and_the_registered_candidate(pipeline_run):

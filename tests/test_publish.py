@@ -28,6 +28,17 @@ SUMMARY = {
             },
         }
     },
+    "retrieval": {
+        "image_to_text_recall_at_1": {"sista": {"0": {"mean": 0.12, "std": 0.0, "n": 1}}},
+        "text_to_image_recall_at_1": {"sista": {"0": {"mean": 0.1, "std": 0.0, "n": 1}}},
+    },
+    "heatmap_localisation": {
+        "num_images": 40,
+        "rate": 0.55,
+        "mean_mass_in_mask": 0.2,
+        "mean_uniform_mass": 0.1,
+        "per_finding": {},
+    },
     "images": "phantom images (synthetic)",
 }
 
@@ -36,6 +47,9 @@ def test_metric_value_and_table():
     assert metric_value(SUMMARY, "classification/auroc@0.01") == 0.71
     table = results_markdown(SUMMARY, SUMMARY["images"])
     assert "| sista | 0.710 ± 0.010 | 0.800 ± 0.000 |" in table
+    assert "| init | image_to_text_recall_at_1 | text_to_image_recall_at_1 |" in table
+    assert "| sista | 0.120 | 0.100 |" in table
+    assert "on 55% of 40 phantoms" in table
     assert "phantom" in table
 
 

@@ -233,3 +233,25 @@ def resize_uint8(image: np.ndarray, size: int) -> np.ndarray:
         np.asarray(resized)
     )
     return canvas
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """A bool (H, W) mask placed the way ``resize_uint8`` places its image (nearest)."""
+    box = letterbox(mask.shape, size)
+    resized = Image.fromarray(mask.astype(np.uint8) * 255).resize(
+        (box.width, box.height), Image.Resampling.NEAREST
+    )
+    canvas = np.zeros((size, size), dtype=bool)
+    canvas[box.offset_y : box.offset_y + box.height, box.offset_x : box.offset_x + box.width] = (
+        np.asarray(resized) > 127
+    )
+    return canvas
+
+
+def resize_boxes(boxes: np.ndarray, shape: tuple[int, int], size: int) -> np.ndarray:
+    """(n, 4) x0, y0, x1, y1 boxes of an (H, W) image, in pixels of its ``resize_uint8``."""
+    box = letterbox(shape, size)
+    mapped = np.asarray(boxes, dtype=np.float32).reshape(-1, 4) * box.scale
+    mapped[:, 0::2] += box.offset_x
+    mapped[:, 1::2] += box.offset_y
+    return clip_boxes(mapped, (size, size))

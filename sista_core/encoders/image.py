@@ -99,6 +99,22 @@ class ImageEncoder(nn.Module):
             )
         return {"global": pooled, "patches": patches, "grid": grid}
 
+    def pyramid(self, images: torch.Tensor, levels: int = 4) -> list[torch.Tensor]:
+        """Feature maps [(B, C_i, h_i, w_i)] of ``levels`` evenly spaced stages, shallow to deep.
+
+        The spacing ends at the deepest stage and steps back by ``stages // levels``: ViT-B/16's
+        blocks 3, 6, 9, 12 (SETR's choice), a ResNet's layer1-4 (strides 4-32, not the stem).
+        A ViT's levels all share the patch grid; a CNN's halve in resolution stage by stage.
+        """
+        stages = len(self.backbone.feature_info)
+        if not 1 <= levels <= stages:
+            raise ValueError(f"{self.config.name} has {stages} stages; cannot take {levels} levels")
+        step = stages // levels
+        indices = [stages - 1 - step * (levels - 1 - level) for level in range(levels)]
+        return self.backbone.forward_intermediates(
+            images, indices=indices, output_fmt="NCHW", intermediates_only=True
+        )
+
     def save_pretrained(self, directory: str | Path) -> None:
         """Write ``image_encoder.safetensors`` and ``image_encoder.json`` to ``directory``."""
         from safetensors.torch import save_model

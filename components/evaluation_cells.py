@@ -1,0 +1,162 @@
+"""The Tune trainable of one evaluation cell (task x init x label fraction x seed), in a
+module with light imports: trial processes start faster when they do not import the whole
+evaluate stage.
+
+Every cell trains a head on features the evaluate stage cached for its initialisation (the
+encoder is frozen), on the training subset that ingest saved, and scores it on the test
+split: a linear probe (AUROC), a segmentation decoder (Dice) or a detection head (mAP).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ray import tune
+
+from sista_core.heads.detection import predict_boxes, train_detector
+from sista_core.heads.metrics import detection_map, dice_score
+from sista_core.heads.segmentation import predict_masks, train_segmenter
+from sista_core.probe import macro_auroc, standardise, train_linear_probe
+
+# Test images whose predictions a cell keeps for the example figures.
+EXAMPLES = 6
+
+
+def features_path(work: Path, init: str, dataset: str) -> Path:
+    """Global features (N, D) of the classification set; pyramids (``level_<i>`` arrays,
+    float16) of the segmentation and detection sets."""
+    suffix = "npy" if dataset == "downstream" else "npz"
+    return work / f"{init}.{dataset}.{suffix}"
+
+
+def load_pyramid(path: Path) -> list[torch.Tensor]:
+    with np.load(path) as levels:
+        return [torch.from_numpy(levels[f"level_{i}"]).float() for i in range(len(levels.files))]
+
+
+def boxes_of(flat: list[list[float]], indices: list[int]) -> list[torch.Tensor]:
+    return [torch.tensor(flat[i], dtype=torch.float32).reshape(-1, 4) for i in indices]
+
+
+def classification_cell(config: dict[str, Any], work: Path, split: dict) -> dict[str, Any]:
+    features = torch.from_numpy(np.load(features_path(work, config["init"], "downstream")))
+    labels = torch.from_numpy(np.load(work / "downstream.labels.npy"))
+    subset, test = split["subsets"][_subset_key(config)], split["test"]
+    train_x, test_x = standardise(features[subset], features[test])
+    probe = train_linear_probe(
+        train_x,
+        labels[subset],
+        epochs=config["probe_epochs"],
+        lr=config["probe_lr"],
+        weight_decay=config["probe_weight_decay"],
+        seed=config["seed"],
+    )
+    with torch.no_grad():
+        auroc, per_label = macro_auroc(probe(test_x), labels[test])
+    return {"auroc": auroc, "per_label": per_label}
+
+
+def segmentation_cell(config: dict[str, Any], work: Path, split: dict) -> dict[str, Any]:
+    pyramid = load_pyramid(features_path(work, config["init"], "segmentation"))
+    masks = torch.from_numpy(np.load(work / "segmentation.masks.npy"))
+    subset, test = split["subsets"][_subset_key(config)], split["test"]
+    decoder = train_segmenter(
+        [level[subset] for level in pyramid],
+        masks[subset],
+        epochs=_epochs_for(config, len(subset)),
+        lr=config["head_lr"],
+        batch_size=config["head_batch_size"],
+        seed=config["seed"],
+        width=config["head_width"],
+    )
+    predicted = predict_masks(decoder, [level[test] for level in pyramid], batch_size=64)
+    if _keeps_examples(config):
+        np.savez_compressed(
+            _examples_path(config, work),
+            index=np.array(test[:EXAMPLES]),
+            predicted=predicted[:EXAMPLES].numpy(),
+        )
+    # Over the test images that have a pneumothorax: on the negatives an empty prediction
+    # scores 1 (SIIM's convention), so a head that never fires would look good on all.
+    positive = masks[test].flatten(1).any(1)
+    return {"dice": dice_score(predicted[positive], masks[test][positive])}
+
+
+def detection_cell(config: dict[str, Any], work: Path, split: dict) -> dict[str, Any]:
+    pyramid = load_pyramid(features_path(work, config["init"], "detection"))
+    detection = json.loads((work / "detection.boxes.json").read_text())
+    boxes, size = detection["boxes"], detection["image_size"]
+    subset, test = split["subsets"][_subset_key(config)], split["test"]
+    head = train_detector(
+        [level[subset] for level in pyramid],
+        boxes_of(boxes, subset),
+        size,
+        epochs=_epochs_for(config, len(subset)),
+        lr=config["head_lr"],
+        batch_size=config["head_batch_size"],
+        seed=config["seed"],
+        width=config["head_width"],
+    )
+    predicted = predict_boxes(head, [level[test] for level in pyramid], size, batch_size=64)
+    targets = [
+        {"boxes": b, "labels": torch.zeros(len(b), dtype=torch.long)} for b in boxes_of(boxes, test)
+    ]
+    if _keeps_examples(config):
+        np.savez_compressed(
+            _examples_path(config, work),
+            index=np.array(test[:EXAMPLES]),
+            **{
+                f"{key}_{i}": p[key].numpy()
+                for i, p in enumerate(predicted[:EXAMPLES])
+                for key in ("boxes", "scores")
+            },
+        )
+    return detection_map(predicted, targets)
+
+
+CELLS = {
+    "classification": classification_cell,
+    "segmentation": segmentation_cell,
+    "detection": detection_cell,
+}
+# The dataset of the ingest stage that each trained task reads.
+TASK_DATASETS = {
+    "classification": "downstream",
+    "segmentation": "segmentation",
+    "detection": "detection",
+}
+
+
+def _subset_key(config: dict[str, Any]) -> str:
+    return f"{config['fraction']:g}/{config['seed']}"
+
+
+def _epochs_for(config: dict[str, Any], train_size: int) -> int:
+    """Epochs giving about ``head_steps`` optimiser steps whatever the subset's size: a 1 %
+    subset of a few images gets as many updates as the full set, not a hundredth."""
+    batches = -(-train_size // config["head_batch_size"])
+    return max(1, round(config["head_steps"] / batches))
+
+
+def _keeps_examples(config: dict[str, Any]) -> bool:
+    """The cells whose first test predictions are kept: the largest fraction, first seed."""
+    return (config["fraction"], config["seed"]) == tuple(config["examples_cell"])
+
+
+def _examples_path(config: dict[str, Any], work: Path) -> Path:
+    return work / f"examples.{config['task']}.{config['init']}.npz"
+
+
+def evaluation_cell(config: dict[str, Any]) -> None:
+    """One cell: trains the task's head on the saved subset; reports its test metrics."""
+    torch.set_num_threads(1)
+    work = Path(config["features_dir"])
+    dataset = TASK_DATASETS[config["task"]]
+    split = json.loads((work / f"{dataset}.split.json").read_text())
+    metrics = CELLS[config["task"]](config, work, split)
+    subset = split["subsets"][_subset_key(config)]
+    tune.report({**metrics, "train_size": len(subset)})
