@@ -67,10 +67,12 @@ def results_markdown(summary: dict[str, Any], note: str) -> str:
     if "heatmap_localisation" in summary:
         found = summary["heatmap_localisation"]
         lines.append(
-            f"STA heat maps (SISTA): the finding's name puts more attention inside the finding's "
-            f"mask than a uniform map would on {found['rate']:.0%} of {found['num_images']} "
-            f"phantoms with one focal finding (mean mass in mask {found['mean_mass_in_mask']:.3f} "
-            f"vs {found['mean_uniform_mass']:.3f} uniform).\n"
+            f"STA heat maps (SISTA), {found['num_images']} phantoms with one focal finding: the "
+            f"finding's name puts most of its attention inside the finding's mask on "
+            f"{found['majority_rate']:.0%} of them (a uniform map: "
+            f"{found['uniform_majority_rate']:.0%}), more than a uniform map would on "
+            f"{found['rate']:.0%}; mean mass in the mask {found['mean_mass_in_mask']:.3f} vs "
+            f"{found['mean_uniform_mass']:.3f} uniform.\n"
         )
     lines.append(f"Images: {note}.")
     return "\n".join(lines) + "\n"

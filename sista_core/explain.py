@@ -131,11 +131,19 @@ def focal_report(finding: Finding) -> str:
 
 
 def _summary(masses: list[float], uniform: list[float]) -> dict[str, int | float]:
-    """Count, hit rate and mean masses of one group of images (NaN for an empty group)."""
+    """Count, hit rates and mean masses of one group of images (NaN for an empty group).
+
+    ``rate``: share of images whose naming word puts more mass in the mask than a uniform
+    map; ``majority_rate``: share where it puts most of its mass (> 1/2) in the mask, and
+    ``uniform_majority_rate`` the same for a uniform map (the mask's area above 1/2)."""
     hits = [mass > chance for mass, chance in zip(masses, uniform, strict=True)]
     return {
         "num_images": len(masses),
         "rate": float(np.mean(hits)) if hits else float("nan"),
+        "majority_rate": float(np.mean([m > 0.5 for m in masses])) if masses else float("nan"),
+        "uniform_majority_rate": (
+            float(np.mean([u > 0.5 for u in uniform])) if uniform else float("nan")
+        ),
         "mean_mass_in_mask": float(np.mean(masses)) if masses else float("nan"),
         "mean_uniform_mass": float(np.mean(uniform)) if uniform else float("nan"),
     }

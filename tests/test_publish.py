@@ -35,6 +35,8 @@ SUMMARY = {
     "heatmap_localisation": {
         "num_images": 40,
         "rate": 0.55,
+        "majority_rate": 0.1,
+        "uniform_majority_rate": 0.0,
         "mean_mass_in_mask": 0.2,
         "mean_uniform_mass": 0.1,
         "per_finding": {},
@@ -49,7 +51,7 @@ def test_metric_value_and_table():
     assert "| sista | 0.710 ± 0.010 | 0.800 ± 0.000 |" in table
     assert "| init | image_to_text_recall_at_1 | text_to_image_recall_at_1 |" in table
     assert "| sista | 0.120 | 0.100 |" in table
-    assert "on 55% of 40 phantoms" in table
+    assert "inside the finding's mask on 10% of them (a uniform map: 0%)" in table
     assert "phantom" in table
 
 
