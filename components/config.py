@@ -192,6 +192,10 @@ class EvaluateSection(Section):
     head_batch_size: int = Field(16, ge=1)
     head_width: int = Field(32, ge=1)  # decoder / detector channels
     pyramid_levels: int = Field(4, ge=1)
+    # Segmentation and detection: false trains heads on the frozen encoder's cached features;
+    # true fine-tunes a copy of the encoder with each head (encoder_lr), MGCA's protocol.
+    finetune: bool = False
+    encoder_lr: PositiveFloat = 1e-4
     localisation_images: int = Field(100, ge=0)  # STA heat-map check; 0 skips it
     cpus_per_trial: PositiveFloat = 0.5
 

@@ -27,7 +27,6 @@ import torch  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from ray import tune  # noqa: E402
 
-from sista_core.encoders import ImageEncoder  # noqa: E402
 from sista_core.findings import CHEXPERT_COMPETITION  # noqa: E402
 
 from .artifacts import atomic_output_dir  # noqa: E402
@@ -36,6 +35,7 @@ from .evaluation_cells import (  # noqa: E402
     TASK_DATASETS,
     evaluation_cell,
     features_path,
+    load_encoder,
 )
 from .ingest import read_shard_images, read_shard_masks, row_boxes, subset_file_name  # noqa: E402
 from .runtime import ensure_ray  # noqa: E402
@@ -66,13 +66,15 @@ METRIC_LABELS = {
 NO_LABELS = "0"
 
 
-def load_encoder(init: str, params: Params) -> ImageEncoder:
-    """A pre-trained run's image encoder, or a seeded random one (``random``)."""
-    if init == "random":
-        torch.manual_seed(params.pretrain.seed)
-        image = params.pretrain.image
-        return ImageEncoder(image.name, pretrained=False, img_size=image.img_size)
-    return ImageEncoder.from_pretrained(stage_dir(params, "pretrain") / init / "model")
+def encoder_spec(params: Params) -> dict[str, Any]:
+    """What ``load_encoder`` needs to rebuild any initialisation, as plain values."""
+    image = params.pretrain.image
+    return {
+        "pretrain_dir": str(stage_dir(params, "pretrain").resolve()),
+        "name": image.name,
+        "img_size": image.img_size,
+        "seed": params.pretrain.seed,
+    }
 
 
 @ray.remote(num_cpus=1)
@@ -80,7 +82,7 @@ def extract_features(init: str, params: Params, work: str, datasets: list[str]) 
     """One initialisation's frozen features of every downstream set it is scored on: the
     global vector for classification, the feature pyramid for segmentation and detection."""
     torch.set_num_threads(1)
-    encoder = load_encoder(init, params).eval()
+    encoder = load_encoder(init, encoder_spec(params)).eval()
     levels = params.evaluate.pyramid_levels
     for dataset in datasets:
         images = np.load(Path(work) / f"{dataset}.images.npy", mmap_mode="r")
@@ -339,8 +341,11 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
         work = out.resolve() / "work"  # absolute: Tune trials run in their own folders
         work.mkdir()
         prepare_sets(params, datasets, work)
-        # Trained tasks read only their own sets' features; zero-shot reads images itself.
-        featured = [TASK_DATASETS[t] for t in trained]
+        # Trained tasks read only their own sets' features (a fine-tuned encoder makes its
+        # own for segmentation and detection); zero-shot reads images itself.
+        featured = [
+            TASK_DATASETS[t] for t in trained if t == "classification" or not config.finetune
+        ]
         ray.get([extract_features.remote(i, params, str(work), featured) for i in config.inits])
         language_futures = {
             init: language_scores.remote(init, params, str(work))
@@ -362,6 +367,10 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
                 "head_lr": config.head_lr,
                 "head_batch_size": config.head_batch_size,
                 "head_width": config.head_width,
+                "pyramid_levels": config.pyramid_levels,
+                "finetune": config.finetune,
+                "encoder_lr": config.encoder_lr,
+                "encoder": encoder_spec(params),
             },
             # Reused trial processes import torch once, not once per cell.
             tune_config=tune.TuneConfig(reuse_actors=True),

@@ -17,13 +17,24 @@ import numpy as np
 import torch
 from ray import tune
 
+from sista_core.encoders import ImageEncoder
 from sista_core.heads.detection import predict_boxes, train_detector
+from sista_core.heads.finetune import encoder_pyramids, finetune_detector, finetune_segmenter
 from sista_core.heads.metrics import detection_map, dice_score
 from sista_core.heads.segmentation import predict_masks, train_segmenter
 from sista_core.probe import macro_auroc, standardise, train_linear_probe
 
 # Test images whose predictions a cell keeps for the example figures.
 EXAMPLES = 6
+
+
+def load_encoder(init: str, encoder: dict[str, Any]) -> ImageEncoder:
+    """A pre-trained run's image encoder (``encoder["pretrain_dir"]/<init>/model``), or for
+    ``random`` a seeded random one of the configured architecture."""
+    if init == "random":
+        torch.manual_seed(encoder["seed"])
+        return ImageEncoder(encoder["name"], pretrained=False, img_size=encoder["img_size"])
+    return ImageEncoder.from_pretrained(Path(encoder["pretrain_dir"]) / init / "model")
 
 
 def features_path(work: Path, init: str, dataset: str) -> Path:
@@ -61,19 +72,27 @@ def classification_cell(config: dict[str, Any], work: Path, split: dict) -> dict
 
 
 def segmentation_cell(config: dict[str, Any], work: Path, split: dict) -> dict[str, Any]:
-    pyramid = load_pyramid(features_path(work, config["init"], "segmentation"))
     masks = torch.from_numpy(np.load(work / "segmentation.masks.npy"))
     subset, test = split["subsets"][_subset_key(config)], split["test"]
-    decoder = train_segmenter(
-        [level[subset] for level in pyramid],
-        masks[subset],
-        epochs=_epochs_for(config, len(subset)),
-        lr=config["head_lr"],
-        batch_size=config["head_batch_size"],
-        seed=config["seed"],
-        width=config["head_width"],
-    )
-    predicted = predict_masks(decoder, [level[test] for level in pyramid], batch_size=64)
+    head_options = _head_options(config, len(subset))
+    if config["finetune"]:
+        images = torch.from_numpy(np.load(work / "segmentation.images.npy"))
+        encoder, decoder = finetune_segmenter(
+            load_encoder(config["init"], config["encoder"]),
+            images[subset],
+            masks[subset],
+            encoder_lr=config["encoder_lr"],
+            levels=config["pyramid_levels"],
+            **head_options,
+        )
+        test_pyramid = encoder_pyramids(encoder, images[test], config["pyramid_levels"], 64)
+    else:
+        pyramid = load_pyramid(features_path(work, config["init"], "segmentation"))
+        decoder = train_segmenter(
+            [level[subset] for level in pyramid], masks[subset], **head_options
+        )
+        test_pyramid = [level[test] for level in pyramid]
+    predicted = predict_masks(decoder, test_pyramid, batch_size=64)
     if _keeps_examples(config):
         np.savez_compressed(
             _examples_path(config, work),
@@ -87,21 +106,28 @@ def segmentation_cell(config: dict[str, Any], work: Path, split: dict) -> dict[s
 
 
 def detection_cell(config: dict[str, Any], work: Path, split: dict) -> dict[str, Any]:
-    pyramid = load_pyramid(features_path(work, config["init"], "detection"))
     detection = json.loads((work / "detection.boxes.json").read_text())
     boxes, size = detection["boxes"], detection["image_size"]
     subset, test = split["subsets"][_subset_key(config)], split["test"]
-    head = train_detector(
-        [level[subset] for level in pyramid],
-        boxes_of(boxes, subset),
-        size,
-        epochs=_epochs_for(config, len(subset)),
-        lr=config["head_lr"],
-        batch_size=config["head_batch_size"],
-        seed=config["seed"],
-        width=config["head_width"],
-    )
-    predicted = predict_boxes(head, [level[test] for level in pyramid], size, batch_size=64)
+    head_options = _head_options(config, len(subset))
+    if config["finetune"]:
+        images = torch.from_numpy(np.load(work / "detection.images.npy"))
+        encoder, head = finetune_detector(
+            load_encoder(config["init"], config["encoder"]),
+            images[subset],
+            boxes_of(boxes, subset),
+            encoder_lr=config["encoder_lr"],
+            levels=config["pyramid_levels"],
+            **head_options,
+        )
+        test_pyramid = encoder_pyramids(encoder, images[test], config["pyramid_levels"], 64)
+    else:
+        pyramid = load_pyramid(features_path(work, config["init"], "detection"))
+        head = train_detector(
+            [level[subset] for level in pyramid], boxes_of(boxes, subset), size, **head_options
+        )
+        test_pyramid = [level[test] for level in pyramid]
+    predicted = predict_boxes(head, test_pyramid, size, batch_size=64)
     targets = [
         {"boxes": b, "labels": torch.zeros(len(b), dtype=torch.long)} for b in boxes_of(boxes, test)
     ]
@@ -133,6 +159,17 @@ TASK_DATASETS = {
 
 def _subset_key(config: dict[str, Any]) -> str:
     return f"{config['fraction']:g}/{config['seed']}"
+
+
+def _head_options(config: dict[str, Any], train_size: int) -> dict[str, Any]:
+    """The training options every segmentation / detection head takes."""
+    return {
+        "epochs": _epochs_for(config, train_size),
+        "lr": config["head_lr"],
+        "batch_size": config["head_batch_size"],
+        "seed": config["seed"],
+        "width": config["head_width"],
+    }
 
 
 def _epochs_for(config: dict[str, Any], train_size: int) -> int:

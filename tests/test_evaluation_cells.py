@@ -1,0 +1,94 @@
+"""The evaluation cells on a tiny work folder, as the evaluate stage lays it out: frozen
+features and fine-tuned encoders, segmentation and detection, examples kept."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from components.evaluation_cells import (
+    classification_cell,
+    detection_cell,
+    features_path,
+    load_encoder,
+    segmentation_cell,
+)
+
+SIZE = 32
+ENCODER = {"pretrain_dir": "unused", "name": "vit_tiny_patch16_224", "img_size": SIZE, "seed": 0}
+
+
+@pytest.fixture
+def work(tmp_path):
+    """12 images per set: 8 train (subsets 0.5 and 1 of seed 0), 4 test; masks and boxes."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (12, SIZE, SIZE), dtype=np.uint8)
+    masks = np.zeros((12, SIZE, SIZE), bool)
+    masks[:, 8:20, 10:22] = True
+    boxes = [[10.0, 8.0, 22.0, 20.0]] * 12
+    split = {
+        "test": [8, 9, 10, 11],
+        "val": [],
+        "subsets": {"0.5/0": [0, 1, 2, 3], "1/0": list(range(8))},
+    }
+    labels = rng.integers(0, 2, (12, 5)).astype(np.float32)
+    for dataset in ("downstream", "segmentation", "detection"):
+        np.save(tmp_path / f"{dataset}.images.npy", images)
+        (tmp_path / f"{dataset}.split.json").write_text(json.dumps(split))
+    np.save(tmp_path / "downstream.labels.npy", labels)
+    np.save(tmp_path / "segmentation.masks.npy", masks)
+    (tmp_path / "detection.boxes.json").write_text(json.dumps({"boxes": boxes, "image_size": SIZE}))
+    encoder = load_encoder("random", ENCODER).eval()
+    with torch.no_grad():
+        pixels = encoder.normalize(torch.from_numpy(images))
+        np.save(features_path(tmp_path, "random", "downstream"), encoder(pixels)["global"].numpy())
+        levels = encoder.pyramid(pixels, 2)
+    for dataset in ("segmentation", "detection"):
+        np.savez(
+            features_path(tmp_path, "random", dataset),
+            **{f"level_{i}": level.half().numpy() for i, level in enumerate(levels)},
+        )
+    return tmp_path, split
+
+
+def config(task: str, finetune: bool) -> dict:
+    return {
+        "task": task,
+        "init": "random",
+        "fraction": 1.0,
+        "seed": 0,
+        "examples_cell": [1.0, 0],
+        "probe_epochs": 5,
+        "probe_lr": 0.01,
+        "probe_weight_decay": 0.0,
+        "head_steps": 4,
+        "head_lr": 1e-3,
+        "head_batch_size": 4,
+        "head_width": 8,
+        "pyramid_levels": 2,
+        "finetune": finetune,
+        "encoder_lr": 1e-4,
+        "encoder": ENCODER,
+    }
+
+
+def test_classification_cell_scores_the_test_split(work):
+    folder, split = work
+    result = classification_cell(config("classification", False), folder, split)
+    assert 0.0 <= result["auroc"] <= 1.0 and len(result["per_label"]) == 5
+
+
+@pytest.mark.parametrize("finetune", [False, True])
+def test_segmentation_and_detection_cells_run_frozen_and_fine_tuned(work, finetune):
+    folder, split = work
+    dice = segmentation_cell(config("segmentation", finetune), folder, split)["dice"]
+    assert 0.0 <= dice <= 1.0
+    kept = np.load(folder / "examples.segmentation.random.npz")
+    assert kept["predicted"].shape == (4, SIZE, SIZE)
+    found = detection_cell(config("detection", finetune), folder, split)
+    assert set(found) == {"map_40_75", "map_50"}
+    assert all(0.0 <= value <= 1.0 for value in found.values())
+    assert "boxes_0" in np.load(folder / "examples.detection.random.npz").files
