@@ -87,9 +87,9 @@ class _MatchedLogSoftmax(torch.autograd.Function):
     STA, where query r's positive is key t_r and the other keys of its sample are negatives.
 
     Autograd through ``logsumexp`` recomputes exp(S - lse) in backward and makes several
-    temporaries of the largest tensor, S (B, Nq, Nk). Here forward keeps the softmax and
-    backward is one expression, w_r g (softmax - onehot(t_r)), followed by the two products
-    that autograd would run anyway.
+    temporaries of the largest tensor, S (B, Nq, Nk). Here forward keeps the softmax, and
+    backward runs the two products autograd would run anyway, with the weights and the
+    one-hot targets applied to the smaller operands.
     """
 
     @staticmethod
@@ -112,13 +112,18 @@ class _MatchedLogSoftmax(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss):
         queries, keys, probs, target, weight = ctx.saved_tensors
-        row_grad = weight * grad_loss[:, None]  # (B, Nq)
-        grad_scores = probs * row_grad[..., None]
-        grad_scores.scatter_add_(-1, target[..., None], -row_grad[..., None])
-        grad_queries = grad_scores @ keys if ctx.needs_input_grad[0] else None
+        # grad_scores = w g (softmax - onehot(t)) is never formed: its products with the
+        # operands are rebuilt on the (B, Nq, D) side, which is smaller than (B, Nq, Nk).
+        row_grad = (weight * grad_loss[:, None])[..., None]  # (B, Nq, 1)
+        matched = target[..., None].expand(-1, -1, keys.shape[-1])  # (B, Nq, D)
+        grad_queries = None
+        if ctx.needs_input_grad[0]:
+            grad_queries = (probs @ keys - keys.gather(1, matched)) * row_grad
         grad_keys = None
         if ctx.needs_input_grad[1]:
-            grad_keys = _product_like(grad_scores.transpose(1, 2), queries, keys)
+            weighted = queries * row_grad
+            grad_keys = _product_like(probs.transpose(1, 2), weighted, keys)
+            grad_keys.scatter_add_(1, matched, -weighted)
         return grad_queries, grad_keys, None, None, None
 
 
