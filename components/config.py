@@ -187,10 +187,10 @@ class EvaluateSection(Section):
     probe_weight_decay: Annotated[float, Field(ge=0)] = 1e-4
     # Segmentation and detection heads on cached frozen features: about head_steps updates
     # for every label fraction (epochs scale with the subset's size).
-    head_steps: int = Field(100, ge=1)
-    head_lr: PositiveFloat = 1e-3
+    head_steps: int = Field(50, ge=1)
+    head_lr: PositiveFloat = 3e-3
     head_batch_size: int = Field(16, ge=1)
-    head_width: int = Field(32, ge=1)  # decoder / detector channels
+    head_width: int = Field(16, ge=1)  # decoder / detector channels
     pyramid_levels: int = Field(4, ge=1)
     # Segmentation and detection: false trains heads on the frozen encoder's cached features;
     # true fine-tunes a copy of the encoder with each head (encoder_lr), MGCA's protocol.

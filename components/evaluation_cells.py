@@ -21,7 +21,7 @@ from sista_core.encoders import ImageEncoder
 from sista_core.heads.detection import predict_boxes, train_detector
 from sista_core.heads.finetune import encoder_pyramids, finetune_detector, finetune_segmenter
 from sista_core.heads.metrics import detection_map, dice_score
-from sista_core.heads.segmentation import predict_masks, train_segmenter
+from sista_core.heads.segmentation import best_threshold, predict_probabilities, train_segmenter
 from sista_core.probe import macro_auroc, standardise, train_linear_probe
 
 # Test images whose predictions a cell keeps for the example figures.
@@ -92,7 +92,17 @@ def segmentation_cell(config: dict[str, Any], work: Path, split: dict) -> dict[s
             [level[subset] for level in pyramid], masks[subset], **head_options
         )
         test_pyramid = [level[test] for level in pyramid]
-    predicted = predict_masks(decoder, test_pyramid, batch_size=64)
+    # The threshold is chosen on the validation split's positives, then applied to test.
+    threshold, val_positive = 0.5, [i for i in split["val"] if masks[i].any()]
+    if val_positive:
+        val_pyramid = (
+            encoder_pyramids(encoder, images[val_positive], config["pyramid_levels"], 64)
+            if config["finetune"]
+            else [level[val_positive] for level in pyramid]
+        )
+        val_probabilities = predict_probabilities(decoder, val_pyramid, batch_size=64)
+        threshold = best_threshold(val_probabilities, masks[val_positive], dice_score)
+    predicted = predict_probabilities(decoder, test_pyramid, batch_size=64) > threshold
     if _keeps_examples(config):
         np.savez_compressed(
             _examples_path(config, work),
@@ -102,7 +112,7 @@ def segmentation_cell(config: dict[str, Any], work: Path, split: dict) -> dict[s
     # Over the test images that have a pneumothorax: on the negatives an empty prediction
     # scores 1 (SIIM's convention), so a head that never fires would look good on all.
     positive = masks[test].flatten(1).any(1)
-    return {"dice": dice_score(predicted[positive], masks[test][positive])}
+    return {"dice": dice_score(predicted[positive], masks[test][positive]), "threshold": threshold}
 
 
 def detection_cell(config: dict[str, Any], work: Path, split: dict) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 DEFAULT_THRESHOLDS: tuple[float, ...] = (0.8, 0.85, 0.9, 0.95, 0.98)
 EXACT_STATISTICS_LIMIT = 50_000
 _PAIR_CHUNK = 1 << 16  # sampled pairs gathered at once: 2 x 65536 x d float32
+_FLOAT32_MIN = torch.finfo(torch.float32).min
 
 
 def _normalised_block(embeddings: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -58,25 +59,160 @@ def _block_topk(report_sim: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
     return values, columns
 
 
-def _merge_topk(
+def _descending_key(targets: torch.Tensor, sims: torch.Tensor) -> torch.Tensor:
+    """int64 keys that sort ascending as (target ascending, similarity descending).
+
+    A float32's bits, read as int32 and with the magnitude bits of negatives flipped, order
+    like the float does (-inf lowest); -0.0 is made +0.0 first so that equal similarities
+    get equal keys. Targets are block rows (< 2**31), so both fit one int64.
+    """
+    bits = (sims + 0.0).view(torch.int32)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
+    return (targets.long() << 32) | ((1 << 31) - 1 - ordered)
+
+
+def _merge_candidates(
     best_sim: torch.Tensor,
     best_index: torch.Tensor,
-    candidate_sim: torch.Tensor,
-    candidate_index: torch.Tensor,
+    targets: torch.Tensor,
+    neighbours: torch.Tensor,
+    sims: torch.Tensor,
 ) -> None:
-    """Merge candidates (b, c) into the running top-k (b, k) in place.
+    """Merge candidate triples into the running lists (b, k) in place.
 
-    Order: similarity descending, then neighbour index ascending (padding index -1 with
-    similarity -inf sorts last among real entries because real entries are finite).
+    Candidate m offers neighbour ``neighbours[m]`` at similarity ``sims[m]`` to row
+    ``targets[m]`` of the block. Each touched row keeps its k best of (its list, its
+    candidates) in the total order: similarity descending, then neighbour index ascending.
+    Padding (index -1, similarity -inf) sorts after every real, finite entry.
     """
     k = best_sim.shape[1]
-    sim = torch.cat([best_sim, candidate_sim], dim=1)
-    index = torch.cat([best_index, candidate_index], dim=1)
-    by_index = index.argsort(dim=1, stable=True)
-    sim, index = sim.gather(1, by_index), index.gather(1, by_index)
-    by_sim = sim.argsort(dim=1, descending=True, stable=True)[:, :k]
-    best_sim.copy_(sim.gather(1, by_sim))
-    best_index.copy_(index.gather(1, by_sim))
+    rows, candidates_per_row = targets.unique(return_counts=True)  # sorted ascending
+    targets = torch.cat([rows.repeat_interleave(k), targets])
+    neighbours = torch.cat([best_index[rows].flatten(), neighbours])
+    sims = torch.cat([best_sim[rows].flatten(), sims])
+    key = _descending_key(targets, sims)
+    # One stable sort, nearly free on input this ordered (lists sorted, candidates grouped).
+    # Equal keys (one row, one similarity) must end lowest neighbour first: the input holds
+    # each row's list, then its candidates as offered, block by block, which is neighbour
+    # order and survives a stable sort; where it was not (ties inside a block's top-k),
+    # sort by neighbour first.
+    order = key.argsort(stable=True)
+    sorted_key, sorted_neighbour = key[order], neighbours[order]
+    misordered = (sorted_key[1:] == sorted_key[:-1]) & (
+        sorted_neighbour[1:] < sorted_neighbour[:-1]
+    )
+    if misordered.any():
+        order = neighbours.argsort(stable=True)
+        order = order[key[order].argsort(stable=True)]
+    # Rows are now contiguous, best first; each holds k + its candidates: keep its first k.
+    per_row = candidates_per_row + k
+    first = per_row.cumsum(0) - per_row
+    rank = torch.arange(len(order), device=order.device) - first.repeat_interleave(per_row)
+    kept = order[rank < k]
+    best_sim[rows] = sims[kept].view(-1, k)
+    best_index[rows] = neighbours[kept].view(-1, k)
+
+
+def _buffer_view(buffer: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The first rows x columns elements of a flat buffer, as a contiguous (rows, columns)."""
+    return buffer[: shape[0] * shape[1]].view(shape)
+
+
+class _RunningTopk:
+    """The running top-k lists (N, k) of every report, fed one similarity block at a time.
+
+    A block entry can enter a row's list only if it is >= the row's current k-th similarity
+    (>=, not >: an equal similarity with a lower index wins the tie). After the first blocks
+    that threshold is high, so one comparison pass keeps a handful of entries per row out of
+    thousands: far cheaper than a top-k per block and a full merge per block pair. The
+    survivors wait as (row, neighbour, similarity) triples and are merged when a block has
+    collected about k per row. Thresholds read between merges are stale, so lower than or
+    equal to the true k-th value: more candidates, never a wrong answer. Memory: the lists,
+    plus pending triples below 2·k per row.
+    """
+
+    def __init__(self, num_reports: int, k: int, device: torch.device) -> None:
+        self.k = k
+        self.sim = torch.full((num_reports, k), float("-inf"), device=device)
+        self.index = torch.full((num_reports, k), -1, dtype=torch.int64, device=device)
+        self._pending: dict[int, list[tuple[torch.Tensor, ...]]] = {}
+        self._pending_count: dict[int, int] = {}
+        self._mask_buffer = torch.empty(0, dtype=torch.bool, device=device)
+
+    def offer(
+        self,
+        start: int,
+        report_sim: torch.Tensor,
+        neighbour_start: int,
+        *,
+        transposed: bool = False,
+    ) -> None:
+        """Offer a block of similarities to reports ``start:start + b``.
+
+        ``report_sim`` is (b, c) with column j the neighbour ``neighbour_start + j``, or with
+        ``transposed`` (c, b): the reports along its columns (the other side of a symmetric
+        block, read in place rather than copied). Excluded entries hold -inf.
+        """
+        num_rows = report_sim.shape[1] if transposed else report_sim.shape[0]
+        # The list's k-th similarity; clamped so that -inf (an excluded self) never passes.
+        kth = self.sim[start : start + num_rows, -1].clamp(min=_FLOAT32_MIN)
+        passing = torch.ge(
+            report_sim,
+            kth[None, :] if transposed else kth[:, None],
+            out=_buffer_view(self._mask_buffer, report_sim.shape),
+        )
+        count = int(passing.count_nonzero())
+        if count == 0:
+            return
+        if count > self.k * num_rows:
+            # Mostly ties at the k-th value (identical reports)? One equal to the k-th enters
+            # only with a lower index than the k-th's, so drop the others and count again.
+            passing &= ~self._tied_behind(start, report_sim, kth, neighbour_start, transposed)
+            count = int(passing.count_nonzero())
+        if count > self.k * num_rows:
+            # Lists not yet full (a report's first block) or many equal similarities: cut
+            # the block to k per row first, so pending triples stay O(k) per row.
+            block = report_sim.T.contiguous() if transposed else report_sim
+            sims, neighbours = _block_topk(block, self.k)
+            targets = torch.arange(num_rows, device=block.device)[:, None].expand_as(neighbours)
+            real = sims > float("-inf")
+            triple = (targets[real], neighbours[real] + neighbour_start, sims[real])
+        else:
+            first, second = passing.nonzero().unbind(1)
+            targets, neighbours = (second, first) if transposed else (first, second)
+            triple = (targets, neighbours + neighbour_start, report_sim[first, second])
+        self._pending.setdefault(start, []).append(triple)
+        self._pending_count[start] = self._pending_count.get(start, 0) + len(triple[0])
+        if self._pending_count[start] >= self.k * num_rows:
+            self.flush(start, num_rows)
+
+    def _tied_behind(
+        self,
+        start: int,
+        report_sim: torch.Tensor,
+        kth: torch.Tensor,
+        neighbour_start: int,
+        transposed: bool,
+    ) -> torch.Tensor:
+        """Entries equal to their row's k-th similarity whose neighbour index is higher than
+        the k-th entry's: they lose the tie, so they can never enter the list."""
+        kth_index = self.index[start : start + len(kth), -1]
+        num_neighbours = report_sim.shape[0] if transposed else report_sim.shape[1]
+        neighbour = torch.arange(num_neighbours, device=report_sim.device) + neighbour_start
+        if transposed:
+            return (report_sim == kth[None, :]) & (neighbour[:, None] > kth_index[None, :])
+        return (report_sim == kth[:, None]) & (neighbour[None, :] > kth_index[:, None])
+
+    def flush(self, start: int, num_rows: int) -> None:
+        """Merge the pending candidates of reports ``start:start + num_rows``."""
+        pending = self._pending.pop(start, [])
+        self._pending_count.pop(start, None)
+        if pending:
+            targets, neighbours, sims = (torch.cat(parts) for parts in zip(*pending, strict=True))
+            stop = start + num_rows
+            _merge_candidates(
+                self.sim[start:stop], self.index[start:stop], targets, neighbours, sims
+            )
 
 
 def topk_neighbours(
@@ -96,7 +232,8 @@ def topk_neighbours(
     leaves i out of its own list. ``symmetric`` computes each block pair (i, j >= i) once
     and updates both sides (R is symmetric): half the matrix products, same top-k work.
     ``progress(rows_done)`` is called after each row block with the number of rows whose
-    lists are final. Memory: the running (N, k) lists plus one block_size² float32 block.
+    lists are final. Memory: the running (N, k) lists, O(N·k) pending candidates at most,
+    and one block_size² float32 block with its boolean mask.
     """
     _check_finite(embeddings)
     num_reports = embeddings.shape[0]
@@ -106,8 +243,12 @@ def topk_neighbours(
     if block_size < 1:
         raise ValueError(f"block_size must be positive, got {block_size}")
 
-    best_sim = torch.full((num_reports, k), float("-inf"), device=embeddings.device)
-    best_index = torch.full((num_reports, k), -1, dtype=torch.int64, device=embeddings.device)
+    lists = _RunningTopk(num_reports, k, embeddings.device)
+    side = min(block_size, num_reports)
+    # One block's memory, reused: a fresh 64 MB tensor per block pair costs its page faults
+    # (a third of the matrix product's time here), as glibc returns large frees to the OS.
+    block_buffer = torch.empty(side * side, device=embeddings.device)
+    lists._mask_buffer = torch.empty(side * side, dtype=torch.bool, device=embeddings.device)
     starts = range(0, num_reports, block_size)
     for row_start in starts:
         row_stop = min(row_start + block_size, num_reports)
@@ -119,24 +260,19 @@ def topk_neighbours(
                 if col_start == row_start
                 else _normalised_block(embeddings, col_start, col_stop)
             )
-            report_sim = rows @ cols.T  # (b_rows, b_cols)
+            report_sim = torch.mm(
+                rows, cols.T, out=_buffer_view(block_buffer, (len(rows), len(cols)))
+            )  # (b_rows, b_cols)
             if col_start == row_start and exclude_self:
                 report_sim.fill_diagonal_(float("-inf"))
-            sim, col = _block_topk(report_sim, k)
-            _merge_topk(
-                best_sim[row_start:row_stop], best_index[row_start:row_stop], sim, col + col_start
-            )
+            lists.offer(row_start, report_sim, col_start)
             if symmetric and col_start != row_start:
-                sim, row = _block_topk(report_sim.T.contiguous(), k)
-                _merge_topk(
-                    best_sim[col_start:col_stop],
-                    best_index[col_start:col_stop],
-                    sim,
-                    row + row_start,
-                )
+                lists.offer(col_start, report_sim, row_start, transposed=True)
+        # Every pair of this row block's reports has been seen: their lists are final.
+        lists.flush(row_start, row_stop - row_start)
         if progress is not None:
             progress(row_stop)
-    return best_index, best_sim
+    return lists.index, lists.sim
 
 
 def duplicate_groups(

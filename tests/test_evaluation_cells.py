@@ -92,3 +92,15 @@ def test_segmentation_and_detection_cells_run_frozen_and_fine_tuned(work, finetu
     assert set(found) == {"map_40_75", "map_50"}
     assert all(0.0 <= value <= 1.0 for value in found.values())
     assert "boxes_0" in np.load(folder / "examples.detection.random.npz").files
+
+
+def test_best_threshold_picks_the_validation_optimum():
+    from sista_core.heads.metrics import dice_score
+    from sista_core.heads.segmentation import best_threshold
+
+    masks = torch.zeros(2, 4, 4, dtype=torch.bool)
+    masks[:, :2, :2] = True
+    probabilities = torch.full((2, 4, 4), 0.02)
+    probabilities[:, :2, :2] = 0.12  # ranks the pixels right, never reaches 0.5
+    assert best_threshold(probabilities, masks, dice_score) == 0.1
+    assert best_threshold(probabilities[:0], masks[:0], dice_score) == 0.5
