@@ -174,8 +174,23 @@ class PretrainSection(Section):
 
 class EvaluateSection(Section):
     tasks: tuple[
-        Literal["classification", "segmentation", "detection", "zero_shot", "retrieval"], ...
-    ] = ("classification", "segmentation", "detection", "zero_shot", "retrieval")
+        Literal[
+            "classification",
+            "segmentation",
+            "opacity_segmentation",
+            "detection",
+            "zero_shot",
+            "retrieval",
+        ],
+        ...,
+    ] = (
+        "classification",
+        "segmentation",
+        "opacity_segmentation",
+        "detection",
+        "zero_shot",
+        "retrieval",
+    )
     inits: tuple[Literal["sista", "convirt", "dense", "random"], ...] = (
         "sista",
         "convirt",
@@ -201,7 +216,8 @@ class EvaluateSection(Section):
 
     @model_validator(mode="after")
     def _trained_tasks_exist(self) -> EvaluateSection:
-        if not any(t in self.tasks for t in ("classification", "segmentation", "detection")):
+        trained = ("classification", "segmentation", "opacity_segmentation", "detection")
+        if not any(t in self.tasks for t in trained):
             raise ValueError(
                 "evaluate.tasks needs at least one of classification, segmentation, detection"
             )

@@ -43,12 +43,13 @@ from .stage import stage_dir, stage_main  # noqa: E402
 from .tracking import stage_run  # noqa: E402
 
 PHANTOM_NOTE = "phantom images (synthetic) placed by real CheXpert labels, SIIM masks, RSNA boxes"
-TRAINED_TASKS = ("classification", "segmentation", "detection")
+TRAINED_TASKS = ("classification", "segmentation", "opacity_segmentation", "detection")
 LANGUAGE_TASKS = ("zero_shot", "retrieval")
 # The metrics each task reports; the first is the one plotted against the label fraction.
 TASK_METRICS = {
     "classification": ("auroc",),
     "segmentation": ("dice",),
+    "opacity_segmentation": ("dice",),
     "detection": ("map_40_75", "map_50"),
     "zero_shot": ("auroc",),
     "retrieval": tuple(
@@ -59,7 +60,7 @@ TASK_METRICS = {
 }
 METRIC_LABELS = {
     "auroc": "macro AUROC (5 findings)",
-    "dice": "Dice on pneumothorax-positive images",
+    "dice": "Dice on images with the finding",
     "map_40_75": "mAP@[0.4:0.75] (opacity boxes)",
 }
 # Language tasks use no labels: their column in the tables is "0 % labels".
@@ -159,6 +160,7 @@ def prepare_sets(params: Params, datasets: list[str], work: Path) -> None:
         elif dataset == "segmentation":
             np.save(work / "segmentation.masks.npy", read_shard_masks(ingest_dir, rows))
         else:
+            np.save(work / "detection.masks.npy", read_shard_masks(ingest_dir, rows))
             boxes = [row_boxes(r).tolist() for r in rows]
             detection = {"boxes": boxes, "image_size": params.ingest.image_size}
             (work / "detection.boxes.json").write_text(json.dumps(detection))
@@ -229,7 +231,9 @@ def plot_examples(work: Path, task: str, inits: list[str], path: Path) -> None:
     images = np.load(work / f"{TASK_DATASETS[task]}.images.npy", mmap_mode="r")
     kept = {i: np.load(work / f"examples.{task}.{i}.npz") for i in inits}
     index = next(iter(kept.values()))["index"]
-    truth_masks = np.load(work / "segmentation.masks.npy") if task == "segmentation" else None
+    masks_task = task != "detection"
+    dataset = TASK_DATASETS[task]
+    truth_masks = np.load(work / f"{dataset}.masks.npy") if masks_task else None
     truth_boxes = (
         json.loads((work / "detection.boxes.json").read_text())["boxes"]
         if task == "detection"
@@ -244,7 +248,7 @@ def plot_examples(work: Path, task: str, inits: list[str], path: Path) -> None:
             axis.imshow(images[image_index], cmap="gray")
             axis.set_xticks([])
             axis.set_yticks([])
-            if task == "segmentation":
+            if masks_task:
                 truth = truth_masks[image_index]
                 if truth.any():
                     axis.contour(truth, levels=[0.5], colors="lime", linewidths=0.8)
@@ -327,7 +331,7 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
     trained = [t for t in TRAINED_TASKS if t in config.tasks]
     language = [t for t in LANGUAGE_TASKS if t in config.tasks]
     text_inits = [i for i in config.inits if i != "random"]  # random init has no text model
-    datasets = [TASK_DATASETS[t] for t in trained]
+    datasets = list(dict.fromkeys(TASK_DATASETS[t] for t in trained))
     if "zero_shot" in language and "downstream" not in datasets:
         datasets.append("downstream")
     examples_cell = [max(downstream.label_fractions), downstream.seeds[0]]
@@ -343,9 +347,11 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
         prepare_sets(params, datasets, work)
         # Trained tasks read only their own sets' features (a fine-tuned encoder makes its
         # own for segmentation and detection); zero-shot reads images itself.
-        featured = [
-            TASK_DATASETS[t] for t in trained if t == "classification" or not config.finetune
-        ]
+        featured = list(
+            dict.fromkeys(
+                TASK_DATASETS[t] for t in trained if t == "classification" or not config.finetune
+            )
+        )
         ray.get([extract_features.remote(i, params, str(work), featured) for i in config.inits])
         language_futures = {
             init: language_scores.remote(init, params, str(work))
@@ -389,7 +395,7 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
         (out / "cells.json").write_text(json.dumps(cells, indent=1))
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         plot_fraction_curves(summary, out / "scores_vs_fraction.png")
-        for task in ("segmentation", "detection"):
+        for task in ("segmentation", "opacity_segmentation", "detection"):
             if task in trained:
                 plot_examples(work, task, list(config.inits), out / f"examples_{task}.png")
         features = out / "features"  # kept: the global features and splits (small)

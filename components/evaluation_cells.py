@@ -72,11 +72,12 @@ def classification_cell(config: dict[str, Any], work: Path, split: dict) -> dict
 
 
 def segmentation_cell(config: dict[str, Any], work: Path, split: dict) -> dict[str, Any]:
-    masks = torch.from_numpy(np.load(work / "segmentation.masks.npy"))
+    dataset = TASK_DATASETS[config["task"]]  # pneumothorax masks, or opacity box unions
+    masks = torch.from_numpy(np.load(work / f"{dataset}.masks.npy"))
     subset, test = split["subsets"][_subset_key(config)], split["test"]
     head_options = _head_options(config, len(subset))
     if config["finetune"]:
-        images = torch.from_numpy(np.load(work / "segmentation.images.npy"))
+        images = torch.from_numpy(np.load(work / f"{dataset}.images.npy"))
         encoder, decoder = finetune_segmenter(
             load_encoder(config["init"], config["encoder"]),
             images[subset],
@@ -87,7 +88,7 @@ def segmentation_cell(config: dict[str, Any], work: Path, split: dict) -> dict[s
         )
         test_pyramid = encoder_pyramids(encoder, images[test], config["pyramid_levels"], 64)
     else:
-        pyramid = load_pyramid(features_path(work, config["init"], "segmentation"))
+        pyramid = load_pyramid(features_path(work, config["init"], dataset))
         decoder = train_segmenter(
             [level[subset] for level in pyramid], masks[subset], **head_options
         )
@@ -109,7 +110,7 @@ def segmentation_cell(config: dict[str, Any], work: Path, split: dict) -> dict[s
             index=np.array(test[:EXAMPLES]),
             predicted=predicted[:EXAMPLES].numpy(),
         )
-    # Over the test images that have a pneumothorax: on the negatives an empty prediction
+    # Over the test images that have the finding: on the negatives an empty prediction
     # scores 1 (SIIM's convention), so a head that never fires would look good on all.
     positive = masks[test].flatten(1).any(1)
     return {"dice": dice_score(predicted[positive], masks[test][positive]), "threshold": threshold}
@@ -157,12 +158,14 @@ def detection_cell(config: dict[str, Any], work: Path, split: dict) -> dict[str,
 CELLS = {
     "classification": classification_cell,
     "segmentation": segmentation_cell,
+    "opacity_segmentation": segmentation_cell,
     "detection": detection_cell,
 }
 # The dataset of the ingest stage that each trained task reads.
 TASK_DATASETS = {
     "classification": "downstream",
     "segmentation": "segmentation",
+    "opacity_segmentation": "detection",  # the union of each image's opacity boxes
     "detection": "detection",
 }
 

@@ -65,3 +65,13 @@ def test_baselines_are_overrides_of_the_sista_section(tmp_path):
     assert dense.sta.sparse == "softmax" and dense.loss.intra_weight == 0.3
     with pytest.raises(ConfigError, match="no 'simclr'"):
         params.pretrain.variant("simclr")
+
+
+def test_every_profile_validates():
+    """`sista profile NAME` copies a profile over params.yaml: each must pass validation."""
+    from pathlib import Path
+
+    from components.config import load_params
+
+    for profile in sorted(Path(__file__).resolve().parents[1].glob("profiles/*.yaml")):
+        load_params(profile)

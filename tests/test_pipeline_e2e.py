@@ -36,6 +36,7 @@ def test_every_declared_output_exists(pipeline_run):
         "evaluate/scores_vs_fraction.png",
         "evaluate/examples_segmentation.png",
         "evaluate/examples_detection.png",
+        "evaluate/examples_opacity_segmentation.png",
         "evaluate/heatmap_pneumothorax.png",
         "evaluate/features/sista.npy",
         "publish/results.md",
@@ -61,8 +62,13 @@ def test_every_evaluation_cell_has_a_metric(pipeline_run):
     folder, _ = pipeline_run
     cells = json.loads((folder / "data/evaluate/cells.json").read_text())
     keys = {(c["task"], c["init"], c["fraction"], c["seed"]) for c in cells}
-    assert len(keys) == 3 * 4 * 3 * 2 == len(cells)
-    metric_of = {"classification": "auroc", "segmentation": "dice", "detection": "map_40_75"}
+    assert len(keys) == 4 * 4 * 3 * 2 == len(cells)
+    metric_of = {
+        "classification": "auroc",
+        "segmentation": "dice",
+        "opacity_segmentation": "dice",
+        "detection": "map_40_75",
+    }
     assert all(0.0 <= c[metric_of[c["task"]]] <= 1.0 for c in cells)
     metrics = json.loads((folder / "data/evaluate/metrics.json").read_text())
     for task in ("zero_shot", "retrieval"):  # the label-free tasks: every init with text
@@ -78,6 +84,7 @@ def test_evaluation_trains_on_the_subsets_ingest_saved(pipeline_run):
     dataset_of = {
         "classification": "downstream",
         "segmentation": "segmentation",
+        "opacity_segmentation": "detection",
         "detection": "detection",
     }
     for cell in cells:
