@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -172,25 +172,17 @@ class PretrainSection(Section):
         return _validate(PretrainSection, merged, prefix="pretrain")
 
 
+# Downstream tasks: trained ones are cells of init x label fraction x seed; language ones need
+# no labels. The evaluate stage reads these names from here.
+TrainedTask = Literal["classification", "segmentation", "opacity_segmentation", "detection"]
+LanguageTask = Literal["zero_shot", "retrieval"]
+TRAINED_TASKS: tuple[str, ...] = get_args(TrainedTask)
+LANGUAGE_TASKS: tuple[str, ...] = get_args(LanguageTask)
+Task = Literal[TrainedTask, LanguageTask]  # one flat Literal: one error for a typo
+
+
 class EvaluateSection(Section):
-    tasks: tuple[
-        Literal[
-            "classification",
-            "segmentation",
-            "opacity_segmentation",
-            "detection",
-            "zero_shot",
-            "retrieval",
-        ],
-        ...,
-    ] = (
-        "classification",
-        "segmentation",
-        "opacity_segmentation",
-        "detection",
-        "zero_shot",
-        "retrieval",
-    )
+    tasks: tuple[Task, ...] = TRAINED_TASKS + LANGUAGE_TASKS
     inits: tuple[Literal["sista", "convirt", "dense", "random"], ...] = (
         "sista",
         "convirt",
@@ -216,11 +208,8 @@ class EvaluateSection(Section):
 
     @model_validator(mode="after")
     def _trained_tasks_exist(self) -> EvaluateSection:
-        trained = ("classification", "segmentation", "opacity_segmentation", "detection")
-        if not any(t in self.tasks for t in trained):
-            raise ValueError(
-                "evaluate.tasks needs at least one of classification, segmentation, detection"
-            )
+        if not any(t in self.tasks for t in TRAINED_TASKS):
+            raise ValueError(f"evaluate.tasks needs at least one of {', '.join(TRAINED_TASKS)}")
         return self
 
 

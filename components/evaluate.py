@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from ray import tune  # noqa: E402
 from sista_core.findings import CHEXPERT_COMPETITION  # noqa: E402
 
 from .artifacts import atomic_output_dir  # noqa: E402
-from .config import Params  # noqa: E402
+from .config import LANGUAGE_TASKS, TRAINED_TASKS, Params  # noqa: E402
 from .evaluation_cells import (  # noqa: E402
     TASK_DATASETS,
     evaluation_cell,
@@ -43,8 +44,6 @@ from .stage import stage_dir, stage_main  # noqa: E402
 from .tracking import stage_run  # noqa: E402
 
 PHANTOM_NOTE = "phantom images (synthetic) placed by real CheXpert labels, SIIM masks, RSNA boxes"
-TRAINED_TASKS = ("classification", "segmentation", "opacity_segmentation", "detection")
-LANGUAGE_TASKS = ("zero_shot", "retrieval")
 # The metrics each task reports; the first is the one plotted against the label fraction.
 TASK_METRICS = {
     "classification": ("auroc",),
@@ -404,7 +403,7 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
             path.rename(features / path.name.replace(".downstream", ""))
         for path in work.glob("*.split.json"):
             path.rename(features / path.name)
-        _remove_tree(work)  # images and pyramids: large, and re-derivable from ingest
+        shutil.rmtree(work)  # images and pyramids: large, and re-derivable from ingest
         mlflow.log_metrics(
             {
                 f"{task}.{metric}.{init}.{fraction}": value["mean"]
@@ -424,12 +423,6 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
         }
         for task, by_metric in summary.items()
     }
-
-
-def _remove_tree(folder: Path) -> None:
-    for path in sorted(folder.rglob("*"), reverse=True):
-        path.rmdir() if path.is_dir() else path.unlink()
-    folder.rmdir()
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
