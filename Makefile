@@ -31,7 +31,7 @@ test: venv
 	$(BIN)/python -m pytest
 
 bench: venv
-	$(BIN)/python -m bench.losses
+	$(BIN)/python -m bench.run_all
 
 lint: venv
 	$(BIN)/ruff check sista_core components pipeline tests bench

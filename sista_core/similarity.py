@@ -11,13 +11,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 DEFAULT_THRESHOLDS: tuple[float, ...] = (0.8, 0.85, 0.9, 0.95, 0.98)
 EXACT_STATISTICS_LIMIT = 50_000
 _PAIR_CHUNK = 1 << 16  # sampled pairs gathered at once: 2 x 65536 x d float32
-_FLOAT32_MIN = torch.finfo(torch.float32).min
+# Candidates per row and k that one block may offer before it is cut to its top k instead.
+_MAX_CANDIDATES_PER_ROW = 4
+_TILE = 64  # neighbours summarised by one maximum when looking for candidates
 
 
 def _normalised_block(embeddings: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -71,6 +74,18 @@ def _descending_key(targets: torch.Tensor, sims: torch.Tensor) -> torch.Tensor:
     return (targets.long() << 32) | ((1 << 31) - 1 - ordered)
 
 
+def _stable_argsort(values: torch.Tensor) -> torch.Tensor:
+    """Stable argsort of a 1-D tensor; numpy's timsort on the CPU.
+
+    Timsort is near linear on input made of sorted runs, as merges' is, and runs on one
+    thread: torch's parallel sort took 20x longer on 2 cores that other processes kept
+    busy (each parallel region waits for its slowest thread).
+    """
+    if values.device.type == "cpu":
+        return torch.from_numpy(np.argsort(values.numpy(), kind="stable"))
+    return values.argsort(stable=True)
+
+
 def _merge_candidates(
     best_sim: torch.Tensor,
     best_index: torch.Tensor,
@@ -86,7 +101,9 @@ def _merge_candidates(
     Padding (index -1, similarity -inf) sorts after every real, finite entry.
     """
     k = best_sim.shape[1]
-    rows, candidates_per_row = targets.unique(return_counts=True)  # sorted ascending
+    candidates_per_row = torch.bincount(targets, minlength=len(best_sim))
+    rows = candidates_per_row.nonzero().flatten()  # ascending
+    candidates_per_row = candidates_per_row[rows]
     targets = torch.cat([rows.repeat_interleave(k), targets])
     neighbours = torch.cat([best_index[rows].flatten(), neighbours])
     sims = torch.cat([best_sim[rows].flatten(), sims])
@@ -96,14 +113,14 @@ def _merge_candidates(
     # each row's list, then its candidates as offered, block by block, which is neighbour
     # order and survives a stable sort; where it was not (ties inside a block's top-k),
     # sort by neighbour first.
-    order = key.argsort(stable=True)
+    order = _stable_argsort(key)
     sorted_key, sorted_neighbour = key[order], neighbours[order]
     misordered = (sorted_key[1:] == sorted_key[:-1]) & (
         sorted_neighbour[1:] < sorted_neighbour[:-1]
     )
     if misordered.any():
-        order = neighbours.argsort(stable=True)
-        order = order[key[order].argsort(stable=True)]
+        order = _stable_argsort(neighbours)
+        order = order[_stable_argsort(key[order])]
     # Rows are now contiguous, best first; each holds k + its candidates: keep its first k.
     per_row = candidates_per_row + k
     first = per_row.cumsum(0) - per_row
@@ -122,13 +139,14 @@ class _RunningTopk:
     """The running top-k lists (N, k) of every report, fed one similarity block at a time.
 
     A block entry can enter a row's list only if it is >= the row's current k-th similarity
-    (>=, not >: an equal similarity with a lower index wins the tie). After the first blocks
-    that threshold is high, so one comparison pass keeps a handful of entries per row out of
-    thousands: far cheaper than a top-k per block and a full merge per block pair. The
-    survivors wait as (row, neighbour, similarity) triples and are merged when a block has
-    collected about k per row. Thresholds read between merges are stale, so lower than or
-    equal to the true k-th value: more candidates, never a wrong answer. Memory: the lists,
-    plus pending triples below 2·k per row.
+    (>=, not >: an equal similarity with a lower index wins the tie). After a report's first
+    blocks that threshold is high, so a handful of its block's entries pass, out of
+    thousands: finding them (``_above_kth``) is far cheaper than a top-k per block and a
+    merge per block pair, the previous method. The survivors wait as (row, neighbour,
+    similarity) triples and are merged when a block has collected k per row. Thresholds
+    read between merges are stale, so lower than or equal to the true k-th value: more
+    candidates, never a wrong answer. Memory: the lists, plus fewer than k pending triples
+    per row between offers (an offer adds at most 4·k per row before its merge).
     """
 
     def __init__(self, num_reports: int, k: int, device: torch.device) -> None:
@@ -137,7 +155,6 @@ class _RunningTopk:
         self.index = torch.full((num_reports, k), -1, dtype=torch.int64, device=device)
         self._pending: dict[int, list[tuple[torch.Tensor, ...]]] = {}
         self._pending_count: dict[int, int] = {}
-        self._mask_buffer = torch.empty(0, dtype=torch.bool, device=device)
 
     def offer(
         self,
@@ -154,54 +171,71 @@ class _RunningTopk:
         block, read in place rather than copied). Excluded entries hold -inf.
         """
         num_rows = report_sim.shape[1] if transposed else report_sim.shape[0]
-        # The list's k-th similarity; clamped so that -inf (an excluded self) never passes.
-        kth = self.sim[start : start + num_rows, -1].clamp(min=_FLOAT32_MIN)
-        passing = torch.ge(
-            report_sim,
-            kth[None, :] if transposed else kth[:, None],
-            out=_buffer_view(self._mask_buffer, report_sim.shape),
-        )
-        count = int(passing.count_nonzero())
-        if count == 0:
-            return
-        if count > self.k * num_rows:
-            # Mostly ties at the k-th value (identical reports)? One equal to the k-th enters
-            # only with a lower index than the k-th's, so drop the others and count again.
-            passing &= ~self._tied_behind(start, report_sim, kth, neighbour_start, transposed)
-            count = int(passing.count_nonzero())
-        if count > self.k * num_rows:
-            # Lists not yet full (a report's first block) or many equal similarities: cut
-            # the block to k per row first, so pending triples stay O(k) per row.
-            block = report_sim.T.contiguous() if transposed else report_sim
-            sims, neighbours = _block_topk(block, self.k)
-            targets = torch.arange(num_rows, device=block.device)[:, None].expand_as(neighbours)
-            real = sims > float("-inf")
-            triple = (targets[real], neighbours[real] + neighbour_start, sims[real])
+        kth = self.sim[start : start + num_rows, -1]
+        if bool((kth == float("-inf")).any()):
+            # A list not yet full (the report's first block): every entry would pass.
+            triple = self._block_best(report_sim, neighbour_start, transposed)
         else:
-            first, second = passing.nonzero().unbind(1)
-            targets, neighbours = (second, first) if transposed else (first, second)
-            triple = (targets, neighbours + neighbour_start, report_sim[first, second])
+            triple = self._above_kth(start, report_sim, kth, neighbour_start, transposed)
+        if triple is None:
+            return
         self._pending.setdefault(start, []).append(triple)
         self._pending_count[start] = self._pending_count.get(start, 0) + len(triple[0])
         if self._pending_count[start] >= self.k * num_rows:
             self.flush(start, num_rows)
 
-    def _tied_behind(
+    def _above_kth(
         self,
         start: int,
         report_sim: torch.Tensor,
         kth: torch.Tensor,
         neighbour_start: int,
         transposed: bool,
-    ) -> torch.Tensor:
-        """Entries equal to their row's k-th similarity whose neighbour index is higher than
-        the k-th entry's: they lose the tie, so they can never enter the list."""
-        kth_index = self.index[start : start + len(kth), -1]
-        num_neighbours = report_sim.shape[0] if transposed else report_sim.shape[1]
-        neighbour = torch.arange(num_neighbours, device=report_sim.device) + neighbour_start
-        if transposed:
-            return (report_sim == kth[None, :]) & (neighbour[:, None] > kth_index[None, :])
-        return (report_sim == kth[:, None]) & (neighbour[None, :] > kth_index[:, None])
+    ) -> tuple[torch.Tensor, ...] | None:
+        """(target, neighbour, similarity) of the entries >= their row's k-th similarity.
+
+        Found tile by tile: the maximum of each run of up to 64 neighbours (one fast
+        reduction) says which runs can hold a candidate, and only those are read again. A
+        full comparison mask and its nonzero() cost four times the reduction, for a few
+        entries per row.
+        """
+        # Tiles run along the neighbours, which are the block's rows when transposed: the
+        # maximum then reduces over whole rows of the block, in the order memory holds them.
+        neighbour_dim = 0 if transposed else 1
+        tile = math.gcd(_TILE, report_sim.shape[neighbour_dim])
+        tiles = report_sim.unflatten(neighbour_dim, (-1, tile))
+        if transposed:  # (tiles, tile, targets)
+            hit_tile, hit_row = (tiles.amax(dim=1) >= kth[None, :]).nonzero().unbind(1)
+            values = tiles[hit_tile, :, hit_row]  # (hits, tile)
+        else:  # (targets, tiles, tile)
+            hit_row, hit_tile = (tiles.amax(dim=2) >= kth[:, None]).nonzero().unbind(1)
+            values = tiles[hit_row, hit_tile]
+        if not len(hit_row):
+            return None
+        passing = values >= kth[hit_row, None]
+        limit = _MAX_CANDIDATES_PER_ROW * self.k * len(kth)
+        if int(passing.count_nonzero()) > limit:
+            # Mostly ties at the k-th value (identical reports)? One equal to the k-th enters
+            # only with a lower index than the k-th's: drop the others, count again.
+            neighbour = hit_tile[:, None] * tile + torch.arange(tile, device=values.device)
+            kth_index = self.index[start : start + len(kth), -1] - neighbour_start
+            passing &= (values > kth[hit_row, None]) | (neighbour < kth_index[hit_row, None])
+            if int(passing.count_nonzero()) > limit:  # still a flood: cut to k per row
+                return self._block_best(report_sim, neighbour_start, transposed)
+        hit, position = passing.nonzero().unbind(1)  # per target, neighbours ascending
+        neighbours = hit_tile[hit] * tile + position + neighbour_start
+        return hit_row[hit], neighbours, values[hit, position]
+
+    def _block_best(
+        self, report_sim: torch.Tensor, neighbour_start: int, transposed: bool
+    ) -> tuple[torch.Tensor, ...]:
+        """(target, neighbour, similarity) of each row's k best entries of the block
+        (excluded entries, -inf, left out)."""
+        block = report_sim.T.contiguous() if transposed else report_sim
+        sims, neighbours = _block_topk(block, self.k)
+        targets = torch.arange(len(block), device=block.device)[:, None].expand_as(neighbours)
+        real = sims > float("-inf")
+        return targets[real], neighbours[real] + neighbour_start, sims[real]
 
     def flush(self, start: int, num_rows: int) -> None:
         """Merge the pending candidates of reports ``start:start + num_rows``."""
@@ -233,7 +267,7 @@ def topk_neighbours(
     and updates both sides (R is symmetric): half the matrix products, same top-k work.
     ``progress(rows_done)`` is called after each row block with the number of rows whose
     lists are final. Memory: the running (N, k) lists, O(N·k) pending candidates at most,
-    and one block_size² float32 block with its boolean mask.
+    and one block_size² float32 block, reused.
     """
     _check_finite(embeddings)
     num_reports = embeddings.shape[0]
@@ -245,10 +279,9 @@ def topk_neighbours(
 
     lists = _RunningTopk(num_reports, k, embeddings.device)
     side = min(block_size, num_reports)
-    # One block's memory, reused: a fresh 64 MB tensor per block pair costs its page faults
-    # (a third of the matrix product's time here), as glibc returns large frees to the OS.
+    # One block's memory, reused: a fresh 64 MB tensor per block pair pays its page faults
+    # again (+40 % on the matrix product here), as glibc returns large frees to the OS.
     block_buffer = torch.empty(side * side, device=embeddings.device)
-    lists._mask_buffer = torch.empty(side * side, dtype=torch.bool, device=embeddings.device)
     starts = range(0, num_reports, block_size)
     for row_start in starts:
         row_stop = min(row_start + block_size, num_reports)
