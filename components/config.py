@@ -131,6 +131,14 @@ class OptimSection(Section):
     batch_size: int = Field(32, ge=2)  # per worker
 
 
+class GPUSection(Section):
+    """Options that apply only where the workers have a GPU (``use_gpu``)."""
+
+    bf16: bool = True  # autocast the forward pass to bfloat16
+    channels_last: bool = True  # NHWC memory for convolutional backbones (ResNets)
+    compile: bool = False  # torch.compile both encoders (minutes of compiling first)
+
+
 class PretrainSection(Section):
     image: ImageModelSection = ImageModelSection()
     text: TextModelSection = TextModelSection()
@@ -143,6 +151,7 @@ class PretrainSection(Section):
     workers: int = Field(2, ge=1)
     cpus_per_worker: PositiveFloat = 1.0
     use_gpu: bool = False
+    gpu: GPUSection = GPUSection()
     max_failures: int = Field(2, ge=0)
     seed: int = 0
     # Baselines pre-train through the same code: each is a partial override of this section.

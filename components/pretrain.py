@@ -2,8 +2,8 @@
 
 The training runner is separate from the library (open_clip's split): ``sista_core`` holds
 the model and losses; this file holds the loop, checkpoints, resumption and tracking.
-Baselines (``--variant convirt|dense``) pre-train through the same code with overrides
-from ``pretrain.baselines``.
+Baselines pre-train through the same code with overrides from ``pretrain.baselines``, in
+the same process after SISTA (``--variant NAME`` trains one).
 """
 
 from __future__ import annotations
@@ -100,6 +100,18 @@ def retrieval_recall(
     }
 
 
+def accelerate(model: SISTAModel, bf16: bool, channels_last: bool, compile: bool) -> None:
+    """The GPU path (bf16 autocast is applied around the forward pass by the caller):
+    channels-last weights for convolutional backbones, and ``torch.compile`` of each
+    encoder in place (``Module.compile`` keeps the state-dict keys, so checkpoints load
+    anywhere)."""
+    if channels_last:
+        model.image_encoder.to(memory_format=torch.channels_last)
+    if compile:
+        model.image_encoder.compile()
+        model.text_encoder.compile()
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
     context = ray.train.get_context()
@@ -108,9 +120,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(config["threads_per_worker"])
     retain_freed_memory()  # large activations reuse their pages step after step
     device = ray.train.torch.get_device()
-    use_autocast = device.type == "cuda"
+    on_gpu = device.type == "cuda"
+    use_autocast = on_gpu and config["gpu"]["bf16"]
 
-    data = PretrainData(config["data_root"], "train", config["semantics"])
+    data = PretrainData(config["data_root"], "train", config["semantics"], **config["text_states"])
     model = SISTAModel(SISTAConfig.from_dict(config["model"]))
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
@@ -123,10 +136,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as folder:
             state = load_training_state(Path(folder), model, optimizer)
     core = model
+    if on_gpu:
+        accelerate(core, **config["gpu"])
     model = ray.train.torch.prepare_model(
         model, parallel_strategy_kwargs={"find_unused_parameters": True}
     )
     pad_id = core.text_encoder.tokenizer.pad_token_id
+
+    def to_device(tensor: torch.Tensor) -> torch.Tensor:
+        """Page-locked host memory lets the copy overlap the GPU's work."""
+        return tensor.pin_memory().to(device, non_blocking=True) if on_gpu else tensor
+
     steps_per_epoch = data.steps_per_epoch(config["batch_size"], world_size)
     if steps_per_epoch == 0:
         raise ValueError(
@@ -135,6 +155,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         )
     total_steps = config["epochs"] * steps_per_epoch
     tracker = mlflow.MlflowClient(config["tracking_uri"]) if rank == 0 else None
+    if rank == 0:
+        source = "read from the similarity stage" if data.has_text_states else "run every step"
+        print(f"[pretrain] frozen text layers: {source}", flush=True)
     validation = (
         PretrainData(config["data_root"], "val", config["semantics"]) if rank == 0 else None
     )
@@ -148,9 +171,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             )
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            images = core.image_encoder.normalize(torch.from_numpy(batch.images)).to(device)
-            tokens = collate_tokens(batch.tokens, pad_id).to(device)
-            semantics = torch.from_numpy(batch.semantics).to(device)
+            # uint8 pixels cross to the device (a quarter of the float bytes), then normalise.
+            images = core.image_encoder.normalize(to_device(torch.from_numpy(batch.images)))
+            tokens = collate_tokens(batch.tokens, pad_id).to(device, non_blocking=on_gpu)
+            semantics = to_device(torch.from_numpy(batch.semantics))
+            if on_gpu and config["gpu"]["channels_last"]:
+                images = images.contiguous(memory_format=torch.channels_last)
             loaded = time.perf_counter()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
                 out = model(images, tokens, semantics)
@@ -223,7 +249,19 @@ def plot_curves(history: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any]:
-    variant = getattr(args, "variant", "sista") or "sista"
+    """SISTA then every baseline of ``pretrain.baselines`` (or only ``--variant NAME``), one
+    after the other in this process: one Ray start-up and one import of the stack serve
+    all of them (each cost about half a minute per variant on 2 cores)."""
+    requested = getattr(args, "variant", None) or "all"
+    variants = ["sista", *params.pretrain.baselines] if requested == "all" else [requested]
+    for variant in variants:
+        params.pretrain.variant(variant)  # an unknown name fails before any training
+    ensure_ray(params)
+    return {variant: train_variant(params, variant) for variant in variants}
+
+
+def train_variant(params: Params, variant: str) -> dict[str, Any]:
+    """Pre-train one variant into ``<storage>/pretrain/<variant>`` with its own MLflow run."""
     section = params.pretrain.variant(variant)
     model_config = params.pretrain.model_config_for(variant)
     data_root = Path(params.storage.uri).resolve()
@@ -235,7 +273,6 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
         }
     )
     threads = max(1, int(section.cpus_per_worker))
-    ensure_ray(params)
     logged = {
         "pretrain": section.model_dump(exclude={"baselines"}),
         "variant": variant,
@@ -262,6 +299,11 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
                 "epochs": section.optim.epochs,
                 "batch_size": section.optim.batch_size,
                 "threads_per_worker": threads,
+                "gpu": section.gpu.model_dump(),
+                "text_states": {
+                    "text_encoder": section.text.name_or_path,
+                    "frozen_text_layers": section.text.freeze_layers,
+                },
                 "tracking_uri": tracking_uri(params),
                 "mlflow_run_id": run_.info.run_id,
                 "log_every": 5,
@@ -295,7 +337,7 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
         extra["metrics"] = metrics
         if variant == "sista":
             register_candidate(params, run_.info.run_id)
-    return {"variant": variant, **{k: round(v, 4) for k, v in metrics.items()}}
+    return {k: round(v, 4) for k, v in metrics.items()}
 
 
 def register_candidate(params: Params, run_id: str) -> str:
@@ -315,7 +357,10 @@ def register_candidate(params: Params, run_id: str) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
-            "--variant", default="sista", help="sista, or a baseline named in pretrain.baselines"
+            "--variant",
+            default="all",
+            help="all (default: sista, then every baseline), sista, or a baseline named in "
+            "pretrain.baselines",
         )
 
     return stage_main("pretrain", run, argv, add_arguments)

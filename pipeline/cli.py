@@ -1,6 +1,7 @@
 """The ``sista`` command line.
 
-sista run STAGE [--variant NAME]   run one stage (a Ray job; see pipeline.launch)
+sista run STAGE [--variant NAME]   run one stage (a Ray job; see pipeline.launch); pretrain
+                                   trains SISTA and every baseline unless given --variant
 sista status                       what each stage last produced
 sista profile NAME                 switch params.yaml to profiles/NAME.yaml
 sista explain IMAGE "REPORT"       heat maps of the report's words on the image (PNG)

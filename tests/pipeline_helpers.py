@@ -15,9 +15,7 @@ STAGE_COMMANDS = [
     ["ingest"],
     ["reports"],
     ["similarity"],
-    ["pretrain", "--variant", "sista"],
-    ["pretrain", "--variant", "convirt"],
-    ["pretrain", "--variant", "dense"],
+    ["pretrain"],  # SISTA, then each baseline
     ["evaluate"],
     ["publish"],
 ]
