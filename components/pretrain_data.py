@@ -6,6 +6,7 @@ cache) and batch them without decoding or tokenising anything.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +30,22 @@ class PretrainBatch:
 
 
 class PretrainData:
-    """One split of the pre-training pairs, in memory (shards memory-mapped)."""
+    """One split of the pre-training pairs, in memory (shards memory-mapped).
 
-    def __init__(self, data_root: str | Path, split: str, semantics: str = "embedding"):
+    ``frozen_text_layers``: the pre-training text encoder's frozen layers (its
+    ``freeze_layers``). Where the similarity stage kept the states after exactly those
+    layers of the same encoder, each token record carries its report's states (memory-
+    mapped), and the encoder runs only its trainable layers on them.
+    """
+
+    def __init__(
+        self,
+        data_root: str | Path,
+        split: str,
+        semantics: str = "embedding",
+        text_encoder: str | None = None,
+        frozen_text_layers: int = 0,
+    ):
         root = Path(data_root)
         manifest = pq.read_table(root / "ingest" / "manifest.parquet").to_pylist()
         rows = [r for r in manifest if r["dataset"] == "pretrain" and r["split"] == split]
@@ -45,6 +59,28 @@ class PretrainData:
         self.texts = [reports[i]["text"] for i in self.record_ids]
         self.semantics = self._semantics(root, semantics, reports)
         self.images = read_shard_images(root / "ingest", rows)
+        self.has_text_states = self._attach_text_states(root, text_encoder, frozen_text_layers)
+
+    def _attach_text_states(self, root: Path, encoder: str | None, layers: int) -> bool:
+        folder = root / "similarity" / "text_states"
+        if layers == 0 or not (folder / "states.npy").exists():
+            return False
+        meta = json.loads((folder / "states.json").read_text())
+        if meta != {"frozen_layers": layers, "encoder": encoder}:
+            return False  # made for another encoder or depth: recompute them per step
+        ids = (root / "similarity" / "record_ids.txt").read_text().split()
+        position = {record_id: i for i, record_id in enumerate(ids)}
+        offsets = np.load(folder / "offsets.npy")
+        states = np.load(folder / "states.npy", mmap_mode="r")
+        for record_id, tokens in zip(self.record_ids, self.tokens, strict=True):
+            i = position[record_id]
+            tokens["frozen_states"] = states[offsets[i] : offsets[i + 1]]
+            if len(tokens["frozen_states"]) != len(tokens["input_ids"]):
+                raise ValueError(
+                    f"{folder}: record {record_id} has {len(tokens['frozen_states'])} token "
+                    f"states for {len(tokens['input_ids'])} tokens; re-run the similarity stage"
+                )
+        return True
 
     def _semantics(self, root: Path, kind: str, reports: dict[str, dict]) -> np.ndarray:
         if kind == "labels":

@@ -136,3 +136,30 @@ def test_stored_tokens_collate_back_to_the_same_batch(text_encoder):
     for name in ("input_ids", "attention_mask", "word_index", "word_mask"):
         assert torch.equal(getattr(tokens, name), getattr(again, name)), name
     assert again.words_text == tokens.words_text
+
+
+def test_cached_frozen_states_give_the_same_outputs_and_gradients():
+    """Training on stored frozen-layer states (zero-padded per batch) is the full forward."""
+    from sista_core.encoders import TextEncoder
+    from sista_core.encoders.text import collate_tokens, split_tokens
+
+    encoder = TextEncoder(freeze_layers=4, max_length=64).train()
+    assert not encoder.model.encoder.layer[3].training  # frozen layers: no dropout
+    texts = ["Small left effusion.", "Heart size normal. XXXX granuloma in the right upper lobe."]
+    tokens = encoder.tokenize(texts)
+    records = split_tokens(tokens)
+    for record, states in zip(records, encoder.frozen_states(tokens), strict=True):
+        record["frozen_states"] = states[: len(record["input_ids"])].numpy()
+    cached = collate_tokens(records, encoder.tokenizer.pad_token_id)
+    assert cached.frozen_states.shape == (2, tokens.input_ids.shape[1], 384)
+
+    outputs = []
+    for batch in (tokens, cached):
+        encoder.zero_grad()
+        torch.manual_seed(0)  # the same dropout in the trainable layers
+        out = encoder(batch)
+        (out["global"].sum() + out["words"].sum()).backward()
+        grad = encoder.model.encoder.layer[5].output.dense.weight.grad.clone()
+        outputs.append((out["global"].detach(), out["words"].detach(), grad))
+    for full, from_cache in zip(*outputs, strict=True):
+        torch.testing.assert_close(from_cache, full, atol=1e-5, rtol=1e-5)

@@ -29,6 +29,7 @@ def test_every_declared_output_exists(pipeline_run):
         "reports/reports.parquet",
         "similarity/embeddings.npy",
         "similarity/topk.parquet",
+        "similarity/text_states/states.npy",
         "similarity/stats.json",
         "similarity/similarity_histogram.png",
         "evaluate/metrics.json",

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,6 +48,9 @@ class TokenizedText:
     input_ids, attention_mask, word_index: (B, T); word_index is the word each piece belongs
     to, -1 for special tokens and padding. word_mask: (B, Nw) True for alignable words.
     words_text[i][k] is the surface form of word k of text i (masked words included).
+    frozen_states: optional (B, T, Dt), the states after the encoder's frozen layers
+    (``TextEncoder.frozen_states``) computed once for a corpus; the encoder then runs only
+    its trainable layers.
     """
 
     input_ids: torch.Tensor
@@ -54,14 +58,19 @@ class TokenizedText:
     word_index: torch.Tensor
     word_mask: torch.Tensor
     words_text: list[list[str]]
+    frozen_states: torch.Tensor | None = None
 
-    def to(self, device: torch.device | str) -> TokenizedText:
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> TokenizedText:
+        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.to(device, non_blocking=non_blocking)
+
         return TokenizedText(
-            self.input_ids.to(device),
-            self.attention_mask.to(device),
-            self.word_index.to(device),
-            self.word_mask.to(device),
+            move(self.input_ids),
+            move(self.attention_mask),
+            move(self.word_index),
+            move(self.word_mask),
             self.words_text,
+            move(self.frozen_states),
         )
 
 
@@ -97,7 +106,7 @@ class TextEncoder(nn.Module):
         self.max_length = max_length
         self.freeze_layers = freeze_layers
         self.num_features: int = int(self.model.config.hidden_size)
-        self._freeze(freeze_layers)
+        self._freeze()
 
     @classmethod
     def from_parts(cls, tokenizer, model: nn.Module, freeze_layers: int, max_length: int):
@@ -108,18 +117,58 @@ class TextEncoder(nn.Module):
         encoder.tokenizer, encoder.model = tokenizer, model
         encoder.max_length, encoder.freeze_layers = max_length, freeze_layers
         encoder.num_features = int(model.config.hidden_size)
-        encoder._freeze(freeze_layers)
+        encoder._freeze()
         return encoder
 
-    def _freeze(self, freeze_layers: int) -> None:
-        if freeze_layers == 0:
-            return
-        if freeze_layers < 0:
-            self.model.requires_grad_(False)
-            return
-        self.model.embeddings.requires_grad_(False)
-        for layer in self.model.encoder.layer[:freeze_layers]:
-            layer.requires_grad_(False)
+    def _freeze(self) -> None:
+        for module in self._frozen_modules():
+            module.requires_grad_(False).eval()
+
+    @property
+    def num_frozen_layers(self) -> int:
+        """Transformer layers before the first trainable one (all of them for -1)."""
+        layers = len(self.model.encoder.layer)
+        return layers if self.freeze_layers < 0 else min(self.freeze_layers, layers)
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        if self.freeze_layers == 0:
+            return []
+        if self.freeze_layers < 0:
+            return [self.model]
+        return [self.model.embeddings, *self.model.encoder.layer[: self.freeze_layers]]
+
+    def train(self, mode: bool = True) -> TextEncoder:
+        """Frozen layers stay in eval mode (no dropout) in training too: a frozen feature
+        extractor then gives each text the same states every time, so they can be computed
+        once per corpus (``frozen_states``) instead of once per step."""
+        super().train(mode)
+        for module in self._frozen_modules():
+            module.eval()
+        return self
+
+    def _run_layers(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, layers: list[nn.Module]
+    ) -> torch.Tensor:
+        """``layers`` of the transformer on ``hidden`` (B, T, Dt), as the model's own forward
+        runs them (the same attention mask, built by transformers for this config)."""
+        from transformers.masking_utils import create_bidirectional_mask
+
+        mask = create_bidirectional_mask(
+            config=self.model.config, inputs_embeds=hidden, attention_mask=attention_mask
+        )
+        for layer in layers:
+            hidden = layer(hidden, mask)
+        return hidden
+
+    @torch.no_grad()
+    def frozen_states(self, tokens: TokenizedText) -> torch.Tensor:
+        """(B, T, Dt) states after the embeddings and the frozen layers: training never
+        changes them, so a corpus needs them once."""
+        device = next(self.model.parameters()).device
+        tokens = tokens.to(device)
+        hidden = self.model.embeddings(input_ids=tokens.input_ids)
+        frozen = self.model.encoder.layer[: self.num_frozen_layers]
+        return self._run_layers(hidden, tokens.attention_mask, frozen)
 
     def tokenize(self, texts: list[str]) -> TokenizedText:
         """Tokenise once (do it in the data pipeline, not the training step)."""
@@ -128,9 +177,13 @@ class TextEncoder(nn.Module):
     def forward(self, tokens: TokenizedText) -> dict[str, torch.Tensor | list[list[str]]]:
         device = next(self.model.parameters()).device
         tokens = tokens.to(device)
-        hidden = self.model(
-            input_ids=tokens.input_ids, attention_mask=tokens.attention_mask
-        ).last_hidden_state  # (B, T, Dt)
+        if tokens.frozen_states is None:
+            hidden = self.model(
+                input_ids=tokens.input_ids, attention_mask=tokens.attention_mask
+            ).last_hidden_state  # (B, T, Dt)
+        else:  # only the trainable layers
+            trainable = self.model.encoder.layer[self.num_frozen_layers :]
+            hidden = self._run_layers(tokens.frozen_states, tokens.attention_mask, trainable)
         attention = tokens.attention_mask[..., None].to(hidden)
         pooled = (hidden * attention).sum(1) / attention.sum(1).clamp_min(1.0)
         words = merge_pieces_into_words(hidden, tokens.word_index, tokens.word_mask.shape[1])
@@ -196,7 +249,9 @@ def split_tokens(tokens: TokenizedText) -> list[dict[str, list]]:
 
 
 def collate_tokens(records: list[dict[str, list]], pad_token_id: int = 0) -> TokenizedText:
-    """Stored per-text records (``split_tokens``) -> one padded ``TokenizedText`` batch."""
+    """Stored per-text records (``split_tokens``) -> one padded ``TokenizedText`` batch.
+    Records that all carry ``frozen_states`` (T_i, Dt) arrays give the batch its
+    ``frozen_states``, zero-padded (padding is masked out of attention and pooling)."""
     num_tokens = max(len(r["input_ids"]) for r in records)
     num_words = max(len(r["words_text"]) for r in records)
     input_ids = torch.full((len(records), num_tokens), pad_token_id, dtype=torch.long)
@@ -205,10 +260,18 @@ def collate_tokens(records: list[dict[str, list]], pad_token_id: int = 0) -> Tok
     word_mask = torch.zeros((len(records), num_words), dtype=torch.bool)
     for row, record in enumerate(records):
         length = len(record["input_ids"])
-        input_ids[row, :length] = torch.as_tensor(record["input_ids"])
+        input_ids[row, :length] = torch.tensor(record["input_ids"])
         attention_mask[row, :length] = 1
-        word_index[row, :length] = torch.as_tensor(record["word_index"])
-        word_mask[row, : len(record["word_mask"])] = torch.as_tensor(record["word_mask"])
+        word_index[row, :length] = torch.tensor(record["word_index"])
+        word_mask[row, : len(record["word_mask"])] = torch.tensor(record["word_mask"])
+    frozen_states = None
+    if all(r.get("frozen_states") is not None for r in records):
+        width = records[0]["frozen_states"].shape[-1]
+        frozen_states = torch.zeros((len(records), num_tokens, width))
+        for row, record in enumerate(records):
+            states = torch.tensor(np.asarray(record["frozen_states"]), dtype=torch.float32)
+            frozen_states[row, : len(states)] = states
+    words_text = [list(r["words_text"]) for r in records]
     return TokenizedText(
-        input_ids, attention_mask, word_index, word_mask, [list(r["words_text"]) for r in records]
+        input_ids, attention_mask, word_index, word_mask, words_text, frozen_states
     )
