@@ -11,8 +11,11 @@ per init that has a text encoder. Images are phantoms: results say so.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from ray import tune  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from sista_core.findings import CHEXPERT_COMPETITION  # noqa: E402
 
@@ -43,6 +47,7 @@ from .runtime import ensure_ray  # noqa: E402
 from .stage import stage_dir, stage_main  # noqa: E402
 from .tracking import stage_run  # noqa: E402
 
+THRESHOLD_TASKS = ("segmentation", "opacity_segmentation")  # choose a threshold on val
 PHANTOM_NOTE = "phantom images (synthetic) placed by real CheXpert labels, SIIM masks, RSNA boxes"
 # The metrics each task reports; the first is the one plotted against the label fraction.
 TASK_METRICS = {
@@ -77,24 +82,40 @@ def encoder_spec(params: Params) -> dict[str, Any]:
     }
 
 
+def rows_read(work: Path, dataset: str, trained: list[str]) -> np.ndarray:
+    """Rows of a set that some cell reads: the test split, the training subsets, and the
+    validation split where a segmentation cell picks its threshold there."""
+    split = json.loads((work / f"{dataset}.split.json").read_text())
+    rows = set(split["test"]).union(*split["subsets"].values())
+    if any(TASK_DATASETS[t] == dataset and t in THRESHOLD_TASKS for t in trained):
+        rows |= set(split["val"])
+    return np.array(sorted(rows), dtype=np.int64)
+
+
 @ray.remote(num_cpus=1)
-def extract_features(init: str, params: Params, work: str, datasets: list[str]) -> str:
+def extract_features(init: str, params: Params, work: str, datasets: dict[str, list]) -> str:
     """One initialisation's frozen features of every downstream set it is scored on: the
-    global vector for classification, the feature pyramid for segmentation and detection."""
+    global vector for classification, the feature pyramid for segmentation and detection.
+    ``datasets`` maps each set to the rows to encode; the others (a validation split no
+    cell reads) stay zero, which saves their encoder passes."""
     torch.set_num_threads(1)
     encoder = load_encoder(init, encoder_spec(params)).eval()
     levels = params.evaluate.pyramid_levels
-    for dataset in datasets:
+    for dataset, rows in datasets.items():
         images = np.load(Path(work) / f"{dataset}.images.npy", mmap_mode="r")
         outputs: list[list[torch.Tensor]] = []
         with torch.inference_mode():
-            for start in range(0, len(images), 128):
-                batch = encoder.normalize(torch.from_numpy(np.array(images[start : start + 128])))
+            for start in range(0, len(rows), 128):
+                chosen = np.asarray(images[rows[start : start + 128]])
+                batch = encoder.normalize(torch.from_numpy(chosen))
                 if dataset == "downstream":
                     outputs.append([encoder(batch)["global"].float()])
                 else:
                     outputs.append([level.half() for level in encoder.pyramid(batch, levels)])
-        stacked = [torch.cat(level).numpy() for level in zip(*outputs, strict=True)]
+        encoded = [torch.cat(level).numpy() for level in zip(*outputs, strict=True)]
+        stacked = [np.zeros((len(images), *level.shape[1:]), level.dtype) for level in encoded]
+        for full, level in zip(stacked, encoded, strict=True):
+            full[rows] = level
         path = features_path(Path(work), init, dataset)
         if dataset == "downstream":
             np.save(path, stacked[0])
@@ -136,6 +157,29 @@ def language_scores(init: str, params: Params, work: str) -> dict[str, dict[str,
             for k in (1, 5, 10)
         }
     return scores
+
+
+@contextlib.contextmanager
+def timed(phase: str, seconds: dict[str, float]) -> Iterator[None]:
+    """Print and record how long a phase of the stage took (``phase_seconds`` in
+    ``_stage.json``): where evaluate's minutes go, without a profiler."""
+    started = time.perf_counter()
+    yield
+    seconds[phase] = round(time.perf_counter() - started, 1)
+    print(f"[evaluate] {phase}: {seconds[phase]} s", flush=True)
+
+
+class CellProgress(tune.Callback):
+    """A progress bar over the grid's cells (Tune's own table is off: verbose=0)."""
+
+    def __init__(self, total: int) -> None:
+        self.bar = tqdm(total=total, desc="evaluation cells", unit="cell")
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.bar.update()
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.bar.update()
 
 
 def prepare_sets(params: Params, datasets: list[str], work: Path) -> None:
@@ -343,7 +387,9 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
     ):
         work = out.resolve() / "work"  # absolute: Tune trials run in their own folders
         work.mkdir()
-        prepare_sets(params, datasets, work)
+        seconds: dict[str, float] = {}
+        with timed("sets", seconds):
+            prepare_sets(params, datasets, work)
         # Trained tasks read only their own sets' features (a fine-tuned encoder makes its
         # own for segmentation and detection); zero-shot reads images itself.
         featured = list(
@@ -351,11 +397,17 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
                 TASK_DATASETS[t] for t in trained if t == "classification" or not config.finetune
             )
         )
-        ray.get([extract_features.remote(i, params, str(work), featured) for i in config.inits])
+        featured_rows = {d: rows_read(work, d, trained).tolist() for d in featured}
+        with timed("features", seconds):
+            ray.get(
+                [extract_features.remote(i, params, str(work), featured_rows) for i in config.inits]
+            )
         language_futures = {
             init: language_scores.remote(init, params, str(work))
             for init in (text_inits if language else [])
         }
+        num_cells = len(trained) * len(config.inits) * len(downstream.label_fractions)
+        num_cells *= len(downstream.seeds)
         tuner = tune.Tuner(
             tune.with_resources(evaluation_cell, {"cpu": config.cpus_per_trial}),
             param_space={
@@ -383,21 +435,26 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
                 name="evaluate",
                 storage_path=str(Path(params.storage.uri).resolve() / "tune"),
                 verbose=0,
+                callbacks=[CellProgress(num_cells)],
             ),
         )
-        cells = cell_rows(tuner.fit())
+        with timed("cells", seconds):
+            cells = cell_rows(tuner.fit())
         summary = summarise(cells)
-        summary |= language_summary({i: ray.get(f) for i, f in language_futures.items()})
+        with timed("language tasks (after the cells)", seconds):
+            summary |= language_summary({i: ray.get(f) for i, f in language_futures.items()})
         metrics: dict[str, Any] = {**summary, "images": PHANTOM_NOTE}
         if "sista" in config.inits and config.localisation_images:
-            metrics["heatmap_localisation"] = heat_map_figures(params, out)
+            with timed("heat maps", seconds):
+                metrics["heatmap_localisation"] = heat_map_figures(params, out)
         (out / "cells.json").write_text(json.dumps(cells, indent=1))
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         plot_fraction_curves(summary, out / "scores_vs_fraction.png")
         for task in ("segmentation", "opacity_segmentation", "detection"):
             if task in trained:
                 plot_examples(work, task, list(config.inits), out / f"examples_{task}.png")
-        features = out / "features"  # kept: the global features and splits (small)
+        # Kept: the global features (zero rows: not encoded, read by no cell) and the splits.
+        features = out / "features"
         features.mkdir()
         for path in work.glob("*.downstream.npy"):
             path.rename(features / path.name.replace(".downstream", ""))
@@ -416,6 +473,7 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
         for png in sorted(out.glob("*.png")):
             mlflow.log_artifact(str(png))
         extra["summary"] = summary
+        extra["phase_seconds"] = seconds
     return {
         task: {
             init: {f: round(v["mean"], 3) for f, v in by_fraction.items()}
