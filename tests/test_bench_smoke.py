@@ -113,3 +113,18 @@ def test_run_all_writes_markdown_and_json(tmp_path, results_dir, loading_section
     rendered = run_all.render_markdown(results["machine"], sections)
     assert rendered.count("\n## ") == 2 and "Time per step by phase" in rendered
     assert "x |" in rendered
+
+
+def test_gpu_benchmark_runs_its_configurations_on_the_cpu_too(tmp_path):
+    # Prepared for a lent GPU machine; here only the plumbing (the GPU options are no-ops).
+    from bench import gpu_pretrain
+
+    rows = gpu_pretrain.main(
+        ["--device", "cpu", "--image", "vit_tiny_patch16_224", "--img-size", "32"]
+        + ["--batch", "2", "--steps", "1", "--warmup", "0"]
+        + ["--configs", "fp32,bf16 + channels-last"]
+        + ["--out", str(tmp_path / "gpu.json")]
+    )
+    assert [r["configuration"] for r in rows] == ["fp32", "bf16 + channels-last"]
+    assert rows[0]["speedup"] == 1.0 and rows[1]["samples_per_s"] > 0
+    assert json.loads((tmp_path / "gpu.json").read_text())["device"] == "cpu"
