@@ -18,13 +18,10 @@ import datetime as dt
 import json
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import mlflow
-import pyarrow.parquet as pq
-import yaml
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
@@ -32,21 +29,20 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from .artifacts import atomic_output_dir
 from .config import (
-    ConfigError,
     Distribution,
     Params,
     PretrainSection,
-    load_params,
     nested,
     tracking_uri,
 )
+from .pretrain_data import PretrainData
 from .runtime import ensure_ray
 from .stage import stage_dir, stage_main
+from .sweep_best import BEST_FILE, best_file_text
 from .sweep_signal import SIGNALS, ValidationSignal
 from .tracking import stage_run
 
 TRIAL_TAG = "sweep.trial_id"
-BEST_FILE = "best_params.yaml"
 
 
 def sampler(distribution: Distribution) -> Any:
@@ -92,22 +88,9 @@ def trial_section(params: Params, overrides: dict[str, float]) -> PretrainSectio
 
 
 def training_steps(params: Params, section: PretrainSection) -> int:
-    """Optimizer steps of one trial, counted as ``PretrainData`` batches them."""
-    root = Path(params.storage.uri)
-    manifest = pq.read_table(
-        root / "ingest" / "manifest.parquet", columns=["record_id", "dataset", "split"]
-    ).to_pylist()
-    reported = set(
-        pq.read_table(root / "reports" / "reports.parquet", columns=["record_id"])
-        .column("record_id")
-        .to_pylist()
-    )
-    pairs = sum(
-        1
-        for r in manifest
-        if r["dataset"] == "pretrain" and r["split"] == "train" and r["record_id"] in reported
-    )
-    return section.optim.epochs * (pairs // (section.optim.batch_size * section.workers))
+    """Optimizer steps of one trial, as the training loop counts them."""
+    pairs = PretrainData(Path(params.storage.uri), "train", section.semantics)
+    return section.optim.epochs * pairs.steps_per_epoch(section.optim.batch_size, section.workers)
 
 
 def validation_signal(params: Params) -> ValidationSignal:
@@ -257,66 +240,6 @@ def results_markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str
             f"| {final} | {', '.join(marks)} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def best_file_text(best: dict[str, Any], summary: dict[str, Any]) -> str:
-    """``best_params.yaml``: dotted keys with a header saying where they come from."""
-    header = [
-        f"# Best trial of sista sweep, MLflow parent run {summary['parent_run_id']}, "
-        f"{summary['date']}",
-        f"# trial {best['trial_id']}: {summary['metric']} {best['signal']:.4f} on the validation "
-        f"split after {best['steps']} steps",
-    ]
-    if summary.get("current_signal") is not None:
-        header.append(
-            f"# current params.yaml values: {summary['current_signal']:.4f} "
-            f"({best['signal'] - summary['current_signal']:+.4f})"
-        )
-    header.append("# apply: sista sweep --apply, or dvc exp run $(sista sweep --dvc-args)")
-    body = yaml.safe_dump(best["settings"], sort_keys=False, default_flow_style=False)
-    return "\n".join(header) + "\n" + body
-
-
-def read_best(path: str | Path) -> dict[str, float]:
-    data = yaml.safe_load(Path(path).read_text())
-    if not isinstance(data, dict) or not data:
-        raise ConfigError(f"{path}: expected dotted keys with values")
-    return data
-
-
-def apply_best(params_path: str | Path, best_path: str | Path) -> dict[str, tuple[Any, Any]]:
-    """Write the best settings into ``params_path`` in place, keeping its comments and layout
-    (ruamel round trip, as ``dvc exp run -S`` does), only if the result validates.
-    Returns ``{key: (old, new)}``."""
-    from ruamel.yaml import YAML
-
-    params_path = Path(params_path)
-    best = read_best(best_path)
-    editor = YAML()
-    editor.preserve_quotes = True
-    document = editor.load(params_path.read_text())
-    changed = {}
-    for key, value in best.items():
-        *parents, leaf = key.split(".")
-        section = document
-        for name in parents:
-            if name not in section:
-                raise ConfigError(f"{best_path}: {key}: {params_path} has no {name!r}")
-            section = section[name]
-        changed[key] = (section.get(leaf), value)
-        section[leaf] = value
-    with tempfile.TemporaryDirectory() as folder:
-        candidate = Path(folder) / params_path.name
-        with candidate.open("w") as stream:
-            editor.dump(document, stream)
-        load_params(candidate)  # never write an invalid params.yaml
-        shutil.copyfile(candidate, params_path)
-    return changed
-
-
-def dvc_arguments(best_path: str | Path) -> str:
-    """``-S key=value ...`` for ``dvc exp run``."""
-    return " ".join(f"-S {key}={value}" for key, value in read_best(best_path).items())
 
 
 def check_inputs(params: Params) -> None:

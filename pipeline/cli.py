@@ -101,7 +101,7 @@ def explain(
 
 def sweep(params_path: str, apply: str | None, dvc_args: str | None, rest: list[str]) -> int:
     """Run the sweep, or apply / print the best settings it wrote."""
-    from components.sweep import BEST_FILE, apply_best, dvc_arguments
+    from components.sweep_best import BEST_FILE, apply_best, dvc_arguments
 
     chosen = apply or dvc_args
     if chosen is None:
