@@ -21,7 +21,12 @@ def ensure_ray(params: Params, dashboard: bool = False) -> None:
     it cannot tell this instance from other Ray instances on the machine, so the stopped
     trial's workers' resources would never be freed."""
     if ray.is_initialized():
-        return
+        own_without_dashboard = not os.environ.get("RAY_ADDRESS") and not os.environ.get(
+            "RAY_API_SERVER_ADDRESS"
+        )
+        if not (dashboard and own_without_dashboard):
+            return
+        ray.shutdown()  # this process's own instance (earlier stages), started without it
     quiet = {"log_to_driver": True, "include_dashboard": False, "configure_logging": False}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
