@@ -11,7 +11,7 @@ DATA_PACKAGES := torchxrayvision==1.5.7 pneumonia-model-package==0.3.0 pydicom-d
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv repro test bench profile lint mlflow-ui clean
+.PHONY: venv repro test bench profile lint mlflow-ui clean sweep kubeflow image infra-check
 
 venv: $(STAMP)
 
@@ -49,6 +49,21 @@ lint: venv
 mlflow-ui: venv
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db \
 	  --host 127.0.0.1 --port 5000 --uvicorn-opts "--workers 1"
+
+# Ray Tune over the loss weights on the current params.yaml (needs `dvc repro similarity`).
+sweep: venv
+	$(BIN)/sista sweep
+
+# infra/: the compiled Kubeflow pipeline (commit it: a test compares), the image, the checks.
+IMAGE ?= ghcr.io/your-org/sista:0.1.0
+kubeflow: venv
+	$(BIN)/python -m pipeline.kubeflow compile
+
+image:
+	docker build -f infra/Dockerfile -t $(IMAGE) .
+
+infra-check: venv
+	$(BIN)/python -m pytest tests/test_infra.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache bench/results

@@ -177,8 +177,11 @@ class PretrainSection(Section):
             raise ConfigError(
                 f"pretrain.baselines has no {name!r}; known: {sorted(self.baselines)}"
             )
-        merged = _deep_merge(self.model_dump(), self.baselines[name])
-        return _validate(PretrainSection, merged, prefix="pretrain")
+        return self.with_overrides(self.baselines[name])
+
+    def with_overrides(self, overrides: dict[str, Any]) -> PretrainSection:
+        """This section with nested ``overrides`` applied, validated (a baseline, a trial)."""
+        return _validate(PretrainSection, _deep_merge(self.model_dump(), overrides), "pretrain")
 
 
 # Downstream tasks: trained ones are cells of init x label fraction x seed; language ones need
@@ -227,6 +230,87 @@ class PublishSection(Section):
     higher_is_better: bool = True
 
 
+class Distribution(Section):
+    """One swept number: exactly one of ``choice: [a, b, ...]``, ``uniform: [low, high]`` or
+    ``loguniform: [low, high]`` (low > 0)."""
+
+    choice: tuple[float, ...] | None = Field(None, min_length=1)
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[PositiveFloat, PositiveFloat] | None = None
+    q: PositiveFloat | None = None  # uniform/loguniform: round samples to multiples of q
+
+    @model_validator(mode="after")
+    def _exactly_one_kind(self) -> Distribution:
+        kinds = [k for k in ("choice", "uniform", "loguniform") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError("give exactly one of choice, uniform, loguniform")
+        if self.q is not None and self.choice is not None:
+            raise ValueError("q rounds uniform or loguniform samples, not a choice")
+        bounds = self.uniform or self.loguniform
+        if bounds is not None and not bounds[0] < bounds[1]:
+            raise ValueError(f"{kinds[0]}: low must be below high, got {list(bounds)}")
+        return self
+
+    def extremes(self) -> tuple[float, ...]:
+        """The values a sample can take at the edges (every value of a choice)."""
+        return self.choice or self.uniform or self.loguniform  # type: ignore[return-value]
+
+
+def _default_space() -> dict[str, Distribution]:
+    return {
+        "pretrain.loss.sia_weight": Distribution(loguniform=(0.25, 2.0), q=0.05),
+        "pretrain.loss.sta_weight": Distribution(loguniform=(0.25, 2.0), q=0.05),
+        "pretrain.loss.intra_weight": Distribution(uniform=(0.0, 1.0), q=0.05),
+        "pretrain.sia.threshold": Distribution(choice=(0.8, 0.85, 0.9, 0.95)),
+        "pretrain.sia.temperature": Distribution(loguniform=(0.03, 0.2), q=0.005),
+        "pretrain.sta.temperature_attn": Distribution(loguniform=(0.05, 0.3), q=0.01),
+    }
+
+
+class SweepSection(Section):
+    """``sista sweep``: Ray Tune over pre-training settings, ASHA on a validation signal."""
+
+    # Dotted params.yaml keys under pretrain (what `dvc exp run -S` takes) -> distribution.
+    space: dict[str, Distribution] = Field(default_factory=_default_space)
+    trials: int = Field(10, ge=1)
+    include_current: bool = True  # the first trial is params.yaml's own values
+    # probe_auroc: mean validation macro AUROC of linear probes trained on the label subsets
+    # of ``probe_fractions`` (every ingest seed); retrieval: image-to-report recall@5 on the
+    # held-out pre-training pairs.
+    signal: Literal["probe_auroc", "retrieval"] = "probe_auroc"
+    probe_fractions: tuple[Fraction, ...] = (0.01, 0.1)
+    report_every: int = Field(15, ge=1)  # steps between validation reports: ASHA's rungs
+    epochs: int | None = Field(None, ge=1)  # None: pretrain.optim.epochs, as the pipeline
+    reduction_factor: int = Field(3, ge=2)  # ASHA keeps the best 1/rf at each rung
+    max_concurrent: int = Field(1, ge=1)
+    cpus_per_trial: PositiveFloat = 0.5  # the trial's driver (Ray Train's controller)
+    cpus_per_worker: PositiveFloat = 0.75  # each pre-training worker of a trial
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _space_names_pretrain_numbers(self) -> SweepSection:
+        for key in self.space:
+            _pretrain_number(key)
+        return self
+
+
+def _pretrain_number(dotted: str) -> None:
+    """``pretrain.loss.sia_weight`` must name a number of the pretrain section."""
+    section, *path = dotted.split(".")
+    kind: Any = PretrainSection
+    for depth, name in enumerate(path):
+        if section != "pretrain":
+            raise ValueError(f"space key {dotted!r}: only pretrain settings are swept")
+        fields = getattr(kind, "model_fields", {})
+        if name not in fields:
+            where = ".".join([section, *path[:depth]])
+            known = ", ".join(sorted(fields))
+            raise ValueError(f"space key {dotted!r}: {where} has no {name!r} (known: {known})")
+        kind = fields[name].annotation
+    if not path or kind not in (float, int) and "float" not in str(kind):
+        raise ValueError(f"space key {dotted!r} is not a number of the pretrain section")
+
+
 class Params(Section):
     storage: StorageSection = StorageSection()
     ray: RaySection = RaySection()
@@ -237,6 +321,22 @@ class Params(Section):
     pretrain: PretrainSection = PretrainSection()
     evaluate: EvaluateSection = EvaluateSection()
     publish: PublishSection = PublishSection()
+    sweep: SweepSection = SweepSection()
+
+    @model_validator(mode="after")
+    def _swept_values_are_valid_settings(self) -> Params:
+        """Every edge of every swept range must itself be a valid pretrain setting."""
+        for key, distribution in self.sweep.space.items():
+            for value in distribution.extremes():
+                overrides = nested({key.removeprefix("pretrain."): value})
+                try:
+                    PretrainSection.model_validate(
+                        _deep_merge(self.pretrain.model_dump(), overrides)
+                    )
+                except ValidationError as error:
+                    message = error.errors()[0]["msg"]
+                    raise ValueError(f"sweep.space.{key}: {value} is invalid: {message}") from None
+        return self
 
 
 class ConfigError(ValueError):
@@ -253,6 +353,18 @@ def _deep_merge(base: dict, override: dict) -> dict:
     return merged
 
 
+def nested(dotted: dict[str, Any]) -> dict[str, Any]:
+    """{"loss.sia_weight": 1} -> {"loss": {"sia_weight": 1}}."""
+    tree: dict[str, Any] = {}
+    for key, value in dotted.items():
+        *parents, leaf = key.split(".")
+        branch = tree
+        for name in parents:
+            branch = branch.setdefault(name, {})
+        branch[leaf] = value
+    return tree
+
+
 def _validate(kind: type[Section], data: Any, prefix: str = "", source: str = "params"):
     try:
         return kind.model_validate(data)
@@ -261,7 +373,8 @@ def _validate(kind: type[Section], data: Any, prefix: str = "", source: str = "p
         for problem in error.errors():
             key = ".".join(str(part) for part in (prefix, *problem["loc"]) if part != "")
             message = problem["msg"].replace("Extra inputs are not permitted", "unknown key")
-            lines.append(f"{source}: {key or '(top level)'}: {message}")
+            message = message.removeprefix("Value error, ")
+            lines.append(f"{source}: {key}: {message}" if key else f"{source}: {message}")
         raise ConfigError("\n".join(lines)) from None
 
 

@@ -35,7 +35,7 @@ from sista_core.retrieval import recall_at_k  # noqa: E402
 from sista_core.schedule import cosine_with_warmup  # noqa: E402
 
 from .artifacts import atomic_output_dir  # noqa: E402
-from .config import Params, tracking_uri  # noqa: E402
+from .config import Params, PretrainSection, tracking_uri  # noqa: E402
 from .pretrain_data import PretrainData  # noqa: E402
 from .runtime import ensure_ray  # noqa: E402
 from .stage import stage_dir, stage_main  # noqa: E402
@@ -161,6 +161,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     validation = (
         PretrainData(config["data_root"], "val", config["semantics"]) if rank == 0 else None
     )
+    # A sweep (components/sweep.py) reports every ``report_every`` steps too, with
+    # ``scorer(model)``'s validation metrics from rank 0, for its early-stopping scheduler.
+    report_every, scorer = config.get("report_every", 0), config.get("scorer")
 
     for epoch in range(state["epoch"], config["epochs"]):
         sums: dict[str, float] = {}
@@ -208,6 +211,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     ],
                 )
                 state["history"].append({"step": state["step"], "epoch": epoch, **step_metrics})
+            mid_epoch = state["step"] % steps_per_epoch != 0  # the epoch's end reports below
+            if report_every and state["step"] % report_every == 0 and mid_epoch:
+                scores = scorer(core) if scorer and rank == 0 else {}
+                if tracker is not None and scores:
+                    tracker.log_batch(
+                        config["mlflow_run_id"],
+                        metrics=[
+                            mlflow.entities.Metric(k, v, int(time.time() * 1000), state["step"])
+                            for k, v in scores.items()
+                        ],
+                    )
+                ray.train.report({"step": state["step"], "epoch": epoch, **scores})
             tick = time.perf_counter()
 
         epoch_metrics = {f"epoch_{k}": v / steps_per_epoch for k, v in sums.items()}
@@ -217,6 +232,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             epoch_checkpoint = None
             if rank == 0:
                 epoch_metrics.update(retrieval_recall(core, validation))
+                epoch_metrics.update(scorer(core) if scorer else {})
                 tracker.log_batch(
                     config["mlflow_run_id"],
                     metrics=[
@@ -264,7 +280,6 @@ def train_variant(params: Params, variant: str) -> dict[str, Any]:
     """Pre-train one variant into ``<storage>/pretrain/<variant>`` with its own MLflow run."""
     section = params.pretrain.variant(variant)
     model_config = params.pretrain.model_config_for(variant)
-    data_root = Path(params.storage.uri).resolve()
     fingerprint = run_fingerprint(
         {
             "pretrain": section.model_dump(),
@@ -272,7 +287,6 @@ def train_variant(params: Params, variant: str) -> dict[str, Any]:
             "similarity": params.similarity.model_dump(),
         }
     )
-    threads = max(1, int(section.cpus_per_worker))
     logged = {
         "pretrain": section.model_dump(exclude={"baselines"}),
         "variant": variant,
@@ -286,39 +300,8 @@ def train_variant(params: Params, variant: str) -> dict[str, Any]:
             {"mlflow_run_id": run_.info.run_id, "variant": variant, "fingerprint": fingerprint},
         ) as (out, extra),
     ):
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={
-                "data_root": str(data_root),
-                "semantics": section.semantics,
-                "model": model_config.to_dict(),
-                "seed": section.seed,
-                "lr": section.optim.lr,
-                "weight_decay": section.optim.weight_decay,
-                "warmup_steps": section.optim.warmup_steps,
-                "epochs": section.optim.epochs,
-                "batch_size": section.optim.batch_size,
-                "threads_per_worker": threads,
-                "gpu": section.gpu.model_dump(),
-                "text_states": {
-                    "text_encoder": section.text.name_or_path,
-                    "frozen_text_layers": section.text.freeze_layers,
-                },
-                "tracking_uri": tracking_uri(params),
-                "mlflow_run_id": run_.info.run_id,
-                "log_every": 5,
-            },
-            scaling_config=ScalingConfig(
-                num_workers=section.workers,
-                use_gpu=section.use_gpu,
-                resources_per_worker={"CPU": section.cpus_per_worker},
-            ),
-            run_config=RunConfig(
-                name=f"pretrain-{variant}-{fingerprint}",
-                storage_path=str(data_root / "checkpoints"),
-                failure_config=FailureConfig(max_failures=section.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=2),
-            ),
+        trainer = build_trainer(
+            params, section, run_.info.run_id, f"pretrain-{variant}-{fingerprint}"
         )
         result = trainer.fit()
         model = SISTAModel(model_config)
@@ -338,6 +321,56 @@ def train_variant(params: Params, variant: str) -> dict[str, Any]:
         if variant == "sista":
             register_candidate(params, run_.info.run_id)
     return {k: round(v, 4) for k, v in metrics.items()}
+
+
+def build_trainer(
+    params: Params,
+    section: PretrainSection,
+    mlflow_run_id: str,
+    name: str,
+    callbacks: list[ray.train.UserCallback] | None = None,
+    **loop_options: Any,
+) -> TorchTrainer:
+    """The ``TorchTrainer`` of one pre-training run of ``section`` (the resolved settings: the
+    SISTA section, a baseline's, or a sweep trial's). ``loop_options`` reach every worker's
+    config (a sweep's ``report_every`` and ``scorer``)."""
+    data_root = Path(params.storage.uri).resolve()
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "data_root": str(data_root),
+            "semantics": section.semantics,
+            "model": section.model_config_for("sista").to_dict(),
+            "seed": section.seed,
+            "lr": section.optim.lr,
+            "weight_decay": section.optim.weight_decay,
+            "warmup_steps": section.optim.warmup_steps,
+            "epochs": section.optim.epochs,
+            "batch_size": section.optim.batch_size,
+            "threads_per_worker": max(1, int(section.cpus_per_worker)),
+            "gpu": section.gpu.model_dump(),
+            "text_states": {
+                "text_encoder": section.text.name_or_path,
+                "frozen_text_layers": section.text.freeze_layers,
+            },
+            "tracking_uri": tracking_uri(params),
+            "mlflow_run_id": mlflow_run_id,
+            "log_every": 5,
+            **loop_options,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=section.workers,
+            use_gpu=section.use_gpu,
+            resources_per_worker={"CPU": section.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(data_root / "checkpoints"),
+            failure_config=FailureConfig(max_failures=section.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
+        ),
+    )
 
 
 def register_candidate(params: Params, run_id: str) -> str:

@@ -12,6 +12,9 @@ from typing import Any
 from .config import ConfigError, Params, load_params
 
 STAGES = ("ingest", "reports", "similarity", "pretrain", "evaluate", "publish")
+# What `python -m pipeline.launch` runs: the DVC stages, and the loss-weight sweep (a Ray job
+# over the stages' outputs that `dvc repro` never starts).
+JOBS = (*STAGES, "sweep")
 
 
 def stage_dir(params: Params, stage: str) -> Path:

@@ -5,6 +5,9 @@ sista run STAGE [--variant NAME]   run one stage (a Ray job; see pipeline.launch
 sista status                       what each stage last produced
 sista profile NAME                 switch params.yaml to profiles/NAME.yaml
 sista explain IMAGE "REPORT"       heat maps of the report's words on the image (PNG)
+sista sweep                        Ray Tune over loss weights (a Ray job; see components.sweep)
+sista sweep --apply [FILE]         write the sweep's best settings into params.yaml
+sista sweep --dvc-args [FILE]      the same settings as `dvc exp run` -S arguments
 """
 
 from __future__ import annotations
@@ -96,6 +99,36 @@ def explain(
     return 0
 
 
+def sweep(params_path: str, apply: str | None, dvc_args: str | None, rest: list[str]) -> int:
+    """Run the sweep, or apply / print the best settings it wrote."""
+    from components.sweep_best import BEST_FILE, apply_best, dvc_arguments
+
+    chosen = apply or dvc_args
+    if chosen is None:
+        return launch("sweep", params_path, rest)
+    if chosen == "-":  # the flag without a file: this params file's sweep output
+        try:
+            chosen = str(stage_dir(load_params(params_path), "sweep") / BEST_FILE)
+        except ConfigError as error:
+            print(error, file=sys.stderr)
+            return 2
+    if not Path(chosen).is_file():
+        print(f"no sweep result at {chosen}: run `sista sweep` first", file=sys.stderr)
+        return 2
+    try:
+        if dvc_args:
+            print(dvc_arguments(chosen))
+            return 0
+        changed = apply_best(params_path, chosen)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    for key, (old, new) in changed.items():
+        print(f"{key}: {old} -> {new}")
+    print(f"{params_path} updated from {chosen}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="sista", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -113,7 +146,12 @@ def main(argv: list[str] | None = None) -> None:
     heat_maps.add_argument("--model", default="data/pretrain/sista/model", help="SISTAModel folder")
     heat_maps.add_argument("--out", help="PNG to write (default: ./IMAGESTEM_explain.png)")
     heat_maps.add_argument("--words", help="comma-separated words (default: the most focused)")
+    tuning = commands.add_parser("sweep", help="Ray Tune over loss weights, or apply its result")
+    tuning.add_argument("--apply", nargs="?", const="-", metavar="FILE", help="best_params.yaml")
+    tuning.add_argument("--dvc-args", nargs="?", const="-", metavar="FILE", help="print -S args")
     args, rest = parser.parse_known_args(argv)
+    if args.command == "sweep":
+        raise SystemExit(sweep(args.params, args.apply, args.dvc_args, rest))
     if args.command == "run":
         raise SystemExit(launch(args.stage, args.params, rest))
     if args.command == "status":

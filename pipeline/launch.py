@@ -17,7 +17,7 @@ import sys
 import time
 
 from components.config import ConfigError, load_params
-from components.stage import STAGES
+from components.stage import JOBS
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -56,16 +56,18 @@ def submit(address: str, command: str, working_dir: str | None = None) -> int:
 
 
 def launch(stage: str, params_path: str, stage_args: list[str]) -> int:
-    if stage not in STAGES:
-        raise SystemExit(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    if stage not in JOBS:
+        raise SystemExit(f"unknown stage {stage!r}; stages: {', '.join(JOBS)}")
     try:
         params = load_params(params_path)  # a config error stops here, before any job starts
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
     address = os.environ.get("RAY_ADDRESS") or params.ray.address
-    if address:
+    if address and "://" in address:  # a dashboard (http://head:8265): submit a job
         return submit(address, entrypoint(stage, params_path, stage_args))
+    # No address: a local Ray instance. A bare GCS address (head:6379) is what Ray sets inside
+    # a running job (a KubeRay RayJob's entrypoint): the stage attaches to that cluster.
     module = importlib.import_module(f"components.{stage}")
     module.main(["--params", params_path, *stage_args])
     return 0
@@ -73,7 +75,7 @@ def launch(stage: str, params_path: str, stage_args: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.launch", description=__doc__)
-    parser.add_argument("stage", choices=STAGES)
+    parser.add_argument("stage", choices=JOBS)
     parser.add_argument("--params", default="params.yaml")
     args, stage_args = parser.parse_known_args(argv)
     raise SystemExit(launch(args.stage, args.params, stage_args))

@@ -1,0 +1,76 @@
+"""The sweep's result as settings a user applies: ``best_params.yaml`` holds dotted
+``params.yaml`` keys (what ``dvc exp run -S`` takes) with a header saying which sweep chose
+them. Light imports: ``sista sweep --apply`` needs neither Ray nor torch."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import ConfigError, load_params
+
+BEST_FILE = "best_params.yaml"
+
+
+def best_file_text(best: dict[str, Any], summary: dict[str, Any]) -> str:
+    """``best_params.yaml``: dotted keys with a header saying where they come from."""
+    header = [
+        f"# Best trial of sista sweep, MLflow parent run {summary['parent_run_id']}, "
+        f"{summary['date']}",
+        f"# trial {best['trial_id']}: {summary['metric']} {best['signal']:.4f} on the validation "
+        f"split after {best['steps']} steps",
+    ]
+    if summary.get("current_signal") is not None:
+        header.append(
+            f"# current params.yaml values: {summary['current_signal']:.4f} "
+            f"({best['signal'] - summary['current_signal']:+.4f})"
+        )
+    header.append("# apply: sista sweep --apply, or dvc exp run $(sista sweep --dvc-args)")
+    body = yaml.safe_dump(best["settings"], sort_keys=False, default_flow_style=False)
+    return "\n".join(header) + "\n" + body
+
+
+def read_best(path: str | Path) -> dict[str, float]:
+    data = yaml.safe_load(Path(path).read_text())
+    if not isinstance(data, dict) or not data:
+        raise ConfigError(f"{path}: expected dotted keys with values")
+    return data
+
+
+def apply_best(params_path: str | Path, best_path: str | Path) -> dict[str, tuple[Any, Any]]:
+    """Write the best settings into ``params_path`` in place, keeping its comments and layout
+    (ruamel round trip, as ``dvc exp run -S`` does), only if the result validates.
+    Returns ``{key: (old, new)}``."""
+    from ruamel.yaml import YAML
+
+    params_path = Path(params_path)
+    best = read_best(best_path)
+    editor = YAML()
+    editor.preserve_quotes = True
+    document = editor.load(params_path.read_text())
+    changed = {}
+    for key, value in best.items():
+        *parents, leaf = key.split(".")
+        section = document
+        for name in parents:
+            if name not in section:
+                raise ConfigError(f"{best_path}: {key}: {params_path} has no {name!r}")
+            section = section[name]
+        changed[key] = (section.get(leaf), value)
+        section[leaf] = value
+    with tempfile.TemporaryDirectory() as folder:
+        candidate = Path(folder) / params_path.name
+        with candidate.open("w") as stream:
+            editor.dump(document, stream)
+        load_params(candidate)  # never write an invalid params.yaml
+        shutil.copyfile(candidate, params_path)
+    return changed
+
+
+def dvc_arguments(best_path: str | Path) -> str:
+    """``-S key=value ...`` for ``dvc exp run``."""
+    return " ".join(f"-S {key}={value}" for key, value in read_best(best_path).items())

@@ -1,0 +1,237 @@
+"""infra/ as a cluster receives it: every manifest validates offline against Kubernetes and
+KubeRay schemas, every entry point it names exists in the code, the committed Kubeflow
+pipeline is what the code compiles, and the recurring run is what KFP's client is given."""
+
+import copy
+import importlib
+import json
+import re
+import shlex
+
+import pytest
+import yaml
+from infra_schemas import ROOT, manifests, validation_errors
+
+from components.config import Params
+from components.stage import JOBS, STAGES
+from pipeline import kubeflow
+
+MANIFESTS = manifests()
+
+
+def test_infra_holds_the_cluster_the_pipeline_needs():
+    kinds = {(path.name, document["kind"]) for path, document in MANIFESTS}
+    assert ("raycluster.yaml", "RayCluster") in kinds
+    assert {name for name, kind in kinds if kind == "RayJob"} >= {
+        "rayjob-pipeline.yaml",
+        "rayjob-sweep.yaml",
+    }
+    assert {kind for _, kind in kinds} >= {"Namespace", "PersistentVolumeClaim", "Deployment"}
+
+
+@pytest.mark.parametrize(
+    "path, document",
+    MANIFESTS,
+    ids=[f"{p.relative_to(ROOT)}:{d['kind']}/{d['metadata']['name']}" for p, d in MANIFESTS],
+)
+def test_every_manifest_validates(path, document):
+    assert validation_errors(document) == []
+
+
+def _ray_cluster():
+    return copy.deepcopy(next(d for _, d in MANIFESTS if d["kind"] == "RayCluster"))
+
+
+@pytest.mark.parametrize(
+    "break_it, message",
+    [
+        (
+            lambda c: c["spec"].update(workerGroupSpec=c["spec"].pop("workerGroupSpecs")),
+            "'workerGroupSpec' was unexpected",
+        ),
+        (lambda c: c["spec"]["workerGroupSpecs"][0].pop("groupName"), "'groupName' is a required"),
+        (
+            lambda c: c["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0].update(
+                imagePullPolicyy="Always"
+            ),
+            "'imagePullPolicyy' was unexpected",
+        ),
+        (lambda c: c["spec"]["autoscalerOptions"].update(upscalingMode="Eager"), "'Eager' is not"),
+    ],
+    ids=["kuberay-field", "required", "pod-template-field", "enum"],
+)
+def test_a_broken_ray_cluster_fails_validation(break_it, message):
+    """The schemas are strict where kubectl's server-side validation is, down into the pod
+    templates (Kubernetes' own schema behind KubeRay's)."""
+    cluster = _ray_cluster()
+    assert validation_errors(cluster) == []
+    break_it(cluster)
+    assert any(message in error for error in validation_errors(cluster))
+
+
+def test_a_broken_core_manifest_fails_validation():
+    deployment = copy.deepcopy(next(d for _, d in MANIFESTS if d["kind"] == "Deployment"))
+    deployment["spec"]["template"]["spec"]["containers"][0]["imagee"] = "x"
+    assert any("'imagee' was unexpected" in e for e in validation_errors(deployment))
+
+
+def test_gpu_workers_ask_for_gpus_and_every_ray_pod_gets_storage_and_params():
+    cluster = _ray_cluster()
+    groups = {g["groupName"]: g for g in cluster["spec"]["workerGroupSpecs"]}
+    gpu = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]
+    assert gpu["limits"]["nvidia.com/gpu"] == gpu["requests"]["nvidia.com/gpu"] == "1"
+    pods = [cluster["spec"]["headGroupSpec"]] + list(groups.values())
+    for pod in pods:
+        container = pod["template"]["spec"]["containers"][0]
+        mounts = {m["mountPath"] for m in container["volumeMounts"]}
+        assert {"/etc/sista", "/shared"} <= mounts
+        assert {"name": "RAY_AUTH_MODE", "value": "token"} in container["env"]
+        assert container["envFrom"] == [{"secretRef": {"name": "sista-s3"}}]
+
+
+# --- entry points -------------------------------------------------------------------------
+
+
+def _launched(text: str) -> list[list[str]]:
+    """Each ``python -m pipeline.launch STAGE [args]`` command in ``text``."""
+    commands = []
+    for match in re.finditer(r"python -m pipeline\.launch ([^&\n'\"]+)", text):
+        commands.append(shlex.split(match.group(1)))
+    return commands
+
+
+def _stage_exists(stage: str) -> None:
+    assert stage in JOBS, f"{stage!r} is not a job pipeline.launch runs ({JOBS})"
+    module = importlib.import_module(f"components.{stage}")
+    assert callable(module.main) and callable(module.run)
+
+
+def test_the_image_entry_point_and_its_files_exist():
+    dockerfile = (ROOT / "infra" / "Dockerfile").read_text()
+    entrypoint = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", dockerfile, re.M).group(1))
+    assert entrypoint == ["python", "-m", "pipeline.launch"]
+    assert callable(importlib.import_module("pipeline.launch").main)
+    for source in re.findall(r"^COPY (.+) \S+$", dockerfile, re.M):
+        for name in source.split():
+            assert (ROOT / name).exists(), f"Dockerfile copies {name}, which is not in the repo"
+    assert "-c requirements.lock" in dockerfile  # the same pins as `make venv`
+    assert re.search(r"^FROM python:3\.11-slim$", dockerfile, re.M)
+
+
+def test_every_stage_the_manifests_run_exists():
+    entrypoints = {
+        path.name: document["spec"]["entrypoint"]
+        for path, document in MANIFESTS
+        if document["kind"] == "RayJob"
+    }
+    commands = [command for text in entrypoints.values() for command in _launched(text)]
+    assert len(commands) > len(entrypoints) > 0
+    for stage, *arguments in commands:
+        _stage_exists(stage)
+        if "--variant" in arguments:
+            variant = arguments[arguments.index("--variant") + 1]
+            assert variant == "sista" or variant in Params().pretrain.baselines
+    assert {command[0] for command in _launched(entrypoints["rayjob-pipeline.yaml"])} == set(STAGES)
+    assert _launched(entrypoints["rayjob-sweep.yaml"])[0][0] == "sweep"
+
+
+def _compiled(path) -> tuple[dict, dict]:
+    """A compiled pipeline: its pipeline spec and its Kubernetes platform spec."""
+    spec, platform = yaml.safe_load_all(path.read_text())
+    return spec, platform
+
+
+def _compiled_tasks(path) -> dict[str, dict[str, str]]:
+    """task name -> its constant string inputs, from a compiled pipeline."""
+    spec, _ = _compiled(path)
+    return {
+        name: {
+            key: value["runtimeValue"]["constant"]
+            for key, value in task["inputs"]["parameters"].items()
+            if "runtimeValue" in value
+        }
+        for name, task in spec["root"]["dag"]["tasks"].items()
+    }
+
+
+def test_the_committed_kubeflow_pipeline_is_a_fresh_compile(tmp_path):
+    fresh = kubeflow.compile_pipeline(tmp_path / "sista_pipeline.yaml")
+    committed = ROOT / kubeflow.PIPELINE_FILE
+    assert fresh.read_text() == committed.read_text(), "run `make kubeflow` and commit"
+
+
+def test_the_kubeflow_pipeline_runs_every_stage_on_the_cluster_in_dvc_order():
+    tasks = _compiled_tasks(ROOT / kubeflow.PIPELINE_FILE)
+    stages = [inputs["stage"] for inputs in tasks.values()]
+    for stage in stages:
+        _stage_exists(stage)
+    assert sorted(set(stages)) == sorted(STAGES)
+    variants = sorted(i["variant"] for i in tasks.values() if i["stage"] == "pretrain")
+    assert variants == sorted(kubeflow.PRETRAIN_VARIANTS)
+    spec, platform = _compiled(ROOT / kubeflow.PIPELINE_FILE)
+    dag = spec["root"]["dag"]["tasks"]
+    by_stage = {}
+    for name, inputs in tasks.items():
+        by_stage.setdefault(inputs["stage"], []).append(name)
+    (publish,) = by_stage["publish"]
+    (evaluate,) = by_stage["evaluate"]
+    assert dag[publish]["dependentTasks"] == [evaluate]
+    assert sorted(dag[evaluate]["dependentTasks"]) == sorted(by_stage["pretrain"])
+    inputs = spec["root"]["inputDefinitions"]["parameters"]
+    assert inputs["ray_address"]["defaultValue"].endswith(":8265")  # the KubeRay head
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert len(executors) == len(dag)
+    for executor in executors.values():  # params, S3 and Ray token on every step
+        assert executor["configMapAsVolume"][0]["configMapName"] == "sista-params"
+        assert {s["secretName"] for s in executor["secretAsEnv"]} == {
+            "sista-s3",
+            "sista-ray-token",
+        }
+    for task in dag.values():
+        assert task["cachingOptions"] == {}  # caching off: a retraining always runs
+
+
+class RecordingClient:
+    """Stands in for kfp.Client: records what a KFP server would be asked."""
+
+    def __init__(self):
+        self.calls = []
+
+    def create_experiment(self, name, namespace=None):
+        self.calls.append(("create_experiment", {"name": name, "namespace": namespace}))
+        return type("Experiment", (), {"experiment_id": "exp-1"})()
+
+    def create_recurring_run(self, **arguments):
+        self.calls.append(("create_recurring_run", arguments))
+        return type("RecurringRun", (), {"recurring_run_id": "run-1"})()
+
+
+def test_the_recurring_run_retrains_weekly_one_run_at_a_time():
+    definition = kubeflow.read_recurring_run(ROOT / kubeflow.RECURRING_RUN_FILE)
+    client = RecordingClient()
+    kubeflow.schedule(client, definition)
+    (_, experiment), (_, arguments) = client.calls
+    assert experiment["name"] == "sista"
+    assert arguments["experiment_id"] == "exp-1"
+    assert arguments["cron_expression"] == "0 0 3 * * 0"
+    assert arguments["max_concurrency"] == 1
+    assert arguments["no_catchup"] is True and arguments["enable_caching"] is False
+    assert (ROOT / arguments["pipeline_package_path"]).is_file()
+    compiled, _ = _compiled(ROOT / arguments["pipeline_package_path"])
+    assert set(arguments["params"]) == set(compiled["root"]["inputDefinitions"]["parameters"])
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"max_concurrency": 2}, "max_concurrency: must be 1"),
+        ({"cron": "0 3 * * 0"}, "cron: needs six fields"),
+        ({"parameters": {"param_path": "x"}}, "the pipeline has no ['param_path']"),
+    ],
+)
+def test_a_bad_recurring_run_definition_is_refused(tmp_path, change, message):
+    definition = yaml.safe_load((ROOT / kubeflow.RECURRING_RUN_FILE).read_text()) | change
+    path = tmp_path / "recurring_run.yaml"
+    path.write_text(yaml.safe_dump(definition))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        kubeflow.read_recurring_run(path)

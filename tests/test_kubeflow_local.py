@@ -1,0 +1,83 @@
+"""The Kubeflow pipeline itself, run end to end by kfp's local runner on a trimmed CI profile:
+the same step functions a cluster runs, each launching its stage (here on a local Ray
+instance: an empty ray_address), in the compiled order; publish registers @champion."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import mlflow
+import pytest
+from pipeline_helpers import write_ci_params
+
+pytestmark = pytest.mark.slow
+
+RUN_PIPELINE = """
+import sys
+from kfp import local
+from pipeline.kubeflow import sista_pipeline
+
+local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=sys.argv[2])
+sista_pipeline(params_path=sys.argv[1], ray_address="", mlflow_tracking_uri="")
+print("PIPELINE SUCCEEDED")
+"""
+
+
+@pytest.mark.timeout(2400)
+def test_the_kubeflow_pipeline_runs_every_step_and_publishes_a_champion(tmp_path):
+    data = tmp_path / "data"
+    params = write_ci_params(
+        tmp_path,
+        **{
+            # Absolute: each step runs in a process of kfp's own.
+            "storage.uri": str(data),
+            "mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "mlflow.artifact_root": str(tmp_path / "mlartifacts"),
+            # Trimmed to what the chain needs: every stage runs, each on little work.
+            "ingest.downstream.segmentation_patients": 0,
+            "ingest.downstream.detection_patients": 0,
+            "ingest.downstream.seeds": [0],
+            "pretrain.optim.epochs": 1,
+            "evaluate.tasks": ["classification"],
+            "evaluate.inits": ["sista", "convirt", "dense", "random"],
+            "evaluate.localisation_images": 0,
+        },
+    )
+    environment = {
+        **os.environ,
+        "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",  # steps' python3
+        "HF_HUB_OFFLINE": "1",
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+        # kfp warns, per step, that the image and resources mean nothing locally: keep the
+        # log to the steps' own output.
+        "PYTHONWARNINGS": "ignore",
+    }
+    for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
+        environment.pop(name, None)
+    result = subprocess.run(
+        [sys.executable, "-c", RUN_PIPELINE, str(params), str(tmp_path / "kfp")],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=2300,
+    )
+    log = _plain(result.stdout + result.stderr)
+    assert result.returncode == 0 and "PIPELINE SUCCEEDED" in result.stdout, log[-8000:]
+    finished = re.findall(r"Task '(run-stage[-\d]*)' finished with status SUCCESS", log)
+    assert len(set(finished)) == 8  # ingest, reports, similarity, 3 x pretrain, evaluate, publish
+    for variant in ("sista", "convirt", "dense"):
+        assert (data / "pretrain" / variant / "model" / "model.safetensors").is_file()
+
+    decision = json.loads((data / "publish" / "results.json").read_text())["registry"]
+    assert decision["promoted"] and decision["champion_version_before"] is None
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias("sista-encoder", "champion")
+    assert champion.version == decision["candidate_version"]
+
+
+def _plain(log: str) -> str:
+    """The runner's log without its colour codes."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", log)
