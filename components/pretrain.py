@@ -26,9 +26,10 @@ import ray.train  # noqa: E402
 import torch  # noqa: E402
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # noqa: E402
 from ray.train.torch import TorchTrainer  # noqa: E402
-from safetensors.torch import load_model, save_model  # noqa: E402
+from safetensors.torch import save_model  # noqa: E402
 
 from sista_core import SISTAConfig, SISTAModel  # noqa: E402
+from sista_core.checkpoint import load_safetensors_into, load_state_dict_file  # noqa: E402
 from sista_core.cpu import retain_freed_memory  # noqa: E402
 from sista_core.encoders.text import collate_tokens  # noqa: E402
 from sista_core.retrieval import recall_at_k  # noqa: E402
@@ -69,9 +70,9 @@ def save_training_state(
 def load_training_state(
     folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
 ) -> dict[str, Any]:
-    load_model(model, str(folder / "model.safetensors"), strict=True)
-    if optimizer is not None:
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    load_safetensors_into(model, folder / "model.safetensors")
+    if optimizer is not None:  # tensors and numbers only: nothing pickled is executed
+        optimizer.load_state_dict(load_state_dict_file(folder / "optimizer.pt"))
     return json.loads((folder / STATE_FILE).read_text())
 
 
