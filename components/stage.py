@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, Params, load_params
+from .preflight import check_resources
 
 STAGES = ("ingest", "reports", "similarity", "pretrain", "evaluate", "publish")
 
@@ -21,21 +22,29 @@ def stage_dir(params: Params, stage: str) -> Path:
     return Path(params.storage.uri) / stage
 
 
+def load_checked_params(params_path: str, stage: str) -> Params:
+    """Validated params whose named locations answer for ``stage`` (ConfigError if not)."""
+    params = load_params(params_path)
+    check_resources(params, stage, source=str(params_path))
+    return params
+
+
 def stage_main(
     stage: str,
     run: Callable[[Params, argparse.Namespace], dict[str, Any]],
     argv: list[str] | None = None,
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> dict[str, Any]:
-    """``python -m components.<stage> [--params params.yaml]``: a config error exits with
-    status 2 and a one-line message per bad key, before Ray or any data is touched."""
+    """``python -m components.<stage> [--params params.yaml]``: a config error or a location
+    that does not answer exits with status 2 and one line per problem naming the key, before
+    Ray or any data is touched."""
     parser = argparse.ArgumentParser(prog=f"python -m components.{stage}")
     parser.add_argument("--params", default="params.yaml", help="parameters file")
     if add_arguments:
         add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        params = load_params(args.params)
+        params = load_checked_params(args.params, stage)
     except ConfigError as error:
         print(error, file=sys.stderr)
         raise SystemExit(2) from None

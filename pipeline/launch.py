@@ -16,8 +16,8 @@ import shlex
 import sys
 import time
 
-from components.config import ConfigError, load_params
-from components.stage import STAGES
+from components.config import ConfigError
+from components.stage import STAGES, load_checked_params
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -59,7 +59,8 @@ def launch(stage: str, params_path: str, stage_args: list[str]) -> int:
     if stage not in STAGES:
         raise SystemExit(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     try:
-        params = load_params(params_path)  # a config error stops here, before any job starts
+        # A config error or an unreachable location stops here, before any job starts.
+        params = load_checked_params(params_path, stage)
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
