@@ -40,7 +40,7 @@ from .config import Params, tracking_uri  # noqa: E402
 from .pretrain_data import PretrainData  # noqa: E402
 from .runtime import ensure_ray  # noqa: E402
 from .stage import stage_dir, stage_main  # noqa: E402
-from .tracking import stage_run  # noqa: E402
+from .tracking import last_logged_step, log_metrics_at, stage_run  # noqa: E402
 
 STEP_METRICS = (
     "loss",
@@ -136,6 +136,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if checkpoint:
         with checkpoint.as_directory() as folder:
             state = load_training_state(Path(folder), model, optimizer)
+        if rank == 0:
+            done = f"epoch {state['epoch']}, step {state['step']}"
+            print(f"[pretrain] resuming after {done}", flush=True)
     core = model
     if on_gpu:
         accelerate(core, **config["gpu"])
@@ -159,6 +162,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         source = "read from the similarity stage" if data.has_text_states else "run every step"
         print(f"[pretrain] frozen text layers: {source}", flush=True)
+    # After a worker failure Ray restarts here from the last checkpoint: steps that the failed
+    # attempt already logged are run again but not logged again.
+    logged_up_to = (
+        last_logged_step(tracker, config["mlflow_run_id"], ("loss", "epoch_loss")) if tracker else 0
+    )
     validation = (
         PretrainData(config["data_root"], "val", config["semantics"]) if rank == 0 else None
     )
@@ -200,14 +208,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             for name, value in step_metrics.items():
                 sums[name] = sums.get(name, 0.0) + value
             if tracker is not None and state["step"] % config["log_every"] == 0:
-                timestamp = int(time.time() * 1000)
-                tracker.log_batch(
-                    config["mlflow_run_id"],
-                    metrics=[
-                        mlflow.entities.Metric(k, v, timestamp, state["step"])
-                        for k, v in step_metrics.items()
-                    ],
-                )
+                if state["step"] > logged_up_to:
+                    log_metrics_at(tracker, config["mlflow_run_id"], step_metrics, state["step"])
                 state["history"].append({"step": state["step"], "epoch": epoch, **step_metrics})
             tick = time.perf_counter()
 
@@ -218,13 +220,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             epoch_checkpoint = None
             if rank == 0:
                 epoch_metrics.update(retrieval_recall(core, validation))
-                tracker.log_batch(
-                    config["mlflow_run_id"],
-                    metrics=[
-                        mlflow.entities.Metric(k, float(v), int(time.time() * 1000), state["step"])
-                        for k, v in epoch_metrics.items()
-                    ],
-                )
+                if state["step"] > logged_up_to:
+                    log_metrics_at(tracker, config["mlflow_run_id"], epoch_metrics, state["step"])
                 save_training_state(Path(folder), core, optimizer, state)
                 epoch_checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(epoch_metrics, checkpoint=epoch_checkpoint)
