@@ -22,13 +22,6 @@ def stage_dir(params: Params, stage: str) -> Path:
     return Path(params.storage.uri) / stage
 
 
-def load_checked_params(params_path: str, stage: str) -> Params:
-    """Validated params whose named locations answer for ``stage`` (ConfigError if not)."""
-    params = load_params(params_path)
-    check_resources(params, stage, source=str(params_path))
-    return params
-
-
 def stage_main(
     stage: str,
     run: Callable[[Params, argparse.Namespace], dict[str, Any]],
@@ -44,7 +37,8 @@ def stage_main(
         add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        params = load_checked_params(args.params, stage)
+        params = load_params(args.params)
+        check_resources(params, stage, source=args.params)
     except ConfigError as error:
         print(error, file=sys.stderr)
         raise SystemExit(2) from None

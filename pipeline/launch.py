@@ -16,8 +16,9 @@ import shlex
 import sys
 import time
 
-from components.config import ConfigError
-from components.stage import STAGES, load_checked_params
+from components.config import ConfigError, load_params
+from components.preflight import check_resources
+from components.stage import STAGES
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -58,13 +59,16 @@ def submit(address: str, command: str, working_dir: str | None = None) -> int:
 def launch(stage: str, params_path: str, stage_args: list[str]) -> int:
     if stage not in STAGES:
         raise SystemExit(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
-    try:
-        # A config error or an unreachable location stops here, before any job starts.
-        params = load_checked_params(params_path, stage)
+    try:  # a config error stops here, before any job starts
+        params = load_params(params_path)
+        address = os.environ.get("RAY_ADDRESS") or params.ray.address
+        # A stage run here needs its locations to answer from here; a submitted job checks
+        # them on the cluster (stage_main), which may reach what this machine cannot.
+        if not address:
+            check_resources(params, stage, source=params_path)
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
-    address = os.environ.get("RAY_ADDRESS") or params.ray.address
     if address:
         return submit(address, entrypoint(stage, params_path, stage_args))
     module = importlib.import_module(f"components.{stage}")

@@ -120,6 +120,25 @@ def test_a_bad_config_fails_in_one_line_naming_the_key_before_any_work(case, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written
 
 
+def test_a_stage_started_as_a_cluster_job_checks_its_locations_too(tmp_path):
+    """A submitted job runs ``python -m components.STAGE`` on the cluster: the same check."""
+    missing = tmp_path / "no-such-folder"
+    params = {"ingest": {"source": "mimic_cxr", "source_path": str(missing)}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = subprocess.run(
+        [sys.executable, "-m", "components.ingest", "--params", "params.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"params.yaml: ingest.source_path: no such file or folder: {missing}"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
 def _resolve(data, tmp_path):
     """Call the placeholders (``no_such``) of a case with this test's folder."""
     if isinstance(data, dict):

@@ -90,6 +90,14 @@ def worker_killed_run(pipeline_run):
             lambda: history_steps(client, run_id, "epoch_loss"), job, "epoch 1 ended"
         )
         steps_per_epoch = first_epoch[0]
+        fingerprint = client.get_run(run_id).data.params["fingerprint"]
+        snapshot = folder / f"data/checkpoints/pretrain-sista-{fingerprint}"
+        snapshot /= "checkpoint_manager_snapshot.json"
+        wait_for(  # Ray has registered the epoch-1 checkpoint: there is something to resume
+            lambda: snapshot.exists() and "checkpoint_" in snapshot.read_text(),
+            job,
+            "the epoch-1 checkpoint was registered",
+        )
         wait_for(
             lambda: any(s > steps_per_epoch for s in history_steps(client, run_id, "loss")),
             job,
