@@ -44,10 +44,14 @@ def atomic_output_dir(
 ) -> Iterator[tuple[Path, dict[str, Any]]]:
     """Yield ``(temp_folder, manifest_extra)``; on success write the manifest and swap the
     folder into ``final``. On any error the temporary folder is removed and ``final`` is
-    untouched. Leftovers of a killed run (``.NAME.tmp-*``) are cleared on the next run."""
+    untouched. Leftovers of a killed run (``.NAME.tmp-*``, and ``.NAME.old-*`` when it died
+    between the two renames of ``replace_dir``) are cleared on the next run."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f".{final.name}.tmp-*"):
+    for stale in (
+        *final.parent.glob(f".{final.name}.tmp-*"),
+        *final.parent.glob(f".{final.name}.old-*"),
+    ):
         shutil.rmtree(stale, ignore_errors=True)
     temp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     temp.mkdir()

@@ -26,9 +26,10 @@ import ray.train  # noqa: E402
 import torch  # noqa: E402
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # noqa: E402
 from ray.train.torch import TorchTrainer  # noqa: E402
-from safetensors.torch import load_model, save_model  # noqa: E402
+from safetensors.torch import save_model  # noqa: E402
 
 from sista_core import SISTAConfig, SISTAModel  # noqa: E402
+from sista_core.checkpoint import load_safetensors_into, load_state_dict_file  # noqa: E402
 from sista_core.cpu import retain_freed_memory  # noqa: E402
 from sista_core.encoders.text import collate_tokens  # noqa: E402
 from sista_core.retrieval import recall_at_k  # noqa: E402
@@ -39,7 +40,7 @@ from .config import Params, PretrainSection, tracking_uri  # noqa: E402
 from .pretrain_data import PretrainData  # noqa: E402
 from .runtime import ensure_ray  # noqa: E402
 from .stage import stage_dir, stage_main  # noqa: E402
-from .tracking import stage_run  # noqa: E402
+from .tracking import last_logged_step, log_metrics_at, stage_run  # noqa: E402
 
 STEP_METRICS = (
     "loss",
@@ -69,9 +70,9 @@ def save_training_state(
 def load_training_state(
     folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
 ) -> dict[str, Any]:
-    load_model(model, str(folder / "model.safetensors"), strict=True)
-    if optimizer is not None:
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    load_safetensors_into(model, folder / "model.safetensors")
+    if optimizer is not None:  # tensors and numbers only: nothing pickled is executed
+        optimizer.load_state_dict(load_state_dict_file(folder / "optimizer.pt"))
     return json.loads((folder / STATE_FILE).read_text())
 
 
@@ -135,6 +136,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if checkpoint:
         with checkpoint.as_directory() as folder:
             state = load_training_state(Path(folder), model, optimizer)
+        if rank == 0:
+            done = f"epoch {state['epoch']}, step {state['step']}"
+            print(f"[pretrain] resuming after {done}", flush=True)
     core = model
     if on_gpu:
         accelerate(core, **config["gpu"])
@@ -158,6 +162,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         source = "read from the similarity stage" if data.has_text_states else "run every step"
         print(f"[pretrain] frozen text layers: {source}", flush=True)
+    # After a worker failure Ray restarts here from the last checkpoint: steps that the failed
+    # attempt already logged are run again but not logged again.
+    logged_up_to = (
+        last_logged_step(tracker, config["mlflow_run_id"], ("loss", "epoch_loss")) if tracker else 0
+    )
     validation = (
         PretrainData(config["data_root"], "val", config["semantics"]) if rank == 0 else None
     )
@@ -202,26 +211,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             for name, value in step_metrics.items():
                 sums[name] = sums.get(name, 0.0) + value
             if tracker is not None and state["step"] % config["log_every"] == 0:
-                timestamp = int(time.time() * 1000)
-                tracker.log_batch(
-                    config["mlflow_run_id"],
-                    metrics=[
-                        mlflow.entities.Metric(k, v, timestamp, state["step"])
-                        for k, v in step_metrics.items()
-                    ],
-                )
+                if state["step"] > logged_up_to:
+                    log_metrics_at(tracker, config["mlflow_run_id"], step_metrics, state["step"])
                 state["history"].append({"step": state["step"], "epoch": epoch, **step_metrics})
             mid_epoch = state["step"] % steps_per_epoch != 0  # the epoch's end reports below
             if report_every and state["step"] % report_every == 0 and mid_epoch:
                 scores = scorer(core) if scorer and rank == 0 else {}
-                if tracker is not None and scores:
-                    tracker.log_batch(
-                        config["mlflow_run_id"],
-                        metrics=[
-                            mlflow.entities.Metric(k, v, int(time.time() * 1000), state["step"])
-                            for k, v in scores.items()
-                        ],
-                    )
+                if tracker is not None and scores and state["step"] > logged_up_to:
+                    log_metrics_at(tracker, config["mlflow_run_id"], scores, state["step"])
                 ray.train.report({"step": state["step"], "epoch": epoch, **scores})
             tick = time.perf_counter()
 
@@ -233,13 +230,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 epoch_metrics.update(retrieval_recall(core, validation))
                 epoch_metrics.update(scorer(core) if scorer else {})
-                tracker.log_batch(
-                    config["mlflow_run_id"],
-                    metrics=[
-                        mlflow.entities.Metric(k, float(v), int(time.time() * 1000), state["step"])
-                        for k, v in epoch_metrics.items()
-                    ],
-                )
+                if state["step"] > logged_up_to:
+                    log_metrics_at(tracker, config["mlflow_run_id"], epoch_metrics, state["step"])
                 save_training_state(Path(folder), core, optimizer, state)
                 epoch_checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(epoch_metrics, checkpoint=epoch_checkpoint)

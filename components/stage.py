@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, Params, load_params
+from .preflight import check_resources
 
 STAGES = ("ingest", "reports", "similarity", "pretrain", "evaluate", "publish")
 # What `python -m pipeline.launch` runs: the DVC stages, and the loss-weight sweep (a Ray job
@@ -30,8 +31,9 @@ def stage_main(
     argv: list[str] | None = None,
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> dict[str, Any]:
-    """``python -m components.<stage> [--params params.yaml]``: a config error exits with
-    status 2 and a one-line message per bad key, before Ray or any data is touched."""
+    """``python -m components.<stage> [--params params.yaml]``: a config error or a location
+    that does not answer exits with status 2 and one line per problem naming the key, before
+    Ray or any data is touched."""
     parser = argparse.ArgumentParser(prog=f"python -m components.{stage}")
     parser.add_argument("--params", default="params.yaml", help="parameters file")
     if add_arguments:
@@ -39,6 +41,7 @@ def stage_main(
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params)
+        check_resources(params, stage, source=args.params)
     except ConfigError as error:
         print(error, file=sys.stderr)
         raise SystemExit(2) from None

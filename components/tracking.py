@@ -1,7 +1,9 @@
-"""MLflow: one experiment per stage, the resolved config logged as params."""
+"""MLflow: one experiment per stage, the resolved config logged as params (secrets masked)."""
 
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +24,21 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+_SECRET_KEY = re.compile(  # a word of the key: hf_token, aws_secret_access_key (not tokenizer)
+    r"(?:^|[._-])(?:secret|token|password|passwd|credentials?|access_key)(?:$|[._-])",
+    re.IGNORECASE,
+)
+_URL_USER_INFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def redacted(key: str, value: Any) -> str:
+    """``value`` as it may be logged: ``***`` for a key that names a secret, and for the
+    user:password part of any URL in it (``http://user:pw@host`` -> ``http://***@host``)."""
+    if _SECRET_KEY.search(key) and value not in (None, ""):
+        return "***"
+    return _URL_USER_INFO.sub("***@", str(value))
 
 
 def experiment_for(params: Params, stage: str) -> str:
@@ -46,5 +63,24 @@ def stage_run(
         if logged:
             items = list(flatten(logged).items())
             for start in range(0, len(items), 100):  # MLflow's batch limit
-                mlflow.log_params({k: str(v)[:500] for k, v in items[start : start + 100]})
+                batch = items[start : start + 100]
+                mlflow.log_params({k: redacted(k, v)[:500] for k, v in batch})
         yield run
+
+
+def last_logged_step(client: mlflow.MlflowClient, run_id: str, keys: tuple[str, ...]) -> int:
+    """The highest step any of ``keys`` holds in the run (0 if none): a worker group that
+    Ray restarted from a checkpoint re-runs later steps, and must not log them twice."""
+    steps = [m.step for key in keys for m in client.get_metric_history(run_id, key)]
+    return max(steps, default=0)
+
+
+def log_metrics_at(
+    client: mlflow.MlflowClient, run_id: str, metrics: Mapping[str, float], step: int
+) -> None:
+    """Log ``metrics`` at ``step`` in one request."""
+    timestamp = int(time.time() * 1000)
+    client.log_batch(
+        run_id,
+        metrics=[mlflow.entities.Metric(k, float(v), timestamp, step) for k, v in metrics.items()],
+    )

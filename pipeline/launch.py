@@ -17,6 +17,7 @@ import sys
 import time
 
 from components.config import ConfigError, load_params
+from components.preflight import check_resources
 from components.stage import JOBS
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -58,13 +59,18 @@ def submit(address: str, command: str, working_dir: str | None = None) -> int:
 def launch(stage: str, params_path: str, stage_args: list[str]) -> int:
     if stage not in JOBS:
         raise SystemExit(f"unknown stage {stage!r}; stages: {', '.join(JOBS)}")
-    try:
-        params = load_params(params_path)  # a config error stops here, before any job starts
+    try:  # a config error stops here, before any job starts
+        params = load_params(params_path)
+        address = os.environ.get("RAY_ADDRESS") or params.ray.address
+        submitted = bool(address) and "://" in address  # a dashboard (http://head:8265)
+        # A stage run here needs its locations to answer from here; a submitted job checks
+        # them on the cluster (stage_main), which may reach what this machine cannot.
+        if not submitted:
+            check_resources(params, stage, source=params_path)
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
-    address = os.environ.get("RAY_ADDRESS") or params.ray.address
-    if address and "://" in address:  # a dashboard (http://head:8265): submit a job
+    if submitted:
         return submit(address, entrypoint(stage, params_path, stage_args))
     # No address: a local Ray instance. A bare GCS address (head:6379) is what Ray sets inside
     # a running job (a KubeRay RayJob's entrypoint): the stage attaches to that cluster.

@@ -9,12 +9,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, load_safetensors_into
 from .config import SISTAConfig
 from .encoders import ImageEncoder, TextEncoder, TokenizedText
 from .losses import IntraLoss, SIALoss, STALoss
@@ -176,11 +175,5 @@ class SISTAModel(nn.Module):
             image_encoder=ImageEncoder.from_config(manifest["image_encoder"]),
             text_encoder=text_encoder,
         )
-        try:
-            load_model(model, str(weights_path), strict=True)
-        except (SafetensorError, RuntimeError, OSError) as error:
-            raise CheckpointError(
-                f"{weights_path} is truncated or from a different architecture: "
-                f"{str(error).splitlines()[0]}"
-            ) from error
+        load_safetensors_into(model, weights_path)
         return model

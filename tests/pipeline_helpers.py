@@ -4,6 +4,7 @@ through pipeline.launch, in one process so one local Ray instance serves every s
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,18 @@ def run_stages(
         "    code = launch(stage, 'params.yaml', args)\n"
         "    if code: sys.exit(code)\n"
     )
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=folder,
+        env=stage_environment(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def stage_environment(env: dict[str, str] | None = None) -> dict[str, str]:
+    """Offline, a local Ray instance, the folder's own MLflow store, quick failure detection."""
     environment = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -53,11 +66,36 @@ def run_stages(
     }
     environment.pop("MLFLOW_TRACKING_URI", None)
     environment.pop("RAY_ADDRESS", None)
-    return subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=folder,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return environment
+
+
+def start_stage(
+    folder: Path, args: list[str], log: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    """``python -m pipeline.launch ARGS`` in the background, as the leader of its own process
+    group (a job a scheduler could kill as a whole), output into ``log``."""
+    with log.open("wb") as output:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline.launch", *args],
+            cwd=folder,
+            env=stage_environment(env),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def kill_job(process: subprocess.Popen) -> None:
+    """SIGKILL a stage's whole process group and any descendant that left it (the local Ray
+    instance's daemons and workers), as a preempted node would."""
+    import psutil
+
+    family = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    os.killpg(process.pid, signal.SIGKILL)
+    for member in family:
+        try:
+            member.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=30)
+    process.wait()

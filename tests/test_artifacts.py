@@ -36,9 +36,11 @@ def test_leftovers_of_a_killed_run_are_cleared(tmp_path):
     stale = tmp_path / ".ingest.tmp-deadbeef"
     stale.mkdir()
     (stale / "shard.npy").write_text("partial")
+    replaced = tmp_path / ".ingest.old-deadbeef"  # killed between replace_dir's two renames
+    replaced.mkdir()
     with atomic_output_dir(tmp_path / "ingest", "ingest") as (out, _):
         (out / "a").write_text("a")
-    assert not stale.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ingest"]
     assert json.loads((tmp_path / "ingest" / MANIFEST).read_text())["files"] == {
         "a": "ca978112ca1bbdcafac231b39a23dc4da786eff8147c4e72b9807785afee48bb"
     }

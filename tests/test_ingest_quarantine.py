@@ -3,7 +3,9 @@ manifest; the counts add up. Real layouts (MIMIC-CXR-JPG, RSNA DICOMs), real rad
 
 from __future__ import annotations
 
+import mlflow
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import ray
 from dataset_fixtures import (
@@ -15,8 +17,15 @@ from dataset_fixtures import (
     write_jpeg_case,
 )
 
-from components.config import IngestSection
-from components.ingest import ingest_dataset, read_shard_masks, row_boxes
+from components.artifacts import read_manifest
+from components.config import IngestSection, Params
+from components.ingest import (
+    QuarantineLimitExceeded,
+    ingest_dataset,
+    read_shard_masks,
+    row_boxes,
+)
+from components.ingest import run as run_ingest
 from sista_core.datasets import MimicCxrJpg, RsnaPneumonia
 from sista_core.datasets.embedded_tasks import PhantomPneumothoraxSegmentation
 from sista_core.datasets.images import resize_boxes, resize_mask
@@ -34,6 +43,7 @@ MIMIC_CASES = {
     "empty-report": ("good", "   \n", "empty_report"),
     "non-utf8": ("good", b"FINDINGS: \xff\xfe effusion \x81", "non_utf8_report"),
     "deid-only": ("good", "FINDINGS: ___ ___.\nIMPRESSION: XXXX.", "report_only_deid"),
+    "xxxx-only": ("good", "XXXX XXXX XXXX.", "report_only_deid"),  # Open-I's placeholder
 }
 
 
@@ -114,6 +124,60 @@ def test_every_broken_mimic_record_is_quarantined_with_its_reason(tmp_path, loca
     assert [r["record_id"] for r in duplicates] == ["good-1-dicom"]
     shards = sorted((out / "shards").glob("*.npy"))
     assert sum(len(np.load(s)) for s in shards) == len(result.manifest_rows)
+
+
+def stage_params(tmp_path, max_quarantine_fraction: float) -> Params:
+    """The ingest stage on the broken MIMIC folder plus a small phantom downstream set."""
+    return Params.model_validate(
+        {
+            "storage": {"uri": str(tmp_path / "data")},
+            "mlflow": {
+                "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                "artifact_root": str(tmp_path / "mlartifacts"),
+            },
+            "ingest": {
+                "source": "mimic_cxr",
+                "source_path": str(tmp_path / "mimic"),
+                "image_size": 32,
+                "max_quarantine_fraction": max_quarantine_fraction,
+                "downstream": {
+                    "num_patients": 50,
+                    "segmentation_patients": 0,
+                    "detection_patients": 0,
+                    "seeds": [0],
+                },
+            },
+        }
+    )
+
+
+def test_the_stage_counts_every_quarantined_record_and_writes_the_list(tmp_path, local_ray):
+    expected = build_mimic_with_every_problem(tmp_path / "mimic")
+    summary = run_ingest(stage_params(tmp_path, max_quarantine_fraction=1.0))
+    out = tmp_path / "data" / "ingest"
+    quarantine = pq.read_table(out / "quarantine.parquet").to_pylist()
+    listed = {(r["record_id"], r["reason"]) for r in quarantine if r["dataset"] == "pretrain"}
+    bad = {(i, reason) for i, reason in expected.items() if reason}
+    assert listed == bad | {("good-1-dicom", "duplicate_id")}
+    manifest = pq.read_table(out / "manifest.parquet").to_pylist()
+    kept = {r["record_id"] for r in manifest if r["dataset"] == "pretrain"}
+    assert kept == {i for i, reason in expected.items() if reason is None}
+    counts = read_manifest(out)["counts"]
+    assert counts["pretrain_kept"] + counts["pretrain_quarantined"] == len(expected) + 1
+    assert (counts["pretrain_kept"], counts["pretrain_quarantined"]) == (len(kept), len(listed))
+    assert counts["downstream_kept"] == 50 and summary["pretrain_quarantined"] == len(listed)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(read_manifest(out)["mlflow_run_id"])
+    assert run.data.metrics["pretrain_quarantined"] == len(listed)
+
+
+def test_a_source_mostly_broken_stops_the_stage_naming_the_reasons(tmp_path, local_ray):
+    build_mimic_with_every_problem(tmp_path / "mimic")
+    with pytest.raises(
+        QuarantineLimitExceeded, match=r"pretrain: 10 of 14 records unusable .*report_only_deid"
+    ):
+        run_ingest(stage_params(tmp_path, max_quarantine_fraction=0.05))
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == []  # nothing half-written
 
 
 def test_every_broken_dicom_is_quarantined_with_its_reason(tmp_path, local_ray):

@@ -5,18 +5,9 @@ import json
 import mlflow
 import pyarrow.parquet as pq
 import pytest
-from pipeline_helpers import STAGE_COMMANDS, run_stages, write_ci_params
+from pipeline_helpers import kill_job, stage_environment, start_stage, write_ci_params
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("pipeline")
-    write_ci_params(folder)
-    result = run_stages(folder, STAGE_COMMANDS, timeout=900)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return folder, result
 
 
 def test_every_declared_output_exists(pipeline_run):
@@ -142,22 +133,7 @@ def test_ingest_splits_are_patient_disjoint_and_subsets_nested(pipeline_run):
         assert full == {r["record_id"] for r in downstream if r["split"] == "train"}
 
 
-def _kill_tree(process) -> None:
-    """SIGKILL a process and every descendant (the local Ray instance it started)."""
-    import psutil
-
-    parent = psutil.Process(process.pid)
-    family = [parent, *parent.children(recursive=True)]
-    for member in family:
-        try:
-            member.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(family, timeout=30)
-
-
 def test_killed_pretraining_resumes_from_its_last_checkpoint(pipeline_run):
-    import os
     import subprocess
     import sys
     import time
@@ -165,13 +141,9 @@ def test_killed_pretraining_resumes_from_its_last_checkpoint(pipeline_run):
     folder, _ = pipeline_run
     complete_output = (folder / "data/pretrain/sista/_stage.json").read_text()
     write_ci_params(folder, **{"pretrain.optim.epochs": 4})
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
-    env.pop("RAY_ADDRESS", None)
-    command = [sys.executable, "-m", "pipeline.launch", "pretrain", "--variant", "sista"]
+    arguments = ["pretrain", "--variant", "sista"]
     earlier = set((folder / "data/checkpoints").glob("pretrain-sista-*/checkpoint_*"))
-    first = subprocess.Popen(
-        command, cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    first = start_stage(folder, arguments, folder / "killed-pretrain.log")
     deadline = time.time() + 300
     registered = False
     while time.time() < deadline and not registered and first.poll() is None:
@@ -182,12 +154,17 @@ def test_killed_pretraining_resumes_from_its_last_checkpoint(pipeline_run):
         snapshot = new[0].parent / "checkpoint_manager_snapshot.json" if new else None
         registered = bool(snapshot and snapshot.exists() and new[0].name in snapshot.read_text())
     assert registered, "no checkpoint was registered before the deadline"
-    _kill_tree(first)
+    kill_job(first)  # SIGKILL of the job's whole process group
     # Killed mid-stage: the previous complete output is still in place, untouched.
     assert (folder / "data/pretrain/sista/_stage.json").read_text() == complete_output
 
     second = subprocess.run(
-        command, cwd=folder, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "pipeline.launch", *arguments],
+        cwd=folder,
+        env=stage_environment(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     history = json.loads((folder / "data/pretrain/sista/history.json").read_text())

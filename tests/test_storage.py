@@ -3,7 +3,6 @@
 import json
 import logging
 import os
-import socket
 import stat
 import threading
 import time
@@ -13,6 +12,7 @@ import pytest
 from botocore.awsrequest import AWSResponse
 from moto.core.authorization import enable_iam_authentication
 from moto.server import ThreadedMotoServer
+from s3_helpers import SECRET, free_port, set_aws_variables
 
 from components import storage
 from components.storage import (
@@ -25,18 +25,11 @@ from components.storage import (
     StorageSettings,
 )
 
-SECRET = "fake-secret-never-in-logs"
 BUCKET = "sista-data"
 # Short back-off so the retry tests stay within seconds.
 FAST = StorageSettings(
     request_attempts=2, retry_budget_s=10.0, first_delay_s=0.2, max_delay_s=1.0, connect_timeout_s=1
 )
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class LocalS3:
@@ -75,28 +68,7 @@ def local_s3():
 def fake_aws(local_s3, monkeypatch, tmp_path):
     """Fake credentials, the local endpoint, and nothing that could reach another address."""
     local_s3.ensure_up()
-    for name in (
-        "AWS_ENDPOINT_URL",
-        "AWS_PROFILE",
-        "AWS_SESSION_TOKEN",
-        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-        "AWS_WEB_IDENTITY_TOKEN_FILE",
-        "AWS_ROLE_ARN",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "http_proxy",
-        "https_proxy",
-    ):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no 169.254.169.254
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", local_s3.endpoint)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAFAKEFAKEFAKE0000")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    set_aws_variables(monkeypatch, local_s3.endpoint, tmp_path)
     client = storage.s3_client()
     if BUCKET not in {b["Name"] for b in client.list_buckets()["Buckets"]}:
         client.create_bucket(Bucket=BUCKET)
