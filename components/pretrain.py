@@ -34,12 +34,17 @@ from sista_core.encoders.text import collate_tokens  # noqa: E402
 from sista_core.retrieval import recall_at_k  # noqa: E402
 from sista_core.schedule import cosine_with_warmup  # noqa: E402
 
-from .artifacts import atomic_output_dir  # noqa: E402
-from .config import Params, tracking_uri  # noqa: E402
+from .config import Params, StorageSection, tracking_uri  # noqa: E402
 from .pretrain_data import PretrainData  # noqa: E402
-from .runtime import ensure_ray  # noqa: E402
-from .stage import stage_dir, stage_main  # noqa: E402
-from .tracking import stage_run  # noqa: E402
+from .runtime import ensure_ray, require_nodes, worker_placement  # noqa: E402
+from .stage import stage_main  # noqa: E402
+from .stage_storage import (  # noqa: E402
+    PRETRAIN_INPUTS,
+    pull,
+    ray_storage,
+    stage_output,
+)
+from .tracking import record_placement, stage_run  # noqa: E402
 
 STEP_METRICS = (
     "loss",
@@ -123,7 +128,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     on_gpu = device.type == "cuda"
     use_autocast = on_gpu and config["gpu"]["bf16"]
 
-    data = PretrainData(config["data_root"], "train", config["semantics"], **config["text_states"])
+    placement = worker_placement()  # which node each rank runs on, for the run's record
+    data_root = pull(StorageSection(**config["storage"]), PRETRAIN_INPUTS)  # this node's copy
+    data = PretrainData(data_root, "train", config["semantics"], **config["text_states"])
     model = SISTAModel(SISTAConfig.from_dict(config["model"]))
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
@@ -135,6 +142,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if checkpoint:
         with checkpoint.as_directory() as folder:
             state = load_training_state(Path(folder), model, optimizer)
+    state["workers"] = placement
     core = model
     if on_gpu:
         accelerate(core, **config["gpu"])
@@ -158,9 +166,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         source = "read from the similarity stage" if data.has_text_states else "run every step"
         print(f"[pretrain] frozen text layers: {source}", flush=True)
-    validation = (
-        PretrainData(config["data_root"], "val", config["semantics"]) if rank == 0 else None
-    )
+    validation = PretrainData(data_root, "val", config["semantics"]) if rank == 0 else None
 
     for epoch in range(state["epoch"], config["epochs"]):
         sums: dict[str, float] = {}
@@ -264,7 +270,6 @@ def train_variant(params: Params, variant: str) -> dict[str, Any]:
     """Pre-train one variant into ``<storage>/pretrain/<variant>`` with its own MLflow run."""
     section = params.pretrain.variant(variant)
     model_config = params.pretrain.model_config_for(variant)
-    data_root = Path(params.storage.uri).resolve()
     fingerprint = run_fingerprint(
         {
             "pretrain": section.model_dump(),
@@ -273,6 +278,8 @@ def train_variant(params: Params, variant: str) -> dict[str, Any]:
         }
     )
     threads = max(1, int(section.cpus_per_worker))
+    if section.placement_strategy == "STRICT_SPREAD":
+        require_nodes(section.workers, "pretrain.placement_strategy STRICT_SPREAD")
     logged = {
         "pretrain": section.model_dump(exclude={"baselines"}),
         "variant": variant,
@@ -280,16 +287,16 @@ def train_variant(params: Params, variant: str) -> dict[str, Any]:
     }
     with (
         stage_run(params, "pretrain", run_name=f"pretrain-{variant}", logged=logged) as run_,
-        atomic_output_dir(
-            stage_dir(params, "pretrain") / variant,
-            "pretrain",
+        stage_output(
+            params,
+            f"pretrain/{variant}",
             {"mlflow_run_id": run_.info.run_id, "variant": variant, "fingerprint": fingerprint},
         ) as (out, extra),
     ):
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
-                "data_root": str(data_root),
+                "storage": params.storage.model_dump(),
                 "semantics": section.semantics,
                 "model": model_config.to_dict(),
                 "seed": section.seed,
@@ -312,10 +319,11 @@ def train_variant(params: Params, variant: str) -> dict[str, Any]:
                 num_workers=section.workers,
                 use_gpu=section.use_gpu,
                 resources_per_worker={"CPU": section.cpus_per_worker},
+                placement_strategy=section.placement_strategy,
             ),
             run_config=RunConfig(
                 name=f"pretrain-{variant}-{fingerprint}",
-                storage_path=str(data_root / "checkpoints"),
+                **ray_storage(params, "checkpoints"),
                 failure_config=FailureConfig(max_failures=section.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
             ),
@@ -335,6 +343,7 @@ def train_variant(params: Params, variant: str) -> dict[str, Any]:
         mlflow.log_artifacts(str(out / "model"), "model")
         mlflow.log_artifact(str(out / "curves.png"))
         extra["metrics"] = metrics
+        extra["worker_nodes"] = record_placement(state.get("workers", []), out / "workers.json")
         if variant == "sista":
             register_candidate(params, run_.info.run_id)
     return {k: round(v, 4) for k, v in metrics.items()}

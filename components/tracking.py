@@ -1,7 +1,14 @@
-"""MLflow: one experiment per stage, the resolved config logged as params."""
+"""MLflow: one experiment per stage, the resolved config logged as params.
+
+The store is ``MLFLOW_TRACKING_URI`` (a tracking server, ``http://host:5000``) or
+``mlflow.tracking_uri`` (SQLite by default). Artifacts go to ``mlflow.artifact_root`` when it
+is a URI (``s3://bucket/prefix``: MLflow's boto3 honours ``MLFLOW_S3_ENDPOINT_URL`` /
+``AWS_ENDPOINT_URL_S3``); with a server and a local root, the server's own artifact store.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,12 +33,18 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def experiment_for(params: Params, stage: str) -> str:
     """Create (in the driver, before any Ray worker asks) and return the stage's experiment."""
-    mlflow.set_tracking_uri(tracking_uri(params))
+    uri = tracking_uri(params)
+    mlflow.set_tracking_uri(uri)
     name = f"{params.mlflow.experiment_prefix}-{stage}"
     if mlflow.get_experiment_by_name(name) is None:
         root = params.mlflow.artifact_root
-        location = root if "://" in root else Path(root).resolve().as_uri()
-        mlflow.create_experiment(name, artifact_location=f"{location}/{name}")
+        if "://" in root:
+            location = f"{root.rstrip('/')}/{name}"
+        elif uri.startswith(("http://", "https://")):
+            location = None  # a local folder of this machine means nothing to a server
+        else:
+            location = f"{Path(root).resolve().as_uri()}/{name}"
+        mlflow.create_experiment(name, artifact_location=location)
     mlflow.set_experiment(name)
     return name
 
@@ -48,3 +61,14 @@ def stage_run(
             for start in range(0, len(items), 100):  # MLflow's batch limit
                 mlflow.log_params({k: str(v)[:500] for k, v in items[start : start + 100]})
         yield run
+
+
+def record_placement(placement: list[dict[str, Any]], path: Path) -> int:
+    """Write where each Ray Train rank ran (``workers.json``), tag the active run with the
+    distinct node ids and log it; returns the number of nodes."""
+    nodes = sorted({worker["node_id"] for worker in placement})
+    path.write_text(json.dumps(placement, indent=1))
+    mlflow.set_tag("ray.worker_nodes", ",".join(nodes))
+    mlflow.log_metric("ray_worker_nodes", len(nodes))
+    mlflow.log_artifact(str(path))
+    return len(nodes)

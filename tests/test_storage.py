@@ -13,6 +13,7 @@ import pytest
 from botocore.awsrequest import AWSResponse
 from moto.core.authorization import enable_iam_authentication
 from moto.server import ThreadedMotoServer
+from pipeline_helpers import AWS_ROUTING_VARIABLES
 
 from components import storage
 from components.storage import (
@@ -75,19 +76,7 @@ def local_s3():
 def fake_aws(local_s3, monkeypatch, tmp_path):
     """Fake credentials, the local endpoint, and nothing that could reach another address."""
     local_s3.ensure_up()
-    for name in (
-        "AWS_ENDPOINT_URL",
-        "AWS_PROFILE",
-        "AWS_SESSION_TOKEN",
-        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-        "AWS_WEB_IDENTITY_TOKEN_FILE",
-        "AWS_ROLE_ARN",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "http_proxy",
-        "https_proxy",
-    ):
+    for name in AWS_ROUTING_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no 169.254.169.254
