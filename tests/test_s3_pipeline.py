@@ -24,7 +24,8 @@ from components.artifacts import MANIFEST, content_hashes
 from pipeline.local_cluster import free_port
 from pipeline.local_services import stop_process_tree
 
-pytestmark = pytest.mark.slow
+# A few minutes on a quiet 2-core machine; a loaded one can take several times that.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 STAGES = ("ingest", "reports", "similarity")
 # The CI profile made smaller still: these stages' S3 and MLflow paths, not their maths.
@@ -107,6 +108,7 @@ def s3_pipeline(s3_server, mlflow_server, tmp_path_factory):
     env.update(
         MLFLOW_TRACKING_URI=mlflow_server["url"],
         HF_HUB_OFFLINE="1",
+        DVC_NO_ANALYTICS="1",  # from the first command on: DVC sends nothing anywhere
         GIT_AUTHOR_NAME="test",
         GIT_AUTHOR_EMAIL="test@example.invalid",
         GIT_COMMITTER_NAME="test",
