@@ -21,6 +21,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,12 +79,19 @@ class ClusterRun:
             timeout=timeout_s,
         )
         name = run_name(stage_args)
+        if name in self.seconds:  # a second run of a stage: keep the first one's record
+            name = next(f"{name}#{n}" for n in range(2, 100) if f"{name}#{n}" not in self.seconds)
         self.seconds[name] = round(time.perf_counter() - started, 1)
-        (self.work / "logs").mkdir(exist_ok=True)
-        (self.work / "logs" / f"{name.replace('/', '-')}.log").write_text(
-            result.stdout + result.stderr
-        )
+        logs = self.work / "logs"
+        logs.mkdir(exist_ok=True)
+        (logs / f"{name.replace('/', '-')}.log").write_text(result.stdout + result.stderr)
+        (logs / "seconds.json").write_text(json.dumps(self.seconds, indent=1))
         return result
+
+    @property
+    def last(self) -> str:
+        """The name the last launch was recorded under (``pretrain/sista#2`` for a rerun)."""
+        return list(self.seconds)[-1]
 
 
 def run_name(stage_args: tuple[str, ...] | list[str]) -> str:
@@ -108,6 +118,23 @@ def stages_through(last: str) -> list[tuple[str, ...]]:
     names = [command[0] for command in PIPELINE]
     end = len(names) - names[::-1].index(last)
     return list(PIPELINE[:end])
+
+
+@contextmanager
+def start_services(work: Path, s3: S3Server) -> Iterator[tuple[MLflowServer, LocalRayCluster]]:
+    """The MLflow server (artifacts on ``s3``) and the two-node Ray cluster, started side
+    by side (each mostly waits for its processes), both stopped on the way out."""
+    tracking = MLflowServer(work / "mlflow-server", f"s3://{BUCKET}/mlflow", env=s3.env)
+    cluster = LocalRayCluster(nodes=2, cpus_per_node=1, env=s3.env)
+    with ThreadPoolExecutor(2) as pool:
+        starting = [pool.submit(tracking.start), pool.submit(cluster.start)]
+    try:
+        for future in starting:
+            future.result()  # a failed start raises here
+        yield tracking, cluster
+    finally:
+        cluster.stop()
+        tracking.stop()
 
 
 def pretraining_evidence(run: ClusterRun, variant: str = "sista") -> dict[str, Any]:
@@ -174,10 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with S3Server(buckets=(BUCKET,)) as s3:
         os.environ.update(s3.env)  # this process reads the evidence from S3 too
-        with (
-            MLflowServer(work / "mlflow-server", f"s3://{BUCKET}/mlflow", env=s3.env) as tracking,
-            LocalRayCluster(nodes=2, cpus_per_node=1, env=s3.env) as cluster,
-        ):
+        with start_services(work, s3) as (tracking, cluster):
             run = ClusterRun(work, s3, tracking, cluster)
             nodes = len(cluster.alive_nodes())
             up = time.perf_counter() - started

@@ -190,15 +190,33 @@ class LocalRayCluster:
         return node
 
     def start(self) -> LocalRayCluster:
+        """The head, then (once its GCS listens) every worker node at once; returns when all
+        nodes are alive and the job server answers."""
         try:
-            for index in range(self.nodes):
+            head = self._start_node(0)
+            self._wait_for_gcs(head)
+            for index in range(1, self.nodes):
                 self._start_node(index)
-                self.wait_for_nodes(index + 1)
+            self.wait_for_nodes(self.nodes)
             self._wait_for_job_server()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _wait_for_gcs(self, head: RayNode) -> None:
+        host, port = self.gcs_address.rsplit(":", 1)
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            if head.process.poll() is not None:
+                raise RuntimeError(f"ray start of the head exited: {head.log.read_text()[-2000:]}")
+            try:
+                socket.create_connection((host, int(port)), timeout=2).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no GCS at {self.gcs_address}") from None
+                time.sleep(0.5)
 
     def _get(self, path: str) -> dict:
         """GET a dashboard endpoint with this cluster's token."""

@@ -17,10 +17,9 @@ from pipeline.cluster_demo import (
     pretraining_evidence,
     run_name,
     stages_through,
+    start_services,
     write_params,
 )
-from pipeline.local_cluster import LocalRayCluster
-from pipeline.local_services import MLflowServer
 
 # A few minutes on a quiet 2-core machine; a loaded one can take several times that.
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(2400)]
@@ -31,17 +30,15 @@ STAGES = [*stages_through("similarity"), ("pretrain", "--variant", "sista")]
 def cluster_run(s3_server, tmp_path_factory):
     work = tmp_path_factory.mktemp("cluster")
     write_params(work)
-    with (
-        MLflowServer(work / "mlflow-server", "s3://sista/mlflow", env=s3_server.env) as tracking,
-        LocalRayCluster(nodes=2, cpus_per_node=1, env=s3_server.env) as cluster,
-    ):
+    with start_services(work, s3_server) as (tracking, cluster):
         run = ClusterRun(work, s3_server, tracking, cluster)
         results = {}
         for command in STAGES:
             results[run_name(command)] = result = run.launch(*command)
             assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        pids = set().union(*(node.pids() for node in cluster.started))  # both nodes
         yield run, results
-        pids = set().union(*(node.pids() for node in cluster.started))
+        pids |= set().union(*(node.pids() for node in cluster.started))  # the head's, now
     # Every process of both nodes is gone, stopped by its process id.
     assert pids and not [pid for pid in pids if psutil.pid_exists(pid)]
 
@@ -78,7 +75,7 @@ def test_without_the_second_node_pretraining_stops_at_once_naming_the_nodes(clus
     result = run.launch("pretrain", "--variant", "sista", timeout_s=300)
     assert result.returncode != 0
     assert "needs 2 Ray nodes, the cluster has 1" in result.stdout + result.stderr
-    assert run.seconds["pretrain/sista"] < 120  # refused before any training
+    assert run.seconds[run.last] < 120  # refused before any training
     # The completed output from the two-node run is untouched.
     assert storage.read_bytes(f"{STORAGE_URI}/pretrain/sista/_stage.json") == completed
     assert json.loads(completed)["worker_nodes"] == 2
