@@ -11,7 +11,7 @@ DATA_PACKAGES := torchxrayvision==1.5.7 pneumonia-model-package==0.3.0 pydicom-d
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv repro test bench profile lint mlflow-ui clean sweep kubeflow image infra-check
+.PHONY: venv repro test test-cluster bench profile lint mlflow-ui mlflow-server cluster-demo clean sweep kubeflow image infra-check
 
 venv: $(STAMP)
 
@@ -32,6 +32,10 @@ repro: venv
 
 test: venv
 	$(BIN)/python -m pytest
+
+# Only the multi-node tests (also part of `make test`): a two-node Ray cluster on this machine.
+test-cluster: venv
+	$(BIN)/python -m pytest -m cluster
 
 bench: venv
 	$(BIN)/python -m bench.run_all
@@ -64,6 +68,23 @@ image:
 
 infra-check: venv
 	$(BIN)/python -m pytest tests/test_infra.py
+
+# MLflow tracking server: SQLite database, artifacts proxied to MLFLOW_ARTIFACTS (a folder,
+# or s3://bucket/prefix with AWS_ENDPOINT_URL_S3 / credentials in the environment).
+MLFLOW_HOST ?= 127.0.0.1
+MLFLOW_PORT ?= 5000
+MLFLOW_BACKEND_STORE ?= sqlite:///mlflow-server.db
+MLFLOW_ARTIFACTS ?= mlflow-server-artifacts
+MLFLOW_WORKERS ?= 1
+mlflow-server: venv
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server \
+	  --backend-store-uri $(MLFLOW_BACKEND_STORE) --artifacts-destination $(MLFLOW_ARTIFACTS) \
+	  --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --workers $(MLFLOW_WORKERS)
+
+# The CI-profile pipeline on a two-node Ray cluster on this machine (S3 and MLflow servers
+# included), checked and stopped; see pipeline/cluster_demo.py.
+cluster-demo: venv
+	$(BIN)/python -m pipeline.cluster_demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache bench/results

@@ -26,6 +26,9 @@ class Section(BaseModel):
 class StorageSection(Section):
     uri: str = "data"  # a local folder (relative to the repo) or s3://bucket/prefix
     endpoint_url: str | None = None  # S3-compatible endpoint (MinIO, moto); None = AWS
+    # With an s3:// uri, the local copy of the stage folders a process reads and writes
+    # (what DVC tracks; on a cluster node, its cache). Unused for a local uri.
+    local_dir: str = "data"
 
 
 class RaySection(Section):
@@ -150,6 +153,8 @@ class PretrainSection(Section):
     semantics: Literal["embedding", "labels"] = "embedding"
     workers: int = Field(2, ge=1)
     cpus_per_worker: PositiveFloat = 1.0
+    # Ray placement group strategy of the workers; STRICT_SPREAD puts each on its own node.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     use_gpu: bool = False
     gpu: GPUSection = GPUSection()
     max_failures: int = Field(2, ge=0)
@@ -363,6 +368,12 @@ def nested(dotted: dict[str, Any]) -> dict[str, Any]:
             branch = branch.setdefault(name, {})
         branch[leaf] = value
     return tree
+
+
+def with_overrides(data: dict, overrides: dict[str, Any]) -> dict:
+    """``data`` with dotted-key values set, as ``dvc exp run -S a.b=v`` sets them:
+    ``with_overrides({"a": {"b": 1}}, {"a.b": 2}) == {"a": {"b": 2}}``."""
+    return _deep_merge(data, nested(overrides))
 
 
 def _validate(kind: type[Section], data: Any, prefix: str = "", source: str = "params"):

@@ -34,7 +34,6 @@ from tqdm import tqdm  # noqa: E402
 
 from sista_core.findings import CHEXPERT_COMPETITION  # noqa: E402
 
-from .artifacts import atomic_output_dir  # noqa: E402
 from .config import LANGUAGE_TASKS, TRAINED_TASKS, Params  # noqa: E402
 from .evaluation_cells import (  # noqa: E402
     TASK_DATASETS,
@@ -43,8 +42,9 @@ from .evaluation_cells import (  # noqa: E402
     load_encoder,
 )
 from .ingest import read_shard_images, read_shard_masks, row_boxes, subset_file_name  # noqa: E402
-from .runtime import ensure_ray  # noqa: E402
+from .runtime import ensure_ray, on_this_node, this_node_resource  # noqa: E402
 from .stage import stage_dir, stage_main  # noqa: E402
+from .stage_storage import data_root, ray_storage, stage_output  # noqa: E402
 from .tracking import stage_run  # noqa: E402
 
 THRESHOLD_TASKS = ("segmentation", "opacity_segmentation")  # choose a threshold on val
@@ -146,9 +146,7 @@ def language_scores(init: str, params: Params, work: str) -> dict[str, dict[str,
         auroc, _ = macro_auroc(zero_shot_logits(model, images), labels)
         scores["zero_shot"] = {"auroc": auroc}
     if "retrieval" in tasks:
-        held_out = PretrainData(
-            Path(params.storage.uri).resolve(), "val", params.pretrain.semantics
-        )
+        held_out = PretrainData(data_root(params.storage), "val", params.pretrain.semantics)
         recall = retrieval_recall(model, held_out)
         scores["retrieval"] = {
             f"image_to_text_recall_at_{k}": recall[f"val_recall_at_{k}"] for k in (1, 5, 10)
@@ -381,9 +379,7 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
     ensure_ray(params)
     with (
         stage_run(params, "evaluate", logged={"evaluate": config.model_dump()}) as run_,
-        atomic_output_dir(
-            stage_dir(params, "evaluate"), "evaluate", {"mlflow_run_id": run_.info.run_id}
-        ) as (out, extra),
+        stage_output(params, "evaluate", {"mlflow_run_id": run_.info.run_id}) as (out, extra),
     ):
         work = out.resolve() / "work"  # absolute: Tune trials run in their own folders
         work.mkdir()
@@ -398,18 +394,20 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
             )
         )
         featured_rows = {d: rows_read(work, d, trained).tolist() for d in featured}
+        # The work folder is on this node's disk: its readers run here, on any cluster.
+        local = extract_features.options(**on_this_node())
         with timed("features", seconds):
-            ray.get(
-                [extract_features.remote(i, params, str(work), featured_rows) for i in config.inits]
-            )
+            ray.get([local.remote(i, params, str(work), featured_rows) for i in config.inits])
         language_futures = {
-            init: language_scores.remote(init, params, str(work))
+            init: language_scores.options(**on_this_node()).remote(init, params, str(work))
             for init in (text_inits if language else [])
         }
         num_cells = len(trained) * len(config.inits) * len(downstream.label_fractions)
         num_cells *= len(downstream.seeds)
         tuner = tune.Tuner(
-            tune.with_resources(evaluation_cell, {"cpu": config.cpus_per_trial}),
+            tune.with_resources(
+                evaluation_cell, {"cpu": config.cpus_per_trial, **this_node_resource()}
+            ),
             param_space={
                 "task": tune.grid_search(trained),
                 "init": tune.grid_search(list(config.inits)),
@@ -433,7 +431,7 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
             tune_config=tune.TuneConfig(reuse_actors=True),
             run_config=tune.RunConfig(
                 name="evaluate",
-                storage_path=str(Path(params.storage.uri).resolve() / "tune"),
+                **ray_storage(params, "tune"),
                 verbose=0,
                 callbacks=[CellProgress(num_cells)],
             ),

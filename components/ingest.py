@@ -33,10 +33,10 @@ from sista_core.datasets.splits import nested_subsets, patient_splits
 from sista_core.findings import OBSERVATIONS
 from sista_core.reports.sections import extract_sections
 
-from .artifacts import atomic_output_dir
 from .config import IngestSection, Params
-from .runtime import ensure_ray
-from .stage import stage_dir, stage_main
+from .runtime import ensure_ray, on_this_node
+from .stage import stage_main
+from .stage_storage import local_sources, stage_output
 from .tracking import stage_run
 
 # Downstream sets whose records carry a mask and boxes (stored beside their images).
@@ -219,8 +219,11 @@ def ingest_dataset(
     config: IngestSection,
     split_fractions: tuple[float, float],
     out: Path,
+    local_files: bool = False,
 ) -> IngestResult:
-    """Read every record of ``adapter`` into shards under ``out/shards``; returns the rows."""
+    """Read every record of ``adapter`` into shards under ``out/shards``; returns the rows.
+    ``local_files``: the adapter reads files on this node's disk, so its Ray tasks run here
+    (another node of a cluster has no such files)."""
     result = IngestResult()
     refs = _screen(list(adapter.records()), dataset, result)
     splits = patient_splits([r.patient_id for r in refs], *split_fractions, seed=config.seed)
@@ -236,6 +239,7 @@ def ingest_dataset(
         _load_batch(adapter, refs, config.image_size, with_targets),
         batch_size=None,
         batch_format="numpy",
+        **(on_this_node() if local_files else {}),
     )
     for batch in loaded.iter_batches(batch_size=256, batch_format="numpy"):
         for row in range(len(batch["position"])):
@@ -343,7 +347,7 @@ QUARANTINE_SCHEMA = pa.schema(
 
 
 def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any]:
-    config = params.ingest
+    config = local_sources(params)  # datasets on S3: read from a local copy
     ensure_ray(params)
     downstream_fractions = (config.downstream.val_fraction, config.downstream.test_fraction)
     sources = {
@@ -353,16 +357,20 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
             for name, adapter in build_downstream_sources(config).items()
         },
     }
+    file_backed = {  # real datasets (phantoms are rendered from packaged data on any node)
+        "pretrain": config.source != "embedded",
+        "segmentation": bool(config.downstream.segmentation_path),
+        "detection": bool(config.downstream.detection_path),
+    }
     with (
-        stage_run(params, "ingest", logged={"ingest": config.model_dump()}) as mlflow_run,
-        atomic_output_dir(
-            stage_dir(params, "ingest"), "ingest", {"mlflow_run_id": mlflow_run.info.run_id}
-        ) as (out, extra),
+        stage_run(params, "ingest", logged={"ingest": params.ingest.model_dump()}) as mlflow_run,
+        stage_output(params, "ingest", {"mlflow_run_id": mlflow_run.info.run_id}) as (out, extra),
     ):
         combined = IngestResult()
         counts: dict[str, int] = {}
         for dataset, (adapter, fractions) in sources.items():
-            result = ingest_dataset(adapter, dataset, config, fractions, out)
+            local_files = file_backed.get(dataset, False)
+            result = ingest_dataset(adapter, dataset, config, fractions, out, local_files)
             total = len(result.manifest_rows) + len(result.quarantine_rows)
             _check_quarantine(result, dataset, total, config.max_quarantine_fraction)
             combined.manifest_rows += result.manifest_rows

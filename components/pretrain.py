@@ -35,12 +35,17 @@ from sista_core.encoders.text import collate_tokens  # noqa: E402
 from sista_core.retrieval import recall_at_k  # noqa: E402
 from sista_core.schedule import cosine_with_warmup  # noqa: E402
 
-from .artifacts import atomic_output_dir  # noqa: E402
-from .config import Params, PretrainSection, tracking_uri  # noqa: E402
+from .config import Params, PretrainSection, StorageSection, tracking_uri  # noqa: E402
 from .pretrain_data import PretrainData  # noqa: E402
-from .runtime import ensure_ray  # noqa: E402
-from .stage import stage_dir, stage_main  # noqa: E402
-from .tracking import last_logged_step, log_metrics_at, stage_run  # noqa: E402
+from .runtime import ensure_ray, require_nodes, worker_placement  # noqa: E402
+from .stage import stage_main  # noqa: E402
+from .stage_storage import (  # noqa: E402
+    PRETRAIN_INPUTS,
+    pull,
+    ray_storage,
+    stage_output,
+)
+from .tracking import last_logged_step, log_metrics_at, record_placement, stage_run  # noqa: E402
 
 STEP_METRICS = (
     "loss",
@@ -124,7 +129,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     on_gpu = device.type == "cuda"
     use_autocast = on_gpu and config["gpu"]["bf16"]
 
-    data = PretrainData(config["data_root"], "train", config["semantics"], **config["text_states"])
+    placement = worker_placement()  # which node each rank runs on, for the run's record
+    data_root = pull(StorageSection(**config["storage"]), PRETRAIN_INPUTS)  # this node's copy
+    data = PretrainData(data_root, "train", config["semantics"], **config["text_states"])
     model = SISTAModel(SISTAConfig.from_dict(config["model"]))
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
@@ -139,6 +146,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             done = f"epoch {state['epoch']}, step {state['step']}"
             print(f"[pretrain] resuming after {done}", flush=True)
+    state["workers"] = placement
     core = model
     if on_gpu:
         accelerate(core, **config["gpu"])
@@ -167,9 +175,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     logged_up_to = (
         last_logged_step(tracker, config["mlflow_run_id"], ("loss", "epoch_loss")) if tracker else 0
     )
-    validation = (
-        PretrainData(config["data_root"], "val", config["semantics"]) if rank == 0 else None
-    )
+    validation = PretrainData(data_root, "val", config["semantics"]) if rank == 0 else None
     # A sweep (components/sweep.py) reports every ``report_every`` steps too, with
     # ``scorer(model)``'s validation metrics from rank 0, for its early-stopping scheduler.
     report_every, scorer = config.get("report_every", 0), config.get("scorer")
@@ -279,6 +285,8 @@ def train_variant(params: Params, variant: str) -> dict[str, Any]:
             "similarity": params.similarity.model_dump(),
         }
     )
+    if section.placement_strategy == "STRICT_SPREAD":
+        require_nodes(section.workers, "pretrain.placement_strategy STRICT_SPREAD")
     logged = {
         "pretrain": section.model_dump(exclude={"baselines"}),
         "variant": variant,
@@ -286,9 +294,9 @@ def train_variant(params: Params, variant: str) -> dict[str, Any]:
     }
     with (
         stage_run(params, "pretrain", run_name=f"pretrain-{variant}", logged=logged) as run_,
-        atomic_output_dir(
-            stage_dir(params, "pretrain") / variant,
-            "pretrain",
+        stage_output(
+            params,
+            f"pretrain/{variant}",
             {"mlflow_run_id": run_.info.run_id, "variant": variant, "fingerprint": fingerprint},
         ) as (out, extra),
     ):
@@ -310,6 +318,7 @@ def train_variant(params: Params, variant: str) -> dict[str, Any]:
         mlflow.log_artifacts(str(out / "model"), "model")
         mlflow.log_artifact(str(out / "curves.png"))
         extra["metrics"] = metrics
+        extra["worker_nodes"] = record_placement(state.get("workers", []), out / "workers.json")
         if variant == "sista":
             register_candidate(params, run_.info.run_id)
     return {k: round(v, 4) for k, v in metrics.items()}
@@ -326,11 +335,10 @@ def build_trainer(
     """The ``TorchTrainer`` of one pre-training run of ``section`` (the resolved settings: the
     SISTA section, a baseline's, or a sweep trial's). ``loop_options`` reach every worker's
     config (a sweep's ``report_every`` and ``scorer``)."""
-    data_root = Path(params.storage.uri).resolve()
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "data_root": str(data_root),
+            "storage": params.storage.model_dump(),
             "semantics": section.semantics,
             "model": section.model_config_for("sista").to_dict(),
             "seed": section.seed,
@@ -354,10 +362,11 @@ def build_trainer(
             num_workers=section.workers,
             use_gpu=section.use_gpu,
             resources_per_worker={"CPU": section.cpus_per_worker},
+            placement_strategy=section.placement_strategy,
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=str(data_root / "checkpoints"),
+            **ray_storage(params, "checkpoints"),
             failure_config=FailureConfig(max_failures=section.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,

@@ -13,9 +13,9 @@ from typing import Any
 
 import mlflow
 
-from .artifacts import atomic_output_dir
 from .config import Params, tracking_uri
 from .stage import stage_dir, stage_main
+from .stage_storage import stage_output
 from .tracking import stage_run
 
 SCORE_TAG = "score"
@@ -133,9 +133,7 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
     note = evaluation.get("images", "")
     with (
         stage_run(params, "publish", logged={"publish": params.publish.model_dump()}) as run_,
-        atomic_output_dir(
-            stage_dir(params, "publish"), "publish", {"mlflow_run_id": run_.info.run_id}
-        ) as (out, extra),
+        stage_output(params, "publish", {"mlflow_run_id": run_.info.run_id}) as (out, extra),
     ):
         table = results_markdown(evaluation, note)
         score = metric_value(evaluation, params.publish.metric)

@@ -21,9 +21,9 @@ from sista_core.findings import OBSERVATIONS
 from sista_core.reports.labeler import label_report
 from sista_core.reports.sections import extract_sections
 
-from .artifacts import atomic_output_dir
 from .config import Params
 from .stage import stage_dir, stage_main
+from .stage_storage import stage_output
 from .tracking import stage_run
 
 
@@ -64,9 +64,7 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
     logged = {"reports": params.reports.model_dump(), "tokenizer": tokenizer_path}
     with (
         stage_run(params, "reports", logged=logged) as mlflow_run,
-        atomic_output_dir(
-            stage_dir(params, "reports"), "reports", {"mlflow_run_id": mlflow_run.info.run_id}
-        ) as (out, extra),
+        stage_output(params, "reports", {"mlflow_run_id": mlflow_run.info.run_id}) as (out, extra),
     ):
         processed = process_reports(rows, tokenizer_path, params.reports.max_length)
         pq.write_table(

@@ -1,9 +1,11 @@
-"""Ray runtime for a stage: attach to the job's cluster, or start a local instance."""
+"""Ray runtime for a stage: attach to the job's cluster, or start a local instance; where
+a stage's Ray Train workers ran."""
 
 from __future__ import annotations
 
 import os
 import socket
+from typing import Any
 
 import ray
 
@@ -38,3 +40,49 @@ def ensure_ray(params: Params, dashboard: bool = False) -> None:
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # inherited by Ray
         quiet.update(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port)
     ray.init(address="local", num_cpus=params.ray.num_cpus, **quiet)
+
+
+def require_nodes(count: int, why: str) -> None:
+    """Fail at once, naming the nodes, when the cluster has fewer than ``count`` alive nodes
+    (a placement that needs them would otherwise wait for nodes that never come)."""
+    alive = [node for node in ray.nodes() if node["Alive"]]
+    if len(alive) < count:
+        names = ", ".join(f"{n['NodeID'][:8]} ({n['NodeManagerAddress']})" for n in alive)
+        raise RuntimeError(
+            f"{why} needs {count} Ray nodes, the cluster has {len(alive)}: {names or 'none'}"
+        )
+
+
+def worker_placement() -> list[dict[str, Any]]:
+    """Called by every Ray Train worker (collective: all must call it): the Ray node id,
+    host and process of each rank, in rank order."""
+    import ray.train
+    import torch.distributed as dist
+
+    context = ray.train.get_context()
+    mine = {
+        "rank": context.get_world_rank(),
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }
+    if not dist.is_available() or not dist.is_initialized():
+        return [mine]
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return sorted(everyone, key=lambda worker: worker["rank"])
+
+
+def on_this_node() -> dict[str, Any]:
+    """``.options(**on_this_node())``: a Ray task that runs on the calling process's node,
+    where the local files it reads are (other nodes do not share the disk)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
+
+
+def this_node_resource() -> dict[str, float]:
+    """A sliver of this node's ``node:<ip>`` resource: a Tune trial that asks for it is
+    placed on this node (with its local files)."""
+    return {f"node:{ray.util.get_node_ip_address()}": 0.001}

@@ -30,11 +30,11 @@ from sista_core.encoders import TextEncoder  # noqa: E402
 from sista_core.encoders.text import collate_tokens  # noqa: E402
 from sista_core.similarity import similarity_statistics, topk_neighbours  # noqa: E402
 
-from .artifacts import atomic_output_dir  # noqa: E402
 from .config import Params  # noqa: E402
 from .pretrain_data import TOKEN_COLUMNS  # noqa: E402
 from .runtime import ensure_ray  # noqa: E402
 from .stage import stage_dir, stage_main  # noqa: E402
+from .stage_storage import stage_output  # noqa: E402
 from .tracking import stage_run  # noqa: E402
 
 TEXT_STATES = "text_states"  # folder: the pre-training text encoder's frozen-layer states
@@ -154,9 +154,7 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
     ensure_ray(params)
     with (
         stage_run(params, "similarity", logged={"similarity": config.model_dump()}) as run_,
-        atomic_output_dir(
-            stage_dir(params, "similarity"), "similarity", {"mlflow_run_id": run_.info.run_id}
-        ) as (out, extra),
+        stage_output(params, "similarity", {"mlflow_run_id": run_.info.run_id}) as (out, extra),
     ):
         embeddings, states = embed_reports(reports, params)
         np.save(out / "embeddings.npy", embeddings)

@@ -1,4 +1,5 @@
-"""What every stage's command line shares: parse, validate params before any work, time."""
+"""What every stage's command line shares: parse, validate params and check storage before
+any work, pull the stage's inputs from storage, time."""
 
 from __future__ import annotations
 
@@ -6,23 +7,18 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, Params, load_params
 from .preflight import check_resources
+from .stage_storage import absolute, check_access, input_folders, pull, stage_dir
+from .storage import StorageError
 
 STAGES = ("ingest", "reports", "similarity", "pretrain", "evaluate", "publish")
 # What `python -m pipeline.launch` runs: the DVC stages, and the loss-weight sweep (a Ray job
 # over the stages' outputs that `dvc repro` never starts).
 JOBS = (*STAGES, "sweep")
-
-
-def stage_dir(params: Params, stage: str) -> Path:
-    """Local folder of a stage's outputs (``<storage.uri>/<stage>``)."""
-    if params.storage.uri.startswith("s3://"):
-        raise NotImplementedError("s3:// storage for stage outputs is not built yet")
-    return Path(params.storage.uri) / stage
+__all__ = ["JOBS", "STAGES", "stage_dir", "stage_main"]
 
 
 def stage_main(
@@ -31,9 +27,10 @@ def stage_main(
     argv: list[str] | None = None,
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> dict[str, Any]:
-    """``python -m components.<stage> [--params params.yaml]``: a config error or a location
-    that does not answer exits with status 2 and one line per problem naming the key, before
-    Ray or any data is touched."""
+    """``python -m components.<stage> [--params params.yaml]``: a config error, or a location
+    or storage that does not answer, exits with status 2 and one line per problem naming the
+    key, before Ray or any data is touched; a missing input (its stage has not run) with
+    status 1."""
     parser = argparse.ArgumentParser(prog=f"python -m components.{stage}")
     parser.add_argument("--params", default="params.yaml", help="parameters file")
     if add_arguments:
@@ -45,6 +42,18 @@ def stage_main(
     except ConfigError as error:
         print(error, file=sys.stderr)
         raise SystemExit(2) from None
+    # Ray tasks and workers run in other folders: give them the same absolute paths.
+    params = params.model_copy(update={"storage": absolute(params.storage)})
+    try:
+        check_access(params)
+    except StorageError as error:
+        print(error, file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        pull(params.storage, input_folders(params, stage))
+    except StorageError as error:
+        print(error, file=sys.stderr)
+        raise SystemExit(1) from None
     started = time.perf_counter()
     summary = run(params, args)
     print(f"[{stage}] finished in {time.perf_counter() - started:.1f} s: {summary}", flush=True)

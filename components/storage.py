@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 
 import boto3
 import botocore.exceptions as boto_errors
+import pyarrow.fs
 from boto3.exceptions import RetriesExceededError, S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
@@ -184,6 +185,25 @@ def _cached_client(settings, endpoint, region, _key_id, _secret_digest, _profile
     )
 
 
+def arrow_filesystem(settings: StorageSettings = DEFAULT_SETTINGS) -> pyarrow.fs.S3FileSystem:
+    """A pyarrow S3 filesystem on the same endpoint and region as :func:`s3_client` (what
+    Ray Train and Tune write checkpoints through). Credentials are not baked in: each process
+    that unpickles it finds them in its own environment, as boto3 does."""
+    endpoint = resolved_endpoint(settings)
+    options = {}
+    if endpoint:
+        parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+        options = {"endpoint_override": parts.netloc, "scheme": parts.scheme}
+    region = settings.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    return pyarrow.fs.S3FileSystem(
+        region=region or "us-east-1",
+        connect_timeout=settings.connect_timeout_s,
+        request_timeout=settings.read_timeout_s,
+        retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(settings.request_attempts),
+        **options,
+    )
+
+
 def _printable_endpoint(client) -> str:
     """The client's endpoint without any user:password part."""
     parts = urlsplit(client.meta.endpoint_url)
@@ -290,6 +310,32 @@ def _with_retries(
 # ---- the operations ---------------------------------------------------------------------
 
 
+def check_access(uri: str | os.PathLike, *, settings: StorageSettings = DEFAULT_SETTINGS) -> None:
+    """Fail now, in one line, when ``uri``'s bucket is missing or unreachable or the
+    credentials are absent or rejected (a local path always passes): run before any work."""
+    if not is_s3(uri):
+        return
+    uri = str(uri)
+    bucket, key = split_s3(uri)
+    prefix = key.rstrip("/") + "/" if key.rstrip("/") else ""
+    _with_retries(
+        "access",
+        uri,
+        settings,
+        lambda client: client.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1),
+    )
+
+
+def delete(uri: str | os.PathLike, *, settings: StorageSettings = DEFAULT_SETTINGS) -> None:
+    """Remove one file or object (nothing to remove is not an error)."""
+    if not is_s3(uri):
+        Path(uri).unlink(missing_ok=True)
+        return
+    uri = str(uri)
+    bucket, key = split_s3(uri)
+    _with_retries("delete", uri, settings, lambda c: c.delete_object(Bucket=bucket, Key=key))
+
+
 def read_bytes(uri: str | os.PathLike, *, settings: StorageSettings = DEFAULT_SETTINGS) -> bytes:
     """The whole content of a local file or S3 object."""
     if not is_s3(uri):
@@ -383,16 +429,36 @@ def list_prefix(
     if not is_s3(uri):
         root = Path(uri)
         return sorted(str(p) for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
-    uri = str(uri)
+    return sorted(_list_objects(str(uri), settings))
+
+
+def object_versions(
+    uri: str | os.PathLike, *, settings: StorageSettings = DEFAULT_SETTINGS
+) -> dict[str, str]:
+    """Every object below an S3 prefix with its ETag (which changes with its content);
+    for a local folder, every file with its size and modification time."""
+    if not is_s3(uri):
+        return {
+            path: f"{os.stat(path).st_size}:{os.stat(path).st_mtime_ns}"
+            for path in list_prefix(uri)
+        }
+    return _list_objects(str(uri), settings)
+
+
+def _list_objects(uri: str, settings: StorageSettings) -> dict[str, str]:
     bucket, key = split_s3(uri)
     prefix = key.rstrip("/") + "/" if key.rstrip("/") else ""
 
-    def list_all(client) -> list[str]:
+    def list_all(client) -> dict[str, str]:
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-        return [item["Key"] for page in pages for item in page.get("Contents", [])]
+        return {
+            f"{S3_SCHEME}{bucket}/{item['Key']}": item["ETag"]
+            for page in pages
+            for item in page.get("Contents", [])
+            if not item["Key"].endswith("/")  # a folder marker (pyarrow writes them), not a file
+        }
 
-    keys = _with_retries("list", uri, settings, list_all)
-    return sorted(f"{S3_SCHEME}{bucket}/{k}" for k in keys)
+    return _with_retries("list", uri, settings, list_all)
 
 
 def upload_dir(
@@ -443,6 +509,16 @@ def _copy_tree(source: str, target: str, settings: StorageSettings) -> list[str]
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return [str(final / name) for name in relative]
+
+
+def copy_file(
+    source: str | os.PathLike,
+    target: str | os.PathLike,
+    *,
+    settings: StorageSettings = DEFAULT_SETTINGS,
+) -> None:
+    """Copy one file between local paths and S3 objects, in any direction (streamed)."""
+    _copy_file(str(source), str(target), settings)
 
 
 def _copy_file(source: str, target: str, settings: StorageSettings) -> None:

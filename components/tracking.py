@@ -1,7 +1,14 @@
-"""MLflow: one experiment per stage, the resolved config logged as params (secrets masked)."""
+"""MLflow: one experiment per stage, the resolved config logged as params (secrets masked).
+
+The store is ``MLFLOW_TRACKING_URI`` (a tracking server, ``http://host:5000``) or
+``mlflow.tracking_uri`` (SQLite by default). Artifacts go to ``mlflow.artifact_root`` when it
+is a URI (``s3://bucket/prefix``: MLflow's boto3 honours ``MLFLOW_S3_ENDPOINT_URL`` /
+``AWS_ENDPOINT_URL_S3``); with a server and a local root, the server's own artifact store.
+"""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterator, Mapping
@@ -43,12 +50,18 @@ def redacted(key: str, value: Any) -> str:
 
 def experiment_for(params: Params, stage: str) -> str:
     """Create (in the driver, before any Ray worker asks) and return the stage's experiment."""
-    mlflow.set_tracking_uri(tracking_uri(params))
+    uri = tracking_uri(params)
+    mlflow.set_tracking_uri(uri)
     name = f"{params.mlflow.experiment_prefix}-{stage}"
     if mlflow.get_experiment_by_name(name) is None:
         root = params.mlflow.artifact_root
-        location = root if "://" in root else Path(root).resolve().as_uri()
-        mlflow.create_experiment(name, artifact_location=f"{location}/{name}")
+        if "://" in root:
+            location = f"{root.rstrip('/')}/{name}"
+        elif uri.startswith(("http://", "https://")):
+            location = None  # a local folder of this machine means nothing to a server
+        else:
+            location = f"{Path(root).resolve().as_uri()}/{name}"
+        mlflow.create_experiment(name, artifact_location=location)
     mlflow.set_experiment(name)
     return name
 
@@ -84,3 +97,14 @@ def log_metrics_at(
         run_id,
         metrics=[mlflow.entities.Metric(k, float(v), timestamp, step) for k, v in metrics.items()],
     )
+
+
+def record_placement(placement: list[dict[str, Any]], path: Path) -> int:
+    """Write where each Ray Train rank ran (``workers.json``), tag the active run with the
+    distinct node ids and log it; returns the number of nodes."""
+    nodes = sorted({worker["node_id"] for worker in placement})
+    path.write_text(json.dumps(placement, indent=1))
+    mlflow.set_tag("ray.worker_nodes", ",".join(nodes))
+    mlflow.log_metric("ray_worker_nodes", len(nodes))
+    mlflow.log_artifact(str(path))
+    return len(nodes)

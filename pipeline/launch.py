@@ -2,8 +2,15 @@
 to a cluster (``RAY_ADDRESS`` or ``ray.address`` in params) with job submission, streaming
 its logs and exiting non-zero when the job fails so DVC sees the failure.
 
+A submitted job carries only its parameters (a working_dir holding the resolved
+``params.yaml``: local paths made absolute) and the non-secret environment the stage needs
+(endpoints, MLflow server); the code and credentials are the cluster's own. With
+``storage.uri: s3://...`` the launcher then pulls the stage's output into ``storage.local_dir``,
+so DVC finds it where dvc.yaml says.
+
     python -m pipeline.launch ingest
     python -m pipeline.launch pretrain --variant convirt
+    RAY_ADDRESS=http://127.0.0.1:8265 python -m pipeline.launch reports
 """
 
 from __future__ import annotations
@@ -14,13 +21,41 @@ import importlib
 import os
 import shlex
 import sys
+import tempfile
 import time
+from pathlib import Path
 
-from components.config import ConfigError, load_params
+import yaml
+
+from components.config import ConfigError, Params, load_params, tracking_uri
 from components.preflight import check_resources
 from components.stage import JOBS
+from components.stage_storage import absolute, check_access, on_s3, output_folders, pull
+from components.storage import StorageError
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+# The stage runs of dvc.yaml, in order: what `dvc repro` launches.
+PIPELINE = (
+    ("ingest",),
+    ("reports",),
+    ("similarity",),
+    ("pretrain",),  # SISTA, then each baseline
+    ("evaluate",),
+    ("publish",),
+)
+# Passed to a submitted job: where things are, never credentials (the cluster's nodes have
+# their own: instance profile, service account, or the environment `ray start` ran in).
+FORWARDED_ENV = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+)
 
 
 def entrypoint(stage: str, params_path: str, stage_args: list[str]) -> str:
@@ -30,13 +65,41 @@ def entrypoint(stage: str, params_path: str, stage_args: list[str]) -> str:
     return shlex.join(command)
 
 
-def submit(address: str, command: str, working_dir: str | None = None) -> int:
+def job_params(params: Params) -> dict:
+    """The parameters as a job on the cluster must see them: local stage folders, SQLite
+    store and artifact folder by absolute path (a shared file system); with S3 storage the
+    job keeps a relative ``local_dir``, a cache inside its own working folder."""
+    section = params.storage
+    storage = section if on_s3(section) else absolute(section)
+    root = params.mlflow.artifact_root
+    mlflow = params.mlflow.model_copy(
+        update={
+            "tracking_uri": tracking_uri(params),
+            "artifact_root": root if "://" in root else str(Path(root).resolve()),
+        }
+    )
+    resolved = params.model_copy(update={"storage": storage, "mlflow": mlflow})
+    return resolved.model_dump(mode="json")
+
+
+def job_environment() -> dict[str, str]:
+    return {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
+
+
+def submit(
+    address: str,
+    command: str,
+    working_dir: str | None = None,
+    env_vars: dict[str, str] | None = None,
+) -> int:
     """Submit ``command`` as a Ray job, stream its logs, return a process exit code."""
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(address)
-    runtime_env = {"working_dir": working_dir} if working_dir else None
-    job_id = client.submit_job(entrypoint=command, runtime_env=runtime_env)
+    runtime_env = {"working_dir": working_dir} if working_dir else {}
+    if env_vars:
+        runtime_env["env_vars"] = env_vars
+    job_id = client.submit_job(entrypoint=command, runtime_env=runtime_env or None)
     print(f"submitted job {job_id} to {address}: {command}", flush=True)
 
     async def stream() -> None:
@@ -71,12 +134,37 @@ def launch(stage: str, params_path: str, stage_args: list[str]) -> int:
         print(error, file=sys.stderr)
         return 2
     if submitted:
-        return submit(address, entrypoint(stage, params_path, stage_args))
+        try:
+            check_access(params)  # before a job is queued
+        except StorageError as error:
+            print(error, file=sys.stderr)
+            return 2
+        with tempfile.TemporaryDirectory(prefix="sista-job-") as job_dir:
+            (Path(job_dir) / "params.yaml").write_text(yaml.safe_dump(job_params(params)))
+            code = submit(
+                address,
+                entrypoint(stage, "params.yaml", stage_args),
+                working_dir=job_dir,
+                env_vars=job_environment(),
+            )
+        if code == 0 and on_s3(params.storage):
+            try:
+                pull(params.storage, output_folders(params, stage, _variant(stage_args)))
+            except StorageError as error:
+                print(f"the job succeeded but its output could not be pulled: {error}")
+                return 1
+        return code
     # No address: a local Ray instance. A bare GCS address (head:6379) is what Ray sets inside
     # a running job (a KubeRay RayJob's entrypoint): the stage attaches to that cluster.
     module = importlib.import_module(f"components.{stage}")
     module.main(["--params", params_path, *stage_args])
     return 0
+
+
+def _variant(stage_args: list[str]) -> str | None:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--variant")
+    return parser.parse_known_args(stage_args)[0].variant
 
 
 def main(argv: list[str] | None = None) -> None:

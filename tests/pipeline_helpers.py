@@ -11,26 +11,16 @@ from pathlib import Path
 
 import yaml
 
+from components.config import with_overrides
+from pipeline.launch import PIPELINE
+
 ROOT = Path(__file__).resolve().parents[1]
-STAGE_COMMANDS = [
-    ["ingest"],
-    ["reports"],
-    ["similarity"],
-    ["pretrain"],  # SISTA, then each baseline
-    ["evaluate"],
-    ["publish"],
-]
+STAGE_COMMANDS = [list(command) for command in PIPELINE]
 
 
 def write_ci_params(folder: Path, **overrides) -> Path:
     """profiles/ci.yaml with every path inside ``folder`` (plus nested overrides)."""
-    params = yaml.safe_load((ROOT / "profiles" / "ci.yaml").read_text())
-    for dotted, value in overrides.items():
-        section = params
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            section = section[key]
-        section[leaf] = value
+    params = with_overrides(yaml.safe_load((ROOT / "profiles" / "ci.yaml").read_text()), overrides)
     path = folder / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     return path
@@ -99,3 +89,31 @@ def kill_job(process: subprocess.Popen) -> None:
             pass
     psutil.wait_procs(family, timeout=30)
     process.wait()
+
+
+# Variables that could send an AWS client anywhere but the local S3 server.
+AWS_ROUTING_VARIABLES = (
+    "AWS_ENDPOINT_URL",
+    "AWS_PROFILE",
+    "AWS_SESSION_TOKEN",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ROLE_ARN",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "http_proxy",
+    "https_proxy",
+)
+
+
+def local_s3_environment(s3_server, folder: Path) -> dict[str, str]:
+    """os.environ for a process that must talk to the local S3 server only: its endpoint
+    and fake credentials, no AWS config files, proxies or instance metadata."""
+    environment = {k: v for k, v in os.environ.items() if k not in AWS_ROUTING_VARIABLES}
+    environment.update(
+        AWS_CONFIG_FILE=str(folder / "no-aws-config"),
+        AWS_SHARED_CREDENTIALS_FILE=str(folder / "no-aws-credentials"),
+        **s3_server.env,
+    )
+    return environment

@@ -75,3 +75,15 @@ def test_every_profile_validates():
 
     for profile in sorted(Path(__file__).resolve().parents[1].glob("profiles/*.yaml")):
         load_params(profile)
+
+
+def test_dotted_overrides_set_one_number_and_keep_the_rest():
+    from components.config import with_overrides
+
+    data = {"pretrain": {"loss": {"sta_weight": 1.0, "sia_weight": 1.0}}, "ray": {"num_cpus": 2}}
+    changed = with_overrides(data, {"pretrain.loss.sta_weight": 0.5, "ray.num_cpus": None})
+    assert changed == {
+        "pretrain": {"loss": {"sta_weight": 0.5, "sia_weight": 1.0}},
+        "ray": {"num_cpus": None},
+    }
+    assert data["pretrain"]["loss"]["sta_weight"] == 1.0  # a copy: the input is unchanged

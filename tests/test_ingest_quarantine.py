@@ -118,7 +118,8 @@ def test_every_broken_mimic_record_is_quarantined_with_its_reason(tmp_path, loca
     config = IngestSection(source="mimic_cxr", source_path=str(tmp_path / "mimic"), image_size=64)
     out = tmp_path / "out"
     out.mkdir()
-    result = ingest_dataset(MimicCxrJpg(tmp_path / "mimic"), "pretrain", config, (0.2, 0.0), out)
+    mimic = MimicCxrJpg(tmp_path / "mimic")  # files on this disk: read by tasks on this node
+    result = ingest_dataset(mimic, "pretrain", config, (0.2, 0.0), out, local_files=True)
     check_counts_add_up(result, expected, duplicates=1)
     duplicates = [r for r in result.quarantine_rows if r["reason"] == "duplicate_id"]
     assert [r["record_id"] for r in duplicates] == ["good-1-dicom"]

@@ -1,0 +1,205 @@
+"""Where stage folders live: ``storage.uri``, a local folder or an S3 prefix.
+
+With ``storage.uri: s3://bucket/prefix`` the S3 prefix is the source of truth and
+``storage.local_dir`` a local copy: a stage pulls the output folders it reads (checked
+against their manifests' content hashes) and pushes its own when complete, manifest last,
+so no reader takes a half-uploaded folder for a complete one. Every node of a cluster pulls
+what it reads; Ray Train and Tune write checkpoints straight to S3 (:func:`ray_storage`).
+With a local ``storage.uri`` nothing is copied: the folder is read and written in place.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from . import storage
+from .artifacts import MANIFEST, atomic_output_dir, content_hashes
+from .config import IngestSection, Params, StorageSection
+
+# The output folders each stage reads (dvc.yaml's data deps); pretrain's are also read by
+# every Ray Train worker, on whichever node it runs.
+PRETRAIN_INPUTS = ("ingest", "reports", "similarity")
+
+
+class StageOutputMissing(storage.ObjectNotFound):
+    """A stage's input folder has no manifest on storage: its stage has not run there."""
+
+
+def settings_for(section: StorageSection) -> storage.StorageSettings:
+    return storage.StorageSettings(endpoint_url=section.endpoint_url)
+
+
+def on_s3(section: StorageSection) -> bool:
+    return storage.is_s3(section.uri)
+
+
+def data_root(section: StorageSection) -> Path:
+    """The absolute local folder that holds the stage folders (the copy, with S3)."""
+    return Path(section.local_dir if on_s3(section) else section.uri).resolve()
+
+
+def stage_dir(params: Params, stage: str) -> Path:
+    """Local folder of a stage's outputs (``<root>/<stage>``)."""
+    return data_root(params.storage) / stage
+
+
+def absolute(section: StorageSection) -> StorageSection:
+    """The section with local paths made absolute, for processes in other folders (Ray
+    workers, jobs): they then read and write the same places as this process."""
+    uri = section.uri if on_s3(section) else str(Path(section.uri).resolve())
+    return section.model_copy(update={"uri": uri, "local_dir": str(data_root(section))})
+
+
+def input_folders(params: Params, stage: str) -> list[str]:
+    """The output folders ``stage`` reads, relative to the root."""
+    pretrained = [f"pretrain/{init}" for init in params.evaluate.inits if init != "random"]
+    return {
+        "ingest": [],
+        "reports": ["ingest"],
+        "similarity": ["reports"],
+        "pretrain": list(PRETRAIN_INPUTS),
+        "evaluate": [*PRETRAIN_INPUTS, *pretrained],  # retrieval reads the held-out pairs
+        "publish": ["evaluate"],
+    }[stage]
+
+
+def output_folders(params: Params, stage: str, variant: str | None = None) -> list[str]:
+    """The folders one run of ``stage`` writes: pre-training one per variant, every variant
+    unless ``--variant`` names one."""
+    if stage != "pretrain":
+        return [stage]
+    variants = ["sista", *params.pretrain.baselines] if variant in (None, "all") else [variant]
+    return [f"pretrain/{v}" for v in variants]
+
+
+def check_access(params: Params) -> None:
+    """One-line StorageError now, before any work, when an S3 location of the run (stage
+    folders, MLflow artifacts) has no bucket, no endpoint or no valid credentials."""
+    settings = settings_for(params.storage)
+    for uri in (params.storage.uri, params.mlflow.artifact_root):
+        storage.check_access(uri, settings=settings)
+
+
+def pull(section: StorageSection, folders: list[str] | tuple[str, ...]) -> Path:
+    """Make the local copy of each folder match storage (a no-op for a local uri and for a
+    copy whose manifest is already the stored one); returns the local root."""
+    root = data_root(section)
+    if on_s3(section):
+        for folder in folders:
+            _pull_folder(section, folder, root)
+    return root
+
+
+def _pull_folder(section: StorageSection, folder: str, root: Path) -> None:
+    settings = settings_for(section)
+    remote = storage.join(section.uri, folder)
+    local = root / folder
+    try:
+        stored = storage.read_bytes(storage.join(remote, MANIFEST), settings=settings)
+    except storage.ObjectNotFound:
+        raise StageOutputMissing(
+            f"{remote} has no {MANIFEST}: stage {folder.split('/')[0]!r} has not completed "
+            f"there, or is writing it now (storage.uri {section.uri})"
+        ) from None
+    copy = local / MANIFEST
+    if copy.is_file() and copy.read_bytes() == stored:
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    # Workers on one node share the copy: one downloads, the others find it done.
+    with open(root / f".{folder.replace('/', '__')}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if copy.is_file() and copy.read_bytes() == stored:
+            return
+        storage.download_dir(remote, local, settings=settings)
+        manifest = json.loads((local / MANIFEST).read_text())
+        if content_hashes(local) != manifest["files"]:
+            shutil.rmtree(local)  # never leave a mixed copy that looks current
+            raise storage.StorageError(
+                f"{remote} changed while it was copied (its files do not match its "
+                f"{MANIFEST}): is a stage writing it now? Run again once it has finished"
+            )
+
+
+def push(section: StorageSection, folder: str) -> None:
+    """Upload a completed local folder to storage: the old manifest goes first, the new one
+    last, and objects the new output no longer has are removed."""
+    if not on_s3(section):
+        return
+    settings = settings_for(section)
+    local = data_root(section) / folder
+    remote = storage.join(section.uri, folder)
+    manifest = storage.join(remote, MANIFEST)
+    storage.delete(manifest, settings=settings)
+    written = {manifest}
+    for path in sorted(p for p in local.rglob("*") if p.is_file() and p.name != MANIFEST):
+        target = storage.join(remote, path.relative_to(local).as_posix())
+        storage.copy_file(str(path), target, settings=settings)
+        written.add(target)
+    for stale in set(storage.list_prefix(remote, settings=settings)) - written:
+        storage.delete(stale, settings=settings)
+    storage.copy_file(str(local / MANIFEST), manifest, settings=settings)
+
+
+@contextmanager
+def stage_output(
+    params: Params, folder: str, info: dict[str, Any] | None = None
+) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """:func:`atomic_output_dir` for the stage folder ``folder``, pushed to storage once
+    complete. Yields ``(temp_folder, manifest_extra)``."""
+    with atomic_output_dir(data_root(params.storage) / folder, folder.split("/")[0], info) as (
+        out,
+        extra,
+    ):
+        yield out, extra
+    push(params.storage, folder)
+
+
+def local_sources(params: Params) -> IngestSection:
+    """The ingest section with every dataset given as ``s3://...`` replaced by a local
+    copy below ``<local_dir>/sources/`` (the adapters read files); a copy is downloaded
+    again only when an object below the prefix was added, removed or changed."""
+    config = params.ingest
+    paths = {
+        "source_path": config.source_path,
+        "segmentation_path": config.downstream.segmentation_path,
+        "detection_path": config.downstream.detection_path,
+    }
+    local = {name: _local_source(params.storage, path) for name, path in paths.items()}
+    downstream = config.downstream.model_copy(
+        update={k: local[k] for k in ("segmentation_path", "detection_path")}
+    )
+    return config.model_copy(update={"source_path": local["source_path"], "downstream": downstream})
+
+
+def _local_source(section: StorageSection, path: str | None) -> str | None:
+    if not path or not storage.is_s3(path):
+        return path
+    settings = settings_for(section)
+    bucket, key = storage.split_s3(path)
+    target = data_root(section) / "sources" / bucket / key.strip("/")
+    listing = json.dumps(storage.object_versions(path, settings=settings), sort_keys=True)
+    stamp = target.parent / f".{target.name}.objects.json"
+    if target.is_dir() and stamp.is_file() and stamp.read_text() == listing:
+        return str(target)
+    storage.download_dir(path, target, settings=settings)
+    stamp.write_text(listing)
+    return str(target)
+
+
+def ray_storage(params: Params, name: str) -> dict[str, Any]:
+    """``storage_path`` (and ``storage_filesystem`` for S3) of a Ray Train / Tune run, as
+    keyword arguments of its ``RunConfig``: ``<storage.uri>/<name>``."""
+    section = params.storage
+    if not on_s3(section):
+        return {"storage_path": str(data_root(section) / name)}
+    path = storage.join(section.uri, name)[len(storage.S3_SCHEME) :]
+    return {
+        "storage_path": path,
+        "storage_filesystem": storage.arrow_filesystem(settings_for(section)),
+    }

@@ -1,0 +1,183 @@
+"""The services a cluster run talks to, as real server processes on 127.0.0.1: an S3 API
+(moto's server) and an MLflow tracking server with a SQLite database. For demos and tests;
+production points the same settings at AWS S3 (or MinIO) and a shared MLflow server.
+
+Each is stopped by the process id it started (and that process's children).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from .local_cluster import HOST, free_port, stop_processes
+
+# Fake credentials for the local S3 server: moto accepts any unless IAM checks are on.
+LOCAL_S3_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "AKIALOCALS3TESTKEY00",
+    "AWS_SECRET_ACCESS_KEY": "local-s3-secret-not-a-real-one",
+}
+
+
+def _executable(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
+
+
+def stop_process_tree(process: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM ``process`` and its descendants, SIGKILL what outlives ``grace_s``."""
+    try:
+        root = psutil.Process(process.pid)
+        stop_processes([root.pid, *(child.pid for child in root.children(recursive=True))], grace_s)
+    except psutil.NoSuchProcess:
+        pass
+    process.wait(timeout=grace_s)
+
+
+def _wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"{process.args[0]} exited with {process.returncode}: "
+                f"{log.read_text(errors='replace')[-2000:]}"
+            )
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing answered at {url} after {timeout_s} s") from None
+            time.sleep(0.5)
+
+
+@dataclass
+class S3Server:
+    """moto's S3 server (``moto_server``) on 127.0.0.1; ``env`` is what a client needs."""
+
+    buckets: tuple[str, ...] = ("sista",)
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = field(default=None, init=False)
+    log: Path = field(init=False)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            **LOCAL_S3_CREDENTIALS,
+            "AWS_ENDPOINT_URL_S3": self.endpoint,
+            "MLFLOW_S3_ENDPOINT_URL": self.endpoint,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",  # never ask 169.254.169.254
+            "NO_PROXY": HOST,
+        }
+
+    def start(self, timeout_s: float = 60.0) -> S3Server:
+        self.log = Path(tempfile.mkstemp(prefix="sista-s3-", suffix=".log")[1])
+        with open(self.log, "wb") as output:
+            self.process = subprocess.Popen(
+                [_executable("moto_server"), "-H", HOST, "-p", str(self.port)],
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        _wait_until_up(f"{self.endpoint}/moto-api/", self.process, self.log, timeout_s)
+        import boto3
+
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=LOCAL_S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=LOCAL_S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        )
+        for bucket in self.buckets:
+            client.create_bucket(Bucket=bucket)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process_tree(self.process)
+            self.process = None
+        self.log.unlink(missing_ok=True)
+
+    def __enter__(self) -> S3Server:
+        return self.start()
+
+    def __exit__(self, *_) -> None:
+        self.stop()
+
+
+@dataclass
+class MLflowServer:
+    """``mlflow server`` on 127.0.0.1 with a SQLite database in ``folder`` and artifacts
+    proxied to ``artifacts`` (an ``s3://`` URI, or a local folder). One worker process and no
+    job runner: it is a small server for one machine's runs. ``env`` is added to the
+    server's environment (S3 endpoint and credentials for an S3 artifact store)."""
+
+    folder: Path
+    artifacts: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = field(default=None, init=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def command(self) -> list[str]:
+        return [
+            _executable("mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{Path(self.folder).resolve() / 'mlflow.db'}",
+            "--artifacts-destination",
+            self.artifacts or str(Path(self.folder).resolve() / "mlartifacts"),
+            "--host",
+            HOST,
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+        ]
+
+    def start(self, timeout_s: float = 120.0) -> MLflowServer:
+        Path(self.folder).mkdir(parents=True, exist_ok=True)
+        log = Path(self.folder) / "mlflow-server.log"
+        environment = {
+            **os.environ,
+            **self.env,
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        }
+        with open(log, "wb") as output:
+            self.process = subprocess.Popen(
+                self.command(),
+                env=environment,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                cwd=self.folder,
+                start_new_session=True,
+            )
+        _wait_until_up(f"{self.url}/health", self.process, log, timeout_s)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process_tree(self.process)
+            self.process = None
+
+    def __enter__(self) -> MLflowServer:
+        return self.start()
+
+    def __exit__(self, *_) -> None:
+        self.stop()
