@@ -91,26 +91,12 @@ def kill_job(process: subprocess.Popen) -> None:
     process.wait()
 
 
-# Variables that could send an AWS client anywhere but the local S3 server.
-AWS_ROUTING_VARIABLES = (
-    "AWS_ENDPOINT_URL",
-    "AWS_PROFILE",
-    "AWS_SESSION_TOKEN",
-    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-    "AWS_WEB_IDENTITY_TOKEN_FILE",
-    "AWS_ROLE_ARN",
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "http_proxy",
-    "https_proxy",
-)
-
-
 def local_s3_environment(s3_server, folder: Path) -> dict[str, str]:
     """os.environ for a process that must talk to the local S3 server only: its endpoint
     and fake credentials, no AWS config files, proxies or instance metadata."""
-    environment = {k: v for k, v in os.environ.items() if k not in AWS_ROUTING_VARIABLES}
+    from s3_helpers import AWS_VARIABLES_REMOVED
+
+    environment = {k: v for k, v in os.environ.items() if k not in AWS_VARIABLES_REMOVED}
     environment.update(
         AWS_CONFIG_FILE=str(folder / "no-aws-config"),
         AWS_SHARED_CREDENTIALS_FILE=str(folder / "no-aws-credentials"),
