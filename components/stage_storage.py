@@ -66,6 +66,7 @@ def input_folders(params: Params, stage: str) -> list[str]:
         "pretrain": list(PRETRAIN_INPUTS),
         "evaluate": [*PRETRAIN_INPUTS, *pretrained],  # retrieval reads the held-out pairs
         "publish": ["evaluate"],
+        "sweep": list(PRETRAIN_INPUTS),  # trials pre-train; the signal reads ingest's subsets
     }[stage]
 
 

@@ -17,17 +17,16 @@ import argparse
 import datetime as dt
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import pyarrow.fs
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from .artifacts import atomic_output_dir
 from .config import (
     Distribution,
     Params,
@@ -37,7 +36,8 @@ from .config import (
 )
 from .pretrain_data import PretrainData
 from .runtime import ensure_ray
-from .stage import stage_dir, stage_main
+from .stage import stage_main
+from .stage_storage import absolute, data_root, ray_storage, stage_output
 from .sweep_best import BEST_FILE, best_file_text
 from .sweep_signal import SIGNALS, ValidationSignal
 from .tracking import stage_run
@@ -89,13 +89,13 @@ def trial_section(params: Params, overrides: dict[str, float]) -> PretrainSectio
 
 def training_steps(params: Params, section: PretrainSection) -> int:
     """Optimizer steps of one trial, as the training loop counts them."""
-    pairs = PretrainData(Path(params.storage.uri), "train", section.semantics)
+    pairs = PretrainData(data_root(params.storage), "train", section.semantics)
     return section.optim.epochs * pairs.steps_per_epoch(section.optim.batch_size, section.workers)
 
 
 def validation_signal(params: Params) -> ValidationSignal:
     return ValidationSignal(
-        data_root=str(Path(params.storage.uri).resolve()),
+        data_root=str(data_root(params.storage)),
         kind=params.sweep.signal,
         fractions=params.sweep.probe_fractions,
         seeds=params.ingest.downstream.seeds,
@@ -243,7 +243,7 @@ def results_markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str
 
 
 def check_inputs(params: Params) -> None:
-    root = Path(params.storage.uri)
+    root = data_root(params.storage)
     needed = ["ingest/manifest.parquet", "reports/reports.parquet", "similarity/embeddings.npy"]
     missing = [path for path in needed if not (root / path).exists()]
     if missing:
@@ -253,16 +253,24 @@ def check_inputs(params: Params) -> None:
         )
 
 
+def remove_trial_checkpoints(params: Params, prefix: str) -> None:
+    """Delete the Ray Train runs named ``prefix*`` under ``<storage>/checkpoints``, on a
+    local disk or on S3 alike (the filesystem Ray Train wrote them with)."""
+    where = ray_storage(params, "checkpoints")
+    filesystem = where.get("storage_filesystem") or pyarrow.fs.LocalFileSystem()
+    selector = pyarrow.fs.FileSelector(where["storage_path"], allow_not_found=True)
+    for entry in filesystem.get_file_info(selector):
+        if entry.type == pyarrow.fs.FileType.Directory and entry.base_name.startswith(prefix):
+            filesystem.delete_dir(entry.path)
+
+
 def anchored(params: Params) -> Params:
     """``params`` with the data folder and the MLflow store as absolute locations: trials
     run in their own working folders (a relative ``sqlite:///mlflow.db`` would be another
     store there)."""
-    storage = params.storage.uri
-    if "://" not in storage:
-        storage = str(Path(storage).resolve())
     return params.model_copy(
         update={
-            "storage": params.storage.model_copy(update={"uri": storage}),
+            "storage": absolute(params.storage),
             "mlflow": params.mlflow.model_copy(update={"tracking_uri": tracking_uri(params)}),
         }
     )
@@ -275,7 +283,6 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
     metric = SIGNALS[config.signal]
     keys = list(config.space)
     total_steps = training_steps(params, trial_section(params, current_values(params)))
-    data_root = Path(params.storage.uri).resolve()
     ensure_ray(params, dashboard=True)  # stopped trials' resources are freed via the State API
     date = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     with (
@@ -285,9 +292,7 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
             run_name=f"sweep {date}",
             logged={"sweep": config.model_dump(), "pretrain": params.pretrain.model_dump()},
         ) as parent_run,
-        atomic_output_dir(
-            stage_dir(params, "sweep"), "sweep", {"mlflow_run_id": parent_run.info.run_id}
-        ) as (out, extra),
+        stage_output(params, "sweep", {"mlflow_run_id": parent_run.info.run_id}) as (out, extra),
     ):
         parent = {
             "run_id": parent_run.info.run_id,
@@ -322,14 +327,13 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
                 max_concurrent_trials=config.max_concurrent,
             ),
             run_config=tune.RunConfig(
-                name=parent["name"], storage_path=str(data_root / "tune"), verbose=1
+                name=parent["name"], verbose=1, **ray_storage(params, "tune")
             ),
         )
         try:
             results = tuner.fit()
         finally:  # trial checkpoints are not kept: the best settings are re-run by the pipeline
-            for folder in (data_root / "checkpoints").glob(f"{parent['name']}-*"):
-                shutil.rmtree(folder, ignore_errors=True)
+            remove_trial_checkpoints(params, f"{parent['name']}-")
         rows = trial_rows(results, keys, metric, total_steps)
         close_child_runs(params, parent["run_id"], rows)
         best = best_row(rows)
@@ -356,7 +360,7 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
         for name in ("trials.json", "results.md", BEST_FILE):
             mlflow.log_artifact(str(out / name))
         extra["summary"] = summary
-    print((stage_dir(params, "sweep") / "results.md").read_text())
+    print((data_root(params.storage) / "sweep" / "results.md").read_text())
     return summary
 
 
