@@ -87,3 +87,17 @@ def test_dotted_overrides_set_one_number_and_keep_the_rest():
         "ray": {"num_cpus": None},
     }
     assert data["pretrain"]["loss"]["sta_weight"] == 1.0  # a copy: the input is unchanged
+
+
+@pytest.mark.parametrize("key", ["pretrain.loss.sta_weight", "pretrain.loss.sia_weight"])
+def test_a_loss_weight_reruns_pretrain_and_no_stage_before_it(key):
+    """`dvc exp run -S KEY=...` re-runs the stages whose params hold KEY (and their
+    dependants): pre-training, never ingest, reports or similarity."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+    def holds(stage: str) -> bool:
+        declared = [p for p in stages[stage].get("params", []) if isinstance(p, str)]
+        return any(key == p or key.startswith(f"{p}.") for p in declared)
+
+    assert holds("pretrain")
+    assert not any(holds(stage) for stage in ("ingest", "reports", "similarity"))

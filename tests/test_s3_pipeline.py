@@ -202,3 +202,15 @@ def test_a_stage_on_a_fresh_machine_reads_its_inputs_from_s3(s3_pipeline, tmp_pa
     written = json.loads((tmp_path / "copy" / "reports" / MANIFEST).read_text())["files"]
     first = json.loads((s3_pipeline["folder"] / "data" / "reports" / MANIFEST).read_text())
     assert written == first["files"]  # deterministic: the same table from the same input
+
+
+def test_dvc_exp_run_with_one_changed_key_reruns_that_stage_and_what_follows(s3_pipeline):
+    """Params by key: `dvc exp run -S similarity.top_k=3` runs similarity again and skips
+    ingest and reports, whose params do not hold that key. (Last in this module: it changes
+    the work folder's params.yaml and outputs.)"""
+    folder, dvc, env = s3_pipeline["folder"], s3_pipeline["dvc"], s3_pipeline["env"]
+    result = sh([dvc, "exp", "run", "-S", "similarity.top_k=3"], folder, env)
+    assert "Stage 'ingest' didn't change, skipping" in result.stdout
+    assert "Stage 'reports' didn't change, skipping" in result.stdout
+    assert "Running stage 'similarity'" in result.stdout
+    assert yaml.safe_load((folder / "params.yaml").read_text())["similarity"]["top_k"] == 3
