@@ -11,7 +11,7 @@ DATA_PACKAGES := torchxrayvision==1.5.7 pneumonia-model-package==0.3.0 pydicom-d
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv repro test test-cluster bench profile lint mlflow-ui mlflow-server cluster-demo clean sweep kubeflow image infra-check
+.PHONY: venv repro test test-system test-cluster bench profile lint mlflow-ui mlflow-server cluster-demo clean sweep kubeflow image infra-check
 
 venv: $(STAMP)
 
@@ -30,10 +30,16 @@ repro: venv
 	@$(BIN)/sista status
 	@cat data/publish/results.md
 
+# The suite (about 15 min on 2 cores). The system tests bring up whole systems (a two-node Ray
+# cluster, S3 + MLflow servers with a DVC remote, a Ray Tune sweep, kfp's local runner) and
+# take about as long again: `make test-system`, which CI runs after `make test`.
 test: venv
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not system"
 
-# Only the multi-node tests (also part of `make test`): a two-node Ray cluster on this machine.
+test-system: venv
+	$(BIN)/python -m pytest -m system
+
+# Only the two-node Ray cluster tests (part of `make test-system`).
 test-cluster: venv
 	$(BIN)/python -m pytest -m cluster
 

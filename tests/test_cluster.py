@@ -22,7 +22,12 @@ from pipeline.cluster_demo import (
 )
 
 # A few minutes on a quiet 2-core machine; a loaded one can take several times that.
-pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(2400)]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.system,
+    pytest.mark.cluster,
+    pytest.mark.timeout(2400),
+]
 STAGES = [*stages_through("similarity"), ("pretrain", "--variant", "sista")]
 
 

@@ -12,7 +12,7 @@ import mlflow
 import pytest
 from pipeline_helpers import write_ci_params
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.system]
 
 RUN_PIPELINE = """
 import sys

@@ -25,7 +25,7 @@ from pipeline.local_cluster import free_port
 from pipeline.local_services import stop_process_tree
 
 # A few minutes on a quiet 2-core machine; a loaded one can take several times that.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
+pytestmark = [pytest.mark.slow, pytest.mark.system, pytest.mark.timeout(2400)]
 
 STAGES = ("ingest", "reports", "similarity")
 # The CI profile made smaller still: these stages' S3 and MLflow paths, not their maths.

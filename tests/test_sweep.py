@@ -108,6 +108,7 @@ def test_apply_refuses_a_result_that_would_make_params_yaml_invalid(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.system
 @pytest.mark.timeout(2400)
 def test_a_ci_sweep_logs_child_runs_under_one_parent_and_its_best_applies(tmp_path):
     """Three tiny trials (params.yaml's values first) with ASHA: every trial a child run of
