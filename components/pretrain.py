@@ -270,7 +270,7 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
     variants = ["sista", *params.pretrain.baselines] if requested == "all" else [requested]
     for variant in variants:
         params.pretrain.variant(variant)  # an unknown name fails before any training
-    ensure_ray(params)
+    ensure_ray(params, dashboard=True)  # Ray Train's placement-group cleaner needs it
     return {variant: train_variant(params, variant) for variant in variants}
 
 

@@ -17,11 +17,11 @@ def ensure_ray(params: Params, dashboard: bool = False) -> None:
     otherwise start a private local instance. ``address="local"`` never attaches to a stale
     cluster that a killed head left behind in /tmp/ray.
 
-    ``dashboard=True`` (sweeps) starts the local dashboard on a free loopback port and points
-    Ray's processes at it: when a scheduler stops a trial, Ray Train's placement-group
-    cleaner asks the State API whether the trial's controller died, and without an address
-    it cannot tell this instance from other Ray instances on the machine, so the stopped
-    trial's workers' resources would never be freed."""
+    ``dashboard=True`` (wherever Ray Train runs: pretrain, sweeps) starts the local dashboard
+    on a free loopback port and points Ray's processes at it. Ray Train's placement-group
+    cleaner asks the State API every second whether the training controller died: without
+    the dashboard each ask fails (a warning a second in the stage's log) and the workers'
+    resources of a controller that dies, or a trial a scheduler stops, are never freed."""
     if ray.is_initialized():
         own_without_dashboard = not os.environ.get("RAY_ADDRESS") and not os.environ.get(
             "RAY_API_SERVER_ADDRESS"
