@@ -11,7 +11,7 @@ from typing import Any
 
 from .config import ConfigError, Params, load_params
 from .preflight import check_resources
-from .stage_storage import absolute, check_access, input_folders, pull, stage_dir
+from .stage_storage import absolute, input_folders, pull, stage_dir
 from .storage import StorageError
 
 STAGES = ("ingest", "reports", "similarity", "pretrain", "evaluate", "publish")
@@ -44,11 +44,6 @@ def stage_main(
         raise SystemExit(2) from None
     # Ray tasks and workers run in other folders: give them the same absolute paths.
     params = params.model_copy(update={"storage": absolute(params.storage)})
-    try:
-        check_access(params)
-    except StorageError as error:
-        print(error, file=sys.stderr)
-        raise SystemExit(2) from None
     try:
         pull(params.storage, input_folders(params, stage))
     except StorageError as error:
