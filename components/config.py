@@ -221,7 +221,7 @@ class EvaluateSection(Section):
     finetune: bool = False
     encoder_lr: PositiveFloat = 1e-4
     localisation_images: int = Field(100, ge=0)  # STA heat-map check; 0 skips it
-    cpus_per_trial: PositiveFloat = 0.5
+    cpus_per_trial: PositiveFloat = 1.0  # a cell trains on one thread
 
     @model_validator(mode="after")
     def _trained_tasks_exist(self) -> EvaluateSection:

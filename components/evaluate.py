@@ -35,12 +35,8 @@ from tqdm import tqdm  # noqa: E402
 from sista_core.findings import CHEXPERT_COMPETITION  # noqa: E402
 
 from .config import LANGUAGE_TASKS, TRAINED_TASKS, Params  # noqa: E402
-from .evaluation_cells import (  # noqa: E402
-    TASK_DATASETS,
-    evaluation_cell,
-    features_path,
-    load_encoder,
-)
+from .evaluation_cells import TASK_DATASETS, features_path, load_encoder  # noqa: E402
+from .evaluation_trial import evaluation_cell  # noqa: E402
 from .ingest import read_shard_images, read_shard_masks, row_boxes, subset_file_name  # noqa: E402
 from .runtime import ensure_ray, on_this_node, this_node_resource  # noqa: E402
 from .stage import stage_dir, stage_main  # noqa: E402
@@ -398,10 +394,12 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
         local = extract_features.options(**on_this_node())
         with timed("features", seconds):
             ray.get([local.remote(i, params, str(work), featured_rows) for i in config.inits])
-        language_futures = {
-            init: language_scores.options(**on_this_node()).remote(init, params, str(work))
-            for init in (text_inits if language else [])
-        }
+        # Before the cells, not beside them: Tune must find every slot free when it starts
+        # its trial actors, or one actor runs every cell (components/evaluation_trial.py).
+        scored = text_inits if language else []
+        with timed("language tasks", seconds):
+            remote = language_scores.options(**on_this_node())
+            scores = ray.get([remote.remote(init, params, str(work)) for init in scored])
         num_cells = len(trained) * len(config.inits) * len(downstream.label_fractions)
         num_cells *= len(downstream.seeds)
         tuner = tune.Tuner(
@@ -438,9 +436,7 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
         )
         with timed("cells", seconds):
             cells = cell_rows(tuner.fit())
-        summary = summarise(cells)
-        with timed("language tasks (after the cells)", seconds):
-            summary |= language_summary({i: ray.get(f) for i, f in language_futures.items()})
+        summary = summarise(cells) | language_summary(dict(zip(scored, scores, strict=True)))
         metrics: dict[str, Any] = {**summary, "images": PHANTOM_NOTE}
         if "sista" in config.inits and config.localisation_images:
             with timed("heat maps", seconds):

@@ -1,6 +1,6 @@
-"""The Tune trainable of one evaluation cell (task x init x label fraction x seed), in a
-module with light imports: trial processes start faster when they do not import the whole
-evaluate stage.
+"""One evaluation cell (task x init x label fraction x seed), what Tune's trainable
+(``evaluation_trial.evaluation_cell``) runs: a module with only the imports a cell needs, not
+the whole evaluate stage's.
 
 Every cell trains a head on features the evaluate stage cached for its initialisation (the
 encoder is frozen), on the training subset that ingest saved, and scores it on the test
@@ -10,19 +10,21 @@ split: a linear probe (AUROC), a segmentation decoder (Dice) or a detection head
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from ray import tune
 
-from sista_core.encoders import ImageEncoder
 from sista_core.heads.detection import predict_boxes, train_detector
-from sista_core.heads.finetune import encoder_pyramids, finetune_detector, finetune_segmenter
 from sista_core.heads.metrics import detection_map, dice_score
 from sista_core.heads.segmentation import best_threshold, predict_probabilities, train_segmenter
 from sista_core.probe import macro_auroc, standardise, train_linear_probe
+
+if TYPE_CHECKING:  # timm, imported only where an encoder is built (fine-tuning, random init)
+    from sista_core.encoders import ImageEncoder
 
 # Test images whose predictions a cell keeps for the example figures.
 EXAMPLES = 6
@@ -31,6 +33,8 @@ EXAMPLES = 6
 def load_encoder(init: str, encoder: dict[str, Any]) -> ImageEncoder:
     """A pre-trained run's image encoder (``encoder["pretrain_dir"]/<init>/model``), or for
     ``random`` a seeded random one of the configured architecture."""
+    from sista_core.encoders import ImageEncoder
+
     if init == "random":
         torch.manual_seed(encoder["seed"])
         return ImageEncoder(encoder["name"], pretrained=False, img_size=encoder["img_size"])
@@ -45,6 +49,15 @@ def features_path(work: Path, init: str, dataset: str) -> Path:
 
 
 def load_pyramid(path: Path) -> list[torch.Tensor]:
+    """The cached pyramid as float32 levels. A trial process runs many cells (Tune reuses
+    it), mostly of the same set and init in a row: the last two pyramids stay loaded.
+    Callers index the levels (a copy) and never write to them."""
+    stat = path.stat()
+    return _load_pyramid(path.resolve(), stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=2)
+def _load_pyramid(path: Path, mtime_ns: int, size: int) -> list[torch.Tensor]:
     with np.load(path) as levels:
         return [torch.from_numpy(levels[f"level_{i}"]).float() for i in range(len(levels.files))]
 
@@ -77,6 +90,8 @@ def segmentation_cell(config: dict[str, Any], work: Path, split: dict) -> dict[s
     subset, test = split["subsets"][_subset_key(config)], split["test"]
     head_options = _head_options(config, len(subset))
     if config["finetune"]:
+        from sista_core.heads.finetune import encoder_pyramids, finetune_segmenter
+
         images = torch.from_numpy(np.load(work / f"{dataset}.images.npy"))
         encoder, decoder = finetune_segmenter(
             load_encoder(config["init"], config["encoder"]),
@@ -122,6 +137,8 @@ def detection_cell(config: dict[str, Any], work: Path, split: dict) -> dict[str,
     subset, test = split["subsets"][_subset_key(config)], split["test"]
     head_options = _head_options(config, len(subset))
     if config["finetune"]:
+        from sista_core.heads.finetune import encoder_pyramids, finetune_detector
+
         images = torch.from_numpy(np.load(work / "detection.images.npy"))
         encoder, head = finetune_detector(
             load_encoder(config["init"], config["encoder"]),
@@ -201,8 +218,9 @@ def _examples_path(config: dict[str, Any], work: Path) -> Path:
     return work / f"examples.{config['task']}.{config['init']}.npz"
 
 
-def evaluation_cell(config: dict[str, Any]) -> None:
-    """One cell: trains the task's head on the saved subset; reports its test metrics."""
+def run_cell(config: dict[str, Any]) -> None:
+    """One cell: trains the task's head on the saved subset; reports its test metrics.
+    Tune's trainable is ``evaluation_trial.evaluation_cell``, which imports this module."""
     torch.set_num_threads(1)
     work = Path(config["features_dir"])
     dataset = TASK_DATASETS[config["task"]]

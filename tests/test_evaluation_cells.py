@@ -104,3 +104,15 @@ def test_best_threshold_picks_the_validation_optimum():
     probabilities[:, :2, :2] = 0.12  # ranks the pixels right, never reaches 0.5
     assert best_threshold(probabilities, masks, dice_score) == 0.1
     assert best_threshold(probabilities[:0], masks[:0], dice_score) == 0.5
+
+
+def test_the_tune_trainable_module_starts_without_torch():
+    """Tune starts each trial actor by importing the trainable's module; a heavy import there
+    gets starting actors replaced by reused ones (components/evaluation_trial.py)."""
+    import subprocess
+    import sys
+
+    code = "import sys, components.evaluation_trial; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

@@ -69,6 +69,17 @@ def test_every_evaluation_cell_has_a_metric(pipeline_run):
     assert metrics["heatmap_localisation"]["num_images"] > 0
 
 
+def test_the_evaluation_cells_ran_side_by_side(pipeline_run):
+    """Every slot of the CI profile's 2 CPUs ran cells: Tune reused its trial actors instead
+    of running every cell on one actor (what happened when the trainable's module imported
+    torch: the actors it started were replaced before they ran a cell)."""
+    folder, _ = pipeline_run
+    trials = [p for p in (folder / "data/tune/evaluate").glob("*/result.json")]
+    pids = {json.loads(line)["pid"] for p in trials for line in p.read_text().splitlines()}
+    assert len(trials) == 4 * 4 * 3 * 2
+    assert len(pids) >= 2  # 1 before: every cell on the first actor
+
+
 def test_evaluation_trains_on_the_subsets_ingest_saved(pipeline_run):
     folder, _ = pipeline_run
     subsets = folder / "data/ingest/subsets"
