@@ -74,7 +74,7 @@ def test_the_evaluation_cells_ran_side_by_side(pipeline_run):
     of running every cell on one actor (what happened when the trainable's module imported
     torch: the actors it started were replaced before they ran a cell)."""
     folder, _ = pipeline_run
-    trials = [p for p in (folder / "data/tune/evaluate").glob("*/result.json")]
+    trials = list((folder / "data/tune/evaluate").glob("*/result.json"))
     pids = {json.loads(line)["pid"] for p in trials for line in p.read_text().splitlines()}
     assert len(trials) == 4 * 4 * 3 * 2
     assert len(pids) >= 2  # 1 before: every cell on the first actor
