@@ -154,9 +154,9 @@ def test_matched_log_softmax_gradcheck():
 # --- normalised grounded text vectors, in word space ----------------------------------------
 
 
-def straightforward_unit_grounded_text(words, weights_t):
+def straightforward_unit_grounded_text(words, weights_t, scale):
     grounded = words.transpose(1, 2) @ weights_t  # d_m = W^T beta_m as columns, (B, d, Np)
-    return weights_t / torch.linalg.vector_norm(grounded, dim=1, keepdim=True)
+    return scale * weights_t / torch.linalg.vector_norm(grounded, dim=1, keepdim=True)
 
 
 def grounded_text_case(dtype=torch.float32):
@@ -166,24 +166,32 @@ def grounded_text_case(dtype=torch.float32):
     return words, weights_t
 
 
-def test_unit_grounded_text_equals_straightforward_version():
+@pytest.mark.parametrize("scale", [1.0, 2.5])
+def test_unit_grounded_text_equals_straightforward_version(scale):
     words, weights_t = grounded_text_case()
     grad_output = randn(*weights_t.shape, seed=2)
     ours, our_grads = value_and_grads(
-        _UnitGroundedText.apply, words, weights_t, grad_output=grad_output
+        lambda w, x: _UnitGroundedText.apply(w, x, scale),
+        words,
+        weights_t,
+        grad_output=grad_output,
     )
     ref, ref_grads = value_and_grads(
-        straightforward_unit_grounded_text, words, weights_t, grad_output=grad_output
+        lambda w, x: straightforward_unit_grounded_text(w, x, scale),
+        words,
+        weights_t,
+        grad_output=grad_output,
     )
     assert torch.allclose(ours, ref, atol=1e-6)
     for ours_grad, ref_grad in zip(our_grads, ref_grads, strict=True):
         assert torch.allclose(ours_grad, ref_grad, atol=1e-5)
 
 
-def test_unit_grounded_text_gradcheck():
+@pytest.mark.parametrize("scale", [1.0, 2.5])
+def test_unit_grounded_text_gradcheck(scale):
     words, weights_t = grounded_text_case(torch.float64)
     inputs = (words.requires_grad_(True), weights_t.requires_grad_(True))
-    assert torch.autograd.gradcheck(_UnitGroundedText.apply, inputs)
+    assert torch.autograd.gradcheck(lambda w, x: _UnitGroundedText.apply(w, x, scale), inputs)
 
 
 def test_padded_affinity_equals_baddbmm_and_passes_gradcheck():
@@ -215,8 +223,16 @@ def test_rows_with_weight_packs_weighted_rows_first_in_order():
 # --- the whole loss against the per-sample loop ----------------------------------------------
 
 
+@pytest.mark.parametrize("temperatures", [(0.1, 0.1), (0.05, 0.2)])  # attention, local
 @pytest.mark.parametrize("sparse", ["sparsemax", "entmax15", "topk", "softmax"])
-def test_sta_loss_equals_per_sample_loop(sparse):
+def test_sta_loss_equals_per_sample_loop(sparse, temperatures):
+    temperature_attn, temperature_local = temperatures
+    options = dict(
+        sparse=sparse,
+        topk=4,
+        temperature_attn=temperature_attn,
+        temperature_local=temperature_local,
+    )
     words, patches = randn(5, 9, 16), randn(5, 30, 16, seed=1)
     word_mask = torch.ones(5, 9, dtype=torch.bool)
     word_mask[0, 6:] = False  # a shorter report
@@ -224,10 +240,10 @@ def test_sta_loss_equals_per_sample_loop(sparse):
     word_mask[2, 3:] = False  # fewer words than topk
     word_mask[4] = False  # an empty report: left out of both means
     ours, our_grads = value_and_grads(
-        lambda w, p: sta_loss(w, word_mask, p, sparse=sparse, topk=4), words, patches
+        lambda w, p: sta_loss(w, word_mask, p, **options), words, patches
     )
     ref, ref_grads = value_and_grads(
-        lambda w, p: sta_loss_per_sample_loop(w, word_mask, p, sparse=sparse, topk=4),
+        lambda w, p: sta_loss_per_sample_loop(w, word_mask, p, **options),
         words,
         patches,
     )

@@ -36,10 +36,12 @@ def _sparsemax_along(
     words, the transposed passes cost 4x more.
     """
     threshold = shifted.new_full((*shifted.shape[:dim], 1, *shifted.shape[dim + 1 :]), -1.0)
+    # Every pass writes into the same two buffers: fresh ones would be cold in the cache.
+    weights, on_support = torch.empty_like(shifted), torch.empty_like(shifted)
     support_size = None
     for _ in range(shifted.shape[dim] + 1):  # the support shrinks at every step until it stops
-        weights = (shifted - threshold).clamp_(min=0)
-        on_support = torch.sign(weights)  # float: bool tensors are slow to make and sum
+        torch.sub(shifted, threshold, out=weights).clamp_(min=0)
+        torch.sign(weights, out=on_support)  # float: bool tensors are slow to make and sum
         new_size = on_support.sum(dim, keepdim=True)
         if support_size is not None and torch.equal(new_size, support_size):
             break

@@ -87,9 +87,9 @@ class _MatchedLogSoftmax(torch.autograd.Function):
     STA, where query r's positive is key t_r and the other keys of its sample are negatives.
 
     Autograd through ``logsumexp`` recomputes exp(S - lse) in backward and makes several
-    temporaries of the largest tensor, S (B, Nq, Nk). Here forward keeps the softmax, and
-    backward runs the two products autograd would run anyway, with the weights and the
-    one-hot targets applied to the smaller operands.
+    temporaries of the largest tensor, S (B, Nq, Nk). Here forward keeps the softmax minus
+    the one-hot targets, and backward runs the two products autograd would run anyway, with
+    the weights applied to the smaller operands.
     """
 
     @staticmethod
@@ -105,25 +105,26 @@ class _MatchedLogSoftmax(torch.autograd.Function):
         log_sum_exp = row_max - probs.amax(dim=-1).log()
         # Rows of weight 0 may have a masked positive (log 0 = -inf): leave them out, no NaN.
         loss = -torch.where(weight > 0, weight * (matched - log_sum_exp), 0.0).sum(-1)
-        ctx.save_for_backward(queries, keys, probs, target, weight)
+        # d loss / d scores = w (softmax - onehot(t)): subtracting the one-hot here touches
+        # one entry per row, and spares backward a gather of the positive keys and a scatter
+        # of their gradients, each a pass over a (B, Nq, D) or (B, Nk, D) tensor.
+        probs.scatter_add_(-1, target[..., None], probs.new_full((*target.shape, 1), -1.0))
+        ctx.save_for_backward(queries, keys, probs, weight)
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):
-        queries, keys, probs, target, weight = ctx.saved_tensors
-        # grad_scores = w g (softmax - onehot(t)) is never formed: its products with the
-        # operands are rebuilt on the (B, Nq, D) side, which is smaller than (B, Nq, Nk).
+        queries, keys, probs_minus_onehot, weight = ctx.saved_tensors
+        # grad_scores = w g (softmax - onehot(t)) is never formed: the weights are applied on
+        # the (B, Nq, D) side of each product, which is smaller than (B, Nq, Nk).
         row_grad = (weight * grad_loss[:, None])[..., None]  # (B, Nq, 1)
-        matched = target[..., None].expand(-1, -1, keys.shape[-1])  # (B, Nq, D)
         grad_queries = None
         if ctx.needs_input_grad[0]:
-            grad_queries = (probs @ keys - keys.gather(1, matched)) * row_grad
+            grad_queries = (probs_minus_onehot @ keys).mul_(row_grad)
         grad_keys = None
         if ctx.needs_input_grad[1]:
-            weighted = queries * row_grad
-            grad_keys = _product_like(probs.transpose(1, 2), weighted, keys)
-            grad_keys.scatter_add_(1, matched, -weighted)
+            grad_keys = _product_like(probs_minus_onehot.transpose(1, 2), queries * row_grad, keys)
         return grad_queries, grad_keys, None, None, None
 
 
@@ -178,36 +179,41 @@ def _rows_with_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 class _UnitGroundedText(torch.autograd.Function):
-    """Word weights of the normalised grounded text vectors: beta_m / |d_m| with
-    d_m = W^T beta_m, where |d_m|^2 = beta_m^T G beta_m and G = W W^T, so d (B, Np, d) is
-    never formed. Input and output are word-major, (B, Nw, Np).
+    """Word weights of the normalised grounded text vectors, times ``scale``: s beta_m / |d_m|
+    with d_m = W^T beta_m, where |d_m|^2 = beta_m^T G beta_m and G = W W^T, so d (B, Np, d)
+    is never formed. Input and output are word-major, (B, Nw, Np).
 
-    With x = beta_m, r = |d_m|^-1, g the output gradient and c = r^3 (x.g), the backward is
-    grad_x = r g - c G x (G x is kept from forward) and grad_G = -X diag(c) X^T / 2, which is
-    symmetric, so grad_W = 2 grad_G W: two products where autograd through the gram matrix
-    and the quadratic form runs four, and a few elementwise passes instead of a chain of
-    mul, sum, rsqrt, clamp and add backwards. |d_m| is clamped at 1e-12, like F.normalize.
+    With x = beta_m, r = |d_m|^-1, g the output gradient and c = s r^3 (x.g), the backward
+    is grad_x = s r g - c G x (G x is kept from forward) and grad_G = -X diag(c) X^T / 2,
+    which is symmetric, so grad_W = 2 grad_G W: two products where autograd through the
+    gram matrix and the quadratic form runs four, and a few elementwise passes instead of a
+    chain of mul, sum, rsqrt, clamp and add backwards. |d_m| is clamped at 1e-12, like
+    F.normalize.
     """
 
     @staticmethod
-    def forward(ctx, words, weights_t):
+    def forward(ctx, words, weights_t, scale):
         gram_weights = (words @ words.transpose(1, 2)) @ weights_t  # G X, (B, Nw, Np)
         norm_sq = (gram_weights * weights_t).sum(1, keepdim=True)  # (B, 1, Np)
         long_enough = norm_sq > 1e-24  # shorter vectors are divided by 1e-12: no projection
         inverse = norm_sq.clamp_min(1e-24).rsqrt()
         ctx.save_for_backward(words, weights_t, gram_weights, inverse, long_enough)
-        return weights_t * inverse
+        ctx.scale = scale
+        return weights_t * (inverse * scale)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         words, weights_t, gram_weights, inverse, long_enough = ctx.saved_tensors
         along = (weights_t * grad_out).sum(1, keepdim=True) * inverse**3 * long_enough
-        grad_weights_t = torch.addcmul(grad_out * inverse, gram_weights, along, value=-1)
+        along *= ctx.scale
+        grad_weights_t = torch.addcmul(
+            grad_out * (inverse * ctx.scale), gram_weights, along, value=-1
+        )
         grad_words = None
         if ctx.needs_input_grad[0]:
             grad_words = -((weights_t * along) @ weights_t.transpose(1, 2)) @ words
-        return grad_words, grad_weights_t
+        return grad_words, grad_weights_t, None
 
 
 def _patch_to_word_term(
@@ -230,10 +236,12 @@ def _patch_to_word_term(
     so that the elementwise passes run on contiguous memory; words: (B, Nw, d) normalised;
     patch_weight: (B, Np).
     """
-    keys_t = _UnitGroundedText.apply(words, patch_to_word_t)  # d_m' / |d_m'|, in word space
+    # d_m' / |d_m'| in word space, times the score scale: scaling these (B, 1, Np) norms is
+    # free, scaling the queries or the scores would be a pass over a large tensor.
+    keys_t = _UnitGroundedText.apply(words, patch_to_word_t, score_scale)
     rows = _rows_with_weight(patch_weight)  # (B, R)
     index = rows[:, None, :].expand(-1, affinity.shape[1], -1)
-    queries = (affinity.gather(2, index) * score_scale).transpose(1, 2)  # (B, R, Nw)
+    queries = affinity.gather(2, index).transpose(1, 2)  # (B, R, Nw)
     return matched_log_softmax_loss(
         queries, keys_t.transpose(1, 2), rows, patch_weight.gather(1, rows)
     )
@@ -297,14 +305,15 @@ def _sta_loss_float32(
     scaled_patches = unit_vectors(patches, scale=1 / temperature_attn)
     # (B, Nw, Np) cos(w_k, p_m) / temperature_attn, with _PADDING_SCORE added to the padded
     # words inside the product (a masked_fill costs two more full passes). It serves both
-    # directions: no patch picks a padded word, and the padded words' own rows are zeroed
-    # below. So, as with a masked_fill, no gradient reaches the padded entries.
+    # directions: no patch picks a padded word, and the padded words' own rows weigh
+    # nothing below. So, as with a masked_fill, no gradient reaches the padded entries.
     padding = torch.where(word_mask, 0.0, _PADDING_SCORE)[..., None]
     affinity = _PaddedAffinity.apply(words, scaled_patches, padding)
 
     # Word to patch: each real word picks a few patches; c_k is its grounded visual vector.
+    # The padded words' rows are left as they come (zeroing them is a pass over the map and
+    # another over its gradient): their grounded vectors are never a query or a candidate.
     word_to_patch = sparse_normalize(affinity, sparse, topk=topk, dim=-1)
-    word_to_patch = word_to_patch * word_mask[..., None]
     grounded_visual = word_to_patch @ scaled_patches  # (B, Nw, d), up to the scale
     word_weight = _normalise_weights(word_mask.float())
     word_term = _word_to_patch_term(
@@ -313,7 +322,9 @@ def _sta_loss_float32(
 
     # Patch to word: each patch picks a few real words; patches no word selects weigh 0.
     patch_to_word_t = sparse_normalize(affinity, sparse, topk=topk, dim=1)  # (B, Nw, Np)
-    selected_patch = word_to_patch.amax(dim=1) > 0  # (B, Np)
+    # Selected by some real word: the real words' weights summed over the words are positive.
+    real_words = word_mask.to(word_to_patch.dtype)[:, None, :]  # (B, 1, Nw)
+    selected_patch = (real_words @ word_to_patch.detach()).squeeze(1) > 0  # (B, Np)
     patch_weight = _normalise_weights(selected_patch.float())
     patch_term = _patch_to_word_term(
         affinity, temperature_attn / temperature_local, patch_to_word_t, words, patch_weight
@@ -323,7 +334,7 @@ def _sta_loss_float32(
     per_sample = 0.5 * (word_term + patch_term)
     loss = (per_sample * has_words).sum() / has_words.sum().clamp_min(1)
     if return_attention:
-        return loss, word_to_patch
+        return loss, word_to_patch * word_mask[..., None]
     return loss
 
 
