@@ -205,14 +205,14 @@ class _UnitGroundedText(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         words, weights_t, gram_weights, inverse, long_enough = ctx.saved_tensors
-        along = (weights_t * grad_out).sum(1, keepdim=True) * inverse**3 * long_enough
-        along *= ctx.scale
-        grad_weights_t = torch.addcmul(
-            grad_out * (inverse * ctx.scale), gram_weights, along, value=-1
-        )
+        scratch = weights_t * grad_out  # (B, Nw, Np), reused below while it is in the cache
+        along = scratch.sum(1, keepdim=True).mul_(inverse**3 * long_enough * ctx.scale)
+        grad_weights_t = torch.mul(grad_out, inverse * ctx.scale)
+        grad_weights_t.addcmul_(gram_weights, along, value=-1)
         grad_words = None
         if ctx.needs_input_grad[0]:
-            grad_words = -((weights_t * along) @ weights_t.transpose(1, 2)) @ words
+            scaled = torch.mul(weights_t, along, out=scratch)
+            grad_words = -((scaled @ weights_t.transpose(1, 2)) @ words)
         return grad_words, grad_weights_t, None
 
 
