@@ -88,12 +88,19 @@ def check_access(params: Params) -> None:
 
 
 def pull(section: StorageSection, folders: list[str] | tuple[str, ...]) -> Path:
-    """Make the local copy of each folder match storage (a no-op for a local uri and for a
-    copy whose manifest is already the stored one); returns the local root."""
+    """Make the local copy of each folder match storage (nothing is copied for a local uri
+    or for a copy whose manifest is already the stored one); returns the local root. A
+    folder without its manifest is StageOutputMissing, naming the stage to run first."""
     root = data_root(section)
-    if on_s3(section):
-        for folder in folders:
+    for folder in folders:
+        if on_s3(section):
             _pull_folder(section, folder, root)
+        elif not (root / folder / MANIFEST).is_file():
+            stage = folder.split("/")[0]
+            raise StageOutputMissing(
+                f"{root / folder} has no {MANIFEST}: stage {stage!r} has not completed there "
+                f"(run it first: dvc repro, or python -m pipeline.launch {stage})"
+            )
     return root
 
 

@@ -120,6 +120,8 @@ def test_local_storage_keeps_ray_storage_in_the_data_folder(tmp_path):
     assert stage_storage.ray_storage(params, "tune") == {
         "storage_path": str(tmp_path / "data/tune")
     }
+    (tmp_path / "data/ingest").mkdir(parents=True)
+    (tmp_path / "data/ingest" / MANIFEST).write_text("{}")
     assert stage_storage.pull(params.storage, ["ingest"]) == tmp_path / "data"  # nothing to copy
 
 
@@ -163,6 +165,12 @@ def test_a_stage_whose_input_is_not_on_s3_names_the_missing_stage(s3_env, tmp_pa
     status, stderr = run_stage(tmp_path, "similarity", {"uri": prefix}, capsys)
     assert status == 1
     assert "stage 'reports' has not completed" in stderr and "Traceback" not in stderr
+
+
+def test_a_stage_whose_local_input_is_missing_names_the_missing_stage(tmp_path, capsys):
+    status, stderr = run_stage(tmp_path, "publish", {"uri": str(tmp_path / "data")}, capsys)
+    assert status == 1
+    assert "stage 'evaluate' has not completed" in stderr and "Traceback" not in stderr
 
 
 def test_a_dataset_on_s3_is_read_from_a_local_copy_refreshed_when_it_changes(
