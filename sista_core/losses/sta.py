@@ -159,8 +159,8 @@ def _word_to_patch_term(
     candidate_mask = word_mask | ~word_mask.any(-1, keepdim=True)
     target = torch.arange(words.shape[1], device=words.device).expand(words.shape[:2])
     return matched_log_softmax_loss(
-        words / temperature,  # scale the (B, Nw, d) operand, not the (B, Nw, Nw) scores
-        unit_vectors(grounded_visual),
+        words,
+        unit_vectors(grounded_visual, scale=1 / temperature),  # 1/T within the normalising
         target,
         word_weight,
         candidate_mask,
