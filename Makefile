@@ -36,7 +36,7 @@ repro: venv
 	@$(BIN)/sista status
 	@cat data/publish/results.md
 
-# The suite: 11 min 53 s on 2 cores (71a925b, byte-compiled venv). The system tests bring up
+# The suite: 13 min 14 s on 2 cores in a fresh clone (9d4639d). The system tests bring up
 # whole systems (a two-node Ray cluster, S3 + MLflow servers with a DVC remote, a Ray Tune
 # sweep, kfp's local runner) and take longer: `make test-system`, which CI runs after it.
 test: venv
