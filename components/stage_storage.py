@@ -96,12 +96,17 @@ def pull(section: StorageSection, folders: list[str] | tuple[str, ...]) -> Path:
         if on_s3(section):
             _pull_folder(section, folder, root)
         elif not (root / folder / MANIFEST).is_file():
-            stage = folder.split("/")[0]
-            raise StageOutputMissing(
-                f"{root / folder} has no {MANIFEST}: stage {stage!r} has not completed there "
-                f"(run it first: dvc repro, or python -m pipeline.launch {stage})"
-            )
+            raise _output_missing(root / folder, folder)
     return root
+
+
+def _output_missing(location: Path | str, folder: str, also: str = "") -> StageOutputMissing:
+    """The one-line error for an input folder without its manifest, local or on S3."""
+    stage = folder.split("/")[0]
+    return StageOutputMissing(
+        f"{location} has no {MANIFEST}: stage {stage!r} has not completed there{also} "
+        f"(run it first: dvc repro, or python -m pipeline.launch {stage})"
+    )
 
 
 def _pull_folder(section: StorageSection, folder: str, root: Path) -> None:
@@ -111,10 +116,8 @@ def _pull_folder(section: StorageSection, folder: str, root: Path) -> None:
     try:
         stored = storage.read_bytes(storage.join(remote, MANIFEST), settings=settings)
     except storage.ObjectNotFound:
-        raise StageOutputMissing(
-            f"{remote} has no {MANIFEST}: stage {folder.split('/')[0]!r} has not completed "
-            f"there, or is writing it now (storage.uri {section.uri})"
-        ) from None
+        also = f", or is writing it now (storage.uri {section.uri})"
+        raise _output_missing(remote, folder, also) from None
     copy = local / MANIFEST
     if copy.is_file() and copy.read_bytes() == stored:
         return
