@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +40,7 @@ import transformers
 from torch.nn.parallel import DistributedDataParallel
 
 from components.config import load_params
+from components.ports import join_process_group, rendezvous_store
 from components.pretrain_data import PretrainData
 from sista_core import SISTAConfig, SISTAModel
 from sista_core.cpu import retain_freed_memory
@@ -153,19 +152,12 @@ def _worker(rank: int, world_size: int, port: int, settings: dict, results) -> N
     retain_freed_memory()
     transformers.utils.logging.disable_progress_bar()  # one weight-loading bar per process
     if world_size > 1:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        join_process_group(port, rank, world_size)
     try:
         results[rank] = train_steps(rank, world_size, settings)
     finally:
         if world_size > 1:
             dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_config(workers: int, threads: int, settings: dict[str, Any]) -> dict[str, Any]:
@@ -175,11 +167,12 @@ def run_config(workers: int, threads: int, settings: dict[str, Any]) -> dict[str
     # transformers, timm, the components) and run nothing: each start costs a fork, not
     # the seconds of imports a spawned process pays, and no OpenMP pool is inherited.
     mp.get_context("forkserver").set_forkserver_preload([_MODULE])
+    store = rendezvous_store()
     with mp.Manager() as manager:
         results = manager.dict()
         mp.start_processes(
             _worker,
-            args=(workers, _free_port(), settings, results),
+            args=(workers, store.port, settings, results),
             nprocs=workers,
             start_method="forkserver",
         )

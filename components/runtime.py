@@ -10,6 +10,7 @@ from typing import Any
 import ray
 
 from .config import Params
+from .ports import HOST, start_on_free_port
 
 
 def ensure_ray(params: Params, dashboard: bool = False) -> None:
@@ -18,10 +19,11 @@ def ensure_ray(params: Params, dashboard: bool = False) -> None:
     cluster that a killed head left behind in /tmp/ray.
 
     ``dashboard=True`` (wherever Ray Train runs: pretrain, sweeps) starts the local dashboard
-    on a free loopback port and points Ray's processes at it. Ray Train's placement-group
-    cleaner asks the State API every second whether the training controller died: without
-    the dashboard each ask fails (a warning a second in the stage's log) and the workers'
-    resources of a controller that dies, or a trial a scheduler stops, are never freed."""
+    on a free loopback port (a fresh one if another process binds it first) and points Ray's
+    processes at it. Ray Train's placement-group cleaner asks the State API every second
+    whether the training controller died: without the dashboard each ask fails (a warning a
+    second in the stage's log) and the workers' resources of a controller that dies, or a
+    trial a scheduler stops, are never freed."""
     if ray.is_initialized():
         own_without_dashboard = not os.environ.get("RAY_ADDRESS") and not os.environ.get(
             "RAY_API_SERVER_ADDRESS"
@@ -33,13 +35,22 @@ def ensure_ray(params: Params, dashboard: bool = False) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return
-    if dashboard:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # inherited by Ray
-        quiet.update(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port)
-    ray.init(address="local", num_cpus=params.ray.num_cpus, **quiet)
+    if not dashboard:
+        ray.init(address="local", num_cpus=params.ray.num_cpus, **quiet)
+        return
+
+    def start_with_dashboard(port: int) -> None:
+        # Set before ray.init: Ray's processes inherit it at start.
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://{HOST}:{port}"
+        with_dashboard = {"include_dashboard": True, "dashboard_host": HOST, "dashboard_port": port}
+        try:
+            ray.init(address="local", num_cpus=params.ray.num_cpus, **quiet | with_dashboard)
+        except BaseException:
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+            ray.shutdown()  # whatever this attempt started
+            raise
+
+    start_on_free_port(start_with_dashboard, "Ray dashboard")
 
 
 def require_nodes(count: int, why: str) -> None:

@@ -26,14 +26,14 @@ from pathlib import Path
 
 import psutil
 
-HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now (the OS picks it)."""
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        return probe.getsockname()[1]
+from components.ports import (
+    ATTEMPTS,
+    HOST,
+    PortTaken,
+    offered_port,
+    retry_when_port_taken,
+    says_address_in_use,
+)
 
 
 def stop_processes(pids: Iterable[int], grace_s: float = 15.0) -> None:
@@ -67,6 +67,9 @@ def ray_executable() -> str:
     return str(Path(sys.executable).with_name("ray"))
 
 
+LOG_HEAD_BYTES = 256 << 10  # where a node's start-up errors are
+
+
 @dataclass
 class RayNode:
     name: str
@@ -88,6 +91,21 @@ class RayNode:
             if any(marker in part for part in process.info["cmdline"] or ()):
                 found.add(process.info["pid"])
         return found - {os.getpid()}
+
+    def lost_port_race(self) -> bool:
+        """Did one of this node's processes fail because its port was taken (by another
+        process that bound it between the offer and Ray's bind)? Its ``ray start`` output and
+        its Ray processes' logs say so, near their start (a raylet that cannot bind dies,
+        while ``ray start --block`` may stay up)."""
+        for path in [self.log, *self.temp_dir.glob("session_*/logs/*")]:
+            try:
+                with open(path, "rb") as log:
+                    start = log.read(LOG_HEAD_BYTES).decode(errors="replace")
+            except OSError:  # a folder, or a log rotated away
+                continue
+            if says_address_in_use(start):
+                return True
+        return False
 
 
 @dataclass
@@ -137,15 +155,16 @@ class LocalRayCluster:
 
     def _start_node(self, index: int) -> RayNode:
         name = "head" if index == 0 else f"worker{index}"
-        temp_dir = self.root / name
-        temp_dir.mkdir()
+        # A folder of its own per start: a restarted node never reads a failed start's logs.
+        # (Short: Ray's socket paths below it are limited to 107 bytes.)
+        temp_dir = Path(tempfile.mkdtemp(prefix=f"{index}.", dir=self.root))
         ports = {
-            "--node-manager-port": free_port(),
-            "--object-manager-port": free_port(),
-            "--runtime-env-agent-port": free_port(),
-            "--dashboard-agent-listen-port": free_port(),
-            "--dashboard-agent-grpc-port": free_port(),
-            "--metrics-export-port": free_port(),
+            "--node-manager-port": offered_port(),
+            "--object-manager-port": offered_port(),
+            "--runtime-env-agent-port": offered_port(),
+            "--dashboard-agent-listen-port": offered_port(),
+            "--dashboard-agent-grpc-port": offered_port(),
+            "--metrics-export-port": offered_port(),
         }
         command = [
             ray_executable(),
@@ -163,7 +182,7 @@ class LocalRayCluster:
             *(f"{flag}={port}" for flag, port in ports.items()),
         ]
         if index == 0:
-            gcs_port, dashboard_port = free_port(), free_port()
+            gcs_port, dashboard_port = offered_port(), offered_port()
             self.gcs_address = f"{node_ip(0)}:{gcs_port}"
             self.dashboard_url = f"http://{HOST}:{dashboard_port}"
             command += [
@@ -172,11 +191,11 @@ class LocalRayCluster:
                 "--include-dashboard=true",
                 f"--dashboard-host={HOST}",
                 f"--dashboard-port={dashboard_port}",
-                f"--ray-client-server-port={free_port()}",
+                f"--ray-client-server-port={offered_port()}",
             ]
         else:
             command += [f"--address={self.gcs_address}"]
-        log = self.root / f"{name}.log"
+        log = self.root / f"{temp_dir.name}.{name}.log"
         with open(log, "wb") as output:
             process = subprocess.Popen(
                 command,
@@ -190,24 +209,36 @@ class LocalRayCluster:
         return node
 
     def start(self) -> LocalRayCluster:
-        """The head, then (once its GCS listens) every worker node at once; returns when all
-        nodes are alive and the job server answers."""
+        """The head, then (once it serves jobs) every worker node at once; returns when all
+        nodes are alive and the job server answers. A node whose port another process took
+        first is started again on fresh ports."""
         try:
-            head = self._start_node(0)
-            self._wait_for_gcs(head)
+            retry_when_port_taken(self._start_head, "Ray head node")
             for index in range(1, self.nodes):
                 self._start_node(index)
-            self.wait_for_nodes(self.nodes)
-            self._wait_for_job_server()
+            self.wait_for_nodes(self.nodes, restarts=ATTEMPTS)
         except BaseException:
             self.stop()
             raise
         return self
 
+    def _start_head(self) -> RayNode:
+        head = self._start_node(0)
+        try:
+            self._wait_for_gcs(head)
+            self.wait_for_nodes(1)
+            self._wait_for_job_server()
+        except BaseException:
+            self.stop_node(head)
+            raise
+        return head
+
     def _wait_for_gcs(self, head: RayNode) -> None:
         host, port = self.gcs_address.rsplit(":", 1)
         deadline = time.monotonic() + self.start_timeout_s
         while True:
+            if head.lost_port_race():
+                raise PortTaken(f"a port of the head was taken: {head.log.read_text()[-2000:]}")
             if head.process.poll() is not None:
                 raise RuntimeError(f"ray start of the head exited: {head.log.read_text()[-2000:]}")
             try:
@@ -234,18 +265,28 @@ class LocalRayCluster:
         rows = listing["data"]["result"]["result"]
         return [row for row in rows if row["state"] == "ALIVE"]
 
-    def wait_for_nodes(self, count: int) -> None:
+    def wait_for_nodes(self, count: int, restarts: int = 0) -> None:
         """Until exactly ``count`` nodes are alive (a node that joined, or one that was
         stopped and whose death the head has noticed); a ``ray start`` that exits early
-        fails at once."""
+        fails at once, unless it lost a port race and ``restarts`` are left: then that node
+        starts again on fresh ports."""
         deadline = time.monotonic() + self.start_timeout_s
         while True:
-            for node in self.started:
-                if node.process.poll() is not None:
-                    raise RuntimeError(
-                        f"ray start of the {node.name} node exited with {node.process.returncode}: "
-                        f"{node.log.read_text(errors='replace')[-2000:]}"
-                    )
+            for node in list(self.started):
+                lost_port = node.lost_port_race()
+                if node.process.poll() is None and not lost_port:
+                    continue
+                if lost_port and restarts and node.name != "head":
+                    restarts -= 1
+                    print(f"[cluster] {node.name}: a port was taken; restarting it on fresh ports")
+                    self.stop_node(node)
+                    self._start_node(int(node.name.removeprefix("worker")))
+                    continue
+                failure = PortTaken if lost_port else RuntimeError
+                raise failure(
+                    f"the {node.name} node failed (ray start exit code {node.process.poll()}): "
+                    f"{node.log.read_text(errors='replace')[-2000:]}"
+                )
             try:
                 alive = len(self.alive_nodes())
                 if alive == count:

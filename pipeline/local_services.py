@@ -18,7 +18,9 @@ from pathlib import Path
 
 import psutil
 
-from .local_cluster import HOST, free_port, stop_processes
+from components.ports import HOST, PortTaken, says_address_in_use, start_on_free_port
+
+from .local_cluster import stop_processes
 
 # Fake credentials for the local S3 server: moto accepts any unless IAM checks are on.
 LOCAL_S3_CREDENTIALS = {
@@ -41,21 +43,44 @@ def stop_process_tree(process: subprocess.Popen, grace_s: float = 10.0) -> None:
     process.wait(timeout=grace_s)
 
 
-def _wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout_s: float) -> None:
+def _listening_ports(process: subprocess.Popen) -> set[int]:
+    """The TCP ports ``process`` or one of its descendants listens on."""
+    try:
+        root = psutil.Process(process.pid)
+        family = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return set()
+    ports = set()
+    for member in family:
+        try:
+            connections = member.net_connections(kind="tcp")
+        except psutil.Error:
+            continue
+        ports |= {c.laddr.port for c in connections if c.status == psutil.CONN_LISTEN}
+    return ports
+
+
+def wait_until_up(
+    url: str, port: int, process: subprocess.Popen, log: Path, timeout_s: float
+) -> None:
+    """Until ``url`` answers from ``process`` itself: another process that took ``port`` first
+    may answer the same URL, so the port must be one that ``process`` listens on. A process
+    that exits because the port was taken raises ``PortTaken``."""
     deadline = time.monotonic() + timeout_s
     while True:
         if process.poll() is not None:
-            raise RuntimeError(
-                f"{process.args[0]} exited with {process.returncode}: "
-                f"{log.read_text(errors='replace')[-2000:]}"
-            )
+            output = log.read_text(errors="replace")[-2000:]
+            failure = PortTaken if says_address_in_use(output) else RuntimeError
+            raise failure(f"{process.args[0]} exited with {process.returncode}: {output}")
         try:
             with urllib.request.urlopen(url, timeout=5):
-                return
+                if port in _listening_ports(process):
+                    return
         except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing answered at {url} after {timeout_s} s") from None
-            time.sleep(0.5)
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{process.args[0]} did not answer at {url} after {timeout_s} s")
+        time.sleep(0.5)
 
 
 @dataclass
@@ -63,7 +88,7 @@ class S3Server:
     """moto's S3 server (``moto_server``) on 127.0.0.1; ``env`` is what a client needs."""
 
     buckets: tuple[str, ...] = ("sista",)
-    port: int = field(default_factory=free_port)
+    port: int = field(default=0, init=False)  # chosen by start()
     process: subprocess.Popen | None = field(default=None, init=False)
     log: Path = field(init=False)
 
@@ -84,14 +109,7 @@ class S3Server:
 
     def start(self, timeout_s: float = 60.0) -> S3Server:
         self.log = Path(tempfile.mkstemp(prefix="sista-s3-", suffix=".log")[1])
-        with open(self.log, "wb") as output:
-            self.process = subprocess.Popen(
-                [_executable("moto_server"), "-H", HOST, "-p", str(self.port)],
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        _wait_until_up(f"{self.endpoint}/moto-api/", self.process, self.log, timeout_s)
+        start_on_free_port(lambda port: self._serve(port, timeout_s), "S3 server")
         import boto3
 
         client = boto3.client(
@@ -105,11 +123,27 @@ class S3Server:
             client.create_bucket(Bucket=bucket)
         return self
 
-    def stop(self) -> None:
+    def _serve(self, port: int, timeout_s: float) -> None:
+        self.port = port
+        with open(self.log, "wb") as output:
+            self.process = subprocess.Popen(
+                [_executable("moto_server"), "-H", HOST, "-p", str(port)],
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            wait_until_up(f"{self.endpoint}/moto-api/", port, self.process, self.log, timeout_s)
+        except BaseException:
+            self.stop(keep_log=True)
+            raise
+
+    def stop(self, keep_log: bool = False) -> None:
         if self.process is not None:
             stop_process_tree(self.process)
             self.process = None
-        self.log.unlink(missing_ok=True)
+        if not keep_log:
+            self.log.unlink(missing_ok=True)
 
     def __enter__(self) -> S3Server:
         return self.start()
@@ -128,7 +162,7 @@ class MLflowServer:
     folder: Path
     artifacts: str | None = None
     env: dict[str, str] = field(default_factory=dict)
-    port: int = field(default_factory=free_port)
+    port: int = field(default=0, init=False)  # chosen by start()
     process: subprocess.Popen | None = field(default=None, init=False)
 
     @property
@@ -153,6 +187,11 @@ class MLflowServer:
 
     def start(self, timeout_s: float = 120.0) -> MLflowServer:
         Path(self.folder).mkdir(parents=True, exist_ok=True)
+        start_on_free_port(lambda port: self._serve(port, timeout_s), "MLflow server")
+        return self
+
+    def _serve(self, port: int, timeout_s: float) -> None:
+        self.port = port
         log = Path(self.folder) / "mlflow-server.log"
         environment = {
             **os.environ,
@@ -168,8 +207,11 @@ class MLflowServer:
                 cwd=self.folder,
                 start_new_session=True,
             )
-        _wait_until_up(f"{self.url}/health", self.process, log, timeout_s)
-        return self
+        try:
+            wait_until_up(f"{self.url}/health", port, self.process, log, timeout_s)
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         if self.process is not None:

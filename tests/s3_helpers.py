@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,10 +32,14 @@ AWS_VARIABLES_REMOVED = (
 )
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def start_moto(port: int = 0):
+    """moto's threaded server on 127.0.0.1: on ``port``, or (0) on a port it binds itself and
+    reports, so no other process can take it between a choice and the bind."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    return server, server.get_host_and_port()[1]
 
 
 def aws_variables(endpoint: str, folder: Path, credentials: bool = True) -> dict[str, str]:
@@ -71,13 +74,17 @@ def subprocess_environment(endpoint: str, folder: Path, credentials: bool = True
 
 
 class MotoProcess:
-    """moto's S3 server in its own process on a fixed port; ``seed`` (a folder of
-    ``BUCKET/KEY`` files) is loaded before the port opens, at every start."""
+    """moto's S3 server in its own process; ``seed`` (a folder of ``BUCKET/KEY`` files) is
+    loaded before the port opens, at every start. The first start binds a port the server
+    picks itself; later starts reopen that same port (an endpoint that comes back)."""
 
-    def __init__(self, seed: Path, port: int | None = None) -> None:
-        self.seed, self.port = seed, port or free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+    def __init__(self, seed: Path) -> None:
+        self.seed, self.port = seed, 0
         self.process: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60) -> None:
         self.process = subprocess.Popen(
@@ -88,9 +95,11 @@ class MotoProcess:
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self.process.poll() is None:
-            if self.process.stdout.readline().strip() == "ready":
+            word, _, port = self.process.stdout.readline().strip().partition(" ")
+            if word == "ready":
+                self.port = int(port)
                 return
-        raise RuntimeError(f"moto server did not start on port {self.port}")
+        raise RuntimeError(f"moto server did not start (port {self.port or 'of its choice'})")
 
     def kill(self) -> None:
         """SIGKILL: every connection is refused until ``start``."""
@@ -111,14 +120,11 @@ class MotoProcess:
 def _serve(port: int, seed: Path) -> None:
     """Entry point of ``MotoProcess``: seed through a private port, then open ``port``."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
     os.environ |= {"AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET}
-    private = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-    private.start()
-    host, private_port = private.get_host_and_port()
+    _, private_port = start_moto()
     client = boto3.client(
-        "s3", endpoint_url=f"http://{host}:{private_port}", region_name="us-east-1"
+        "s3", endpoint_url=f"http://127.0.0.1:{private_port}", region_name="us-east-1"
     )
     for bucket in sorted(p for p in seed.iterdir() if p.is_dir()):
         client.create_bucket(Bucket=bucket.name)
@@ -126,8 +132,8 @@ def _serve(port: int, seed: Path) -> None:
             client.put_object(
                 Bucket=bucket.name, Key=path.relative_to(bucket).as_posix(), Body=path.read_bytes()
             )
-    ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False).start()
-    print("ready", flush=True)
+    _, port = start_moto(port)
+    print(f"ready {port}", flush=True)
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # nobody reads the pipe from here on
     signal.pause()
 

@@ -1,12 +1,10 @@
 """Two real gloo workers: SIA over gathered shards equals SIA over the whole batch."""
 
-import os
-import socket
-
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from components.ports import join_process_group, rendezvous_store
 from sista_core.losses import SIALoss, gather_with_grad
 
 
@@ -15,15 +13,8 @@ def test_gather_is_identity_without_distributed():
     assert gather_with_grad(x) is x
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world_size, port, img, txt, semantics, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    join_process_group(port, rank, world_size)
     try:
         local = slice(rank * 3, rank * 3 + 3)
         local_img = img[local].clone().requires_grad_(True)
@@ -48,7 +39,8 @@ def test_sia_over_two_workers_equals_single_process_global_batch():
     semantics = torch.randn(6, 5, generator=generator)
     semantics[4] = semantics[1]  # a false negative that spans the two workers' shards
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(2, _free_port(), img, txt, semantics, results), nprocs=2)
+    store = rendezvous_store()
+    mp.spawn(_worker, args=(2, store.port, img, txt, semantics, results), nprocs=2)
 
     full_img, full_txt = img.clone().requires_grad_(True), txt.clone().requires_grad_(True)
     single = SIALoss(threshold=0.8, mode="eliminate", gather_distributed=False)

@@ -12,7 +12,7 @@ import pytest
 from botocore.awsrequest import AWSResponse
 from moto.core.authorization import enable_iam_authentication
 from moto.server import ThreadedMotoServer
-from s3_helpers import SECRET, free_port, set_aws_variables
+from s3_helpers import SECRET, set_aws_variables, start_moto
 
 from components import storage
 from components.storage import (
@@ -33,16 +33,19 @@ FAST = StorageSettings(
 
 
 class LocalS3:
-    """moto's threaded server on a fixed 127.0.0.1 port that can go down and come back."""
+    """moto's threaded server on 127.0.0.1 that can go down and come back on the same port
+    (the first start binds a port of its own choice)."""
 
     def __init__(self) -> None:
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.port = 0
         self.server: ThreadedMotoServer | None = None
 
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
     def start(self) -> None:
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self.server.start()
+        self.server, self.port = start_moto(self.port)
 
     def stop(self) -> None:
         """Down for real: stop serving and close the listening socket (connections refused)."""
