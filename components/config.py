@@ -329,6 +329,17 @@ class Params(Section):
     sweep: SweepSection = SweepSection()
 
     @model_validator(mode="after")
+    def _one_token_length(self) -> Params:
+        """The reports stage tokenises for pre-training: both must keep the same length."""
+        stored, trained = self.reports.max_length, self.pretrain.text.max_length
+        if stored != trained:
+            raise ValueError(
+                f"reports.max_length ({stored}) must equal pretrain.text.max_length ({trained}): "
+                "the reports stage stores the tokens pre-training reads"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _swept_values_are_valid_settings(self) -> Params:
         """Every edge of every swept range must itself be a valid pretrain setting."""
         for key, distribution in self.sweep.space.items():

@@ -32,6 +32,7 @@ from sista_core import SISTAConfig, SISTAModel  # noqa: E402
 from sista_core.checkpoint import load_safetensors_into, load_state_dict_file  # noqa: E402
 from sista_core.cpu import retain_freed_memory  # noqa: E402
 from sista_core.encoders.text import collate_tokens  # noqa: E402
+from sista_core.losses import mean_over_workers  # noqa: E402
 from sista_core.retrieval import recall_at_k  # noqa: E402
 from sista_core.schedule import cosine_with_warmup  # noqa: E402
 
@@ -205,7 +206,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             optimizer.step()
             stepped = time.perf_counter()
             state["step"] += 1
-            step_metrics = {name: float(out[name].detach()) for name in STEP_METRICS}
+            # Means over the workers: each one's per-pair terms (STA) cover its own shard.
+            logged = mean_over_workers(torch.stack([out[n].detach().float() for n in STEP_METRICS]))
+            step_metrics = dict(zip(STEP_METRICS, logged.tolist(), strict=True))
             step_metrics.update(
                 lr=lr,
                 samples_per_s=config["batch_size"] * world_size / (stepped - tick),

@@ -1,4 +1,4 @@
-"""Stage ``similarity``: the report-similarity cache SIA reads (METHOD.md).
+"""Stage ``similarity``: the report-similarity cache SIA reads (docs/method.md).
 
 Frozen sentence-encoder embeddings of every cleaned report (Ray Data, batched actors),
 exact block-wise top-k neighbours (memory O(N*k)), and statistics that let a user choose the
@@ -41,23 +41,32 @@ TEXT_STATES = "text_states"  # folder: the pre-training text encoder's frozen-la
 
 
 class SentenceEmbedder:
-    """Ray Data actor: loads the frozen encoder once, embeds batches of stored tokens (the
-    reports stage's, so the states below line up with what pre-training reads).
+    """Ray Data actor: loads the frozen encoder once, embeds batches of reports. Where the
+    reports stage tokenised for this same model (``own_tokens`` False), its stored tokens are
+    used, so the states below line up with what pre-training reads; otherwise (pre-training
+    trains another text model) the cleaned text is tokenised with this encoder's own
+    tokenizer: another model's token ids would be embedded as if they were this one's.
 
     With ``state_layers`` > 0 it also returns each report's states after that many layers:
     the same passes compute them on the way to the embedding, and pre-training then skips
     its frozen layers (a quarter of a training step on the default profile).
     """
 
-    def __init__(self, encoder: str | None, max_length: int, state_layers: int) -> None:
+    def __init__(
+        self, encoder: str | None, max_length: int, state_layers: int, own_tokens: bool
+    ) -> None:
         torch.set_num_threads(1)
-        self.state_layers = state_layers
+        self.state_layers, self.own_tokens = state_layers, own_tokens
         self.encoder = TextEncoder(encoder, max_length=max_length, freeze_layers=state_layers)
         self.encoder.eval()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        records = [{c: batch[c][i] for c in TOKEN_COLUMNS} for i in range(len(batch["position"]))]
-        tokens = collate_tokens(records, self.encoder.tokenizer.pad_token_id)
+        if self.own_tokens:
+            tokens = self.encoder.tokenize([str(text) for text in batch["text"]])
+        else:
+            rows = range(len(batch["position"]))
+            records = [{c: batch[c][i] for c in TOKEN_COLUMNS} for i in rows]
+            tokens = collate_tokens(records, self.encoder.tokenizer.pad_token_id)
         with torch.inference_mode():
             if self.state_layers:
                 tokens.frozen_states = self.encoder.frozen_states(tokens)
@@ -74,12 +83,17 @@ class SentenceEmbedder:
         return embedded
 
 
+def shares_tokens(params: Params) -> bool:
+    """Do pre-training and this stage use the same text model (so the reports stage's tokens,
+    made with pre-training's tokenizer, are this encoder's tokens too)?"""
+    return params.pretrain.text.name_or_path == params.similarity.encoder
+
+
 def state_layers(params: Params) -> int:
     """How many frozen layers' states to keep for pre-training: its ``freeze_layers`` when it
     uses this stage's encoder and tokens, else 0 (nothing to share)."""
     text = params.pretrain.text
-    shares = text.name_or_path == params.similarity.encoder and text.freeze_layers != 0
-    return text.freeze_layers if shares else 0
+    return text.freeze_layers if shares_tokens(params) and text.freeze_layers != 0 else 0
 
 
 def embed_reports(
@@ -96,10 +110,12 @@ def embed_reports(
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     by_length = sorted(range(len(reports)), key=lambda i: len(reports[i]["input_ids"]))
-    items = [{"position": i, **{c: reports[i][c] for c in TOKEN_COLUMNS}} for i in by_length]
+    own_tokens = not shares_tokens(params)
+    columns = ("text",) if own_tokens else TOKEN_COLUMNS
+    items = [{"position": i, **{c: reports[i][c] for c in columns}} for i in by_length]
     embedded = ray.data.from_items(items).map_batches(
         SentenceEmbedder,
-        fn_constructor_args=(config.encoder, params.reports.max_length, layers),
+        fn_constructor_args=(config.encoder, params.reports.max_length, layers, own_tokens),
         batch_size=config.batch_size,
         compute=ray.data.ActorPoolStrategy(size=config.num_actors),
         num_cpus=1,
@@ -149,7 +165,8 @@ def plot_statistics(stats: dict[str, Any], threshold: float, path: Path) -> None
 def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any]:
     config = params.similarity
     reports = pq.read_table(
-        stage_dir(params, "reports") / "reports.parquet", columns=["record_id", *TOKEN_COLUMNS]
+        stage_dir(params, "reports") / "reports.parquet",
+        columns=["record_id", "text", *TOKEN_COLUMNS],
     ).to_pylist()
     ensure_ray(params)
     with (

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sista_core.losses import false_negative_mask, intra_loss, sia_loss
+from sista_core.losses import IntraLoss, SIALoss, false_negative_mask, intra_loss, sia_loss
 
 
 def independent_symmetric_infonce(img, txt, temperature):
@@ -119,3 +119,32 @@ def test_sia_loss_gradients_reach_both_modalities(batch):
     txt.requires_grad_(True)
     sia_loss(img, txt, report_sim).backward()
     assert img.grad.abs().sum() > 0 and txt.grad.abs().sum() > 0
+
+
+def _semantics_near_threshold(size: int, threshold: float) -> torch.Tensor:
+    """Report vectors whose pairwise cosine similarities spread over threshold ± 0.005."""
+    generator = torch.Generator().manual_seed(0)
+    cosine = threshold - 0.005 + 0.01 * torch.rand(size, generator=generator)
+    shared = torch.zeros(size, size + 1)
+    shared[:, 0] = 1.0
+    own = torch.eye(size + 1)[1:] * (1 / cosine - 1).sqrt()[:, None]
+    return shared + own  # cos(i, j) = sqrt(cosine_i * cosine_j)
+
+
+def test_sia_and_intra_under_bfloat16_autocast_equal_float32():
+    semantics = _semantics_near_threshold(64, 0.9)
+    similarity = F.normalize(semantics, dim=-1)
+    off_diagonal = ~torch.eye(64, dtype=torch.bool)
+    near = ((similarity @ similarity.T)[off_diagonal] - 0.9).abs() < 0.005
+    assert near.float().mean() > 0.9  # the test is about pairs at the threshold
+    generator = torch.Generator().manual_seed(1)
+    img, txt = torch.randn(64, 16, generator=generator), torch.randn(64, 16, generator=generator)
+    sia, intra = SIALoss(threshold=0.9, temperature=0.07), IntraLoss(temperature=0.2, sigma=0.1)
+    full = sia(img, txt, semantics), intra(img, semantics)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = sia(img, txt, semantics), intra(img, semantics)
+    assert 0.2 < full[0]["fraction_eliminated"] < 0.8
+    assert mixed[0]["fraction_eliminated"] == full[0]["fraction_eliminated"]
+    assert mixed[0]["loss"].dtype == torch.float32
+    assert torch.allclose(mixed[0]["loss"], full[0]["loss"], atol=1e-6)
+    assert torch.allclose(mixed[1], full[1], atol=1e-6)

@@ -1,6 +1,6 @@
-"""SISTA losses: tensors in, scalar out (open_clip's shape). See METHOD.md."""
+"""SISTA losses: tensors in, scalar out (open_clip's shape). See docs/method.md."""
 
-from .distributed import distributed_world, gather_no_grad, gather_with_grad
+from .distributed import distributed_world, gather_no_grad, gather_with_grad, mean_over_workers
 from .sia import (
     SIA_MODES,
     IntraLoss,
@@ -25,6 +25,7 @@ __all__ = [
     "gather_no_grad",
     "gather_with_grad",
     "intra_loss",
+    "mean_over_workers",
     "report_similarity",
     "sia_loss",
     "sparse_normalize",
