@@ -286,6 +286,30 @@ def read_shard_images(ingest_dir: Path, rows: list[dict[str, Any]]) -> np.ndarra
     return np.stack([shards[row["shard"]][row["index"]] for row in rows])
 
 
+class ShardImages:
+    """The images of manifest ``rows``, read on demand from memory-mapped shards: indexing
+    with positions returns copies of those rows only (B, H, W) uint8, so a reader's memory
+    does not grow with the number of images (the page cache holds what is hot)."""
+
+    def __init__(self, ingest_dir: Path, rows: list[dict[str, Any]]) -> None:
+        names = sorted({row["shard"] for row in rows})
+        self._shards = [np.load(ingest_dir / "shards" / name, mmap_mode="r") for name in names]
+        number = {name: i for i, name in enumerate(names)}
+        self._shard_of = np.array([number[row["shard"]] for row in rows], np.int32)
+        self._index_in_shard = np.array([row["index"] for row in rows], np.int64)
+
+    def __len__(self) -> int:
+        return len(self._shard_of)
+
+    def __getitem__(self, positions: slice | np.ndarray | list[int]) -> np.ndarray:
+        chosen = np.arange(len(self))[positions] if isinstance(positions, slice) else positions
+        chosen = np.asarray(chosen, np.int64).reshape(-1)
+        if not len(chosen):
+            return np.zeros((0, 1, 1), np.uint8)
+        shards, indices = self._shard_of[chosen], self._index_in_shard[chosen]
+        return np.stack([self._shards[s][i] for s, i in zip(shards, indices, strict=True)])
+
+
 def read_shard_masks(ingest_dir: Path, rows: list[dict[str, Any]]) -> np.ndarray:
     """The masks (B, H, W) bool of segmentation/detection manifest ``rows``."""
     mask_rows = [{**row, "shard": row["shard"].replace(".npy", ".mask.npy")} for row in rows]

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from sista_core.findings import OBSERVATIONS
 
-from .ingest import read_shard_images
+from .ingest import ShardImages
 
 TOKEN_COLUMNS = ("input_ids", "word_index", "word_mask", "words_text")
 
@@ -25,12 +25,13 @@ TOKEN_COLUMNS = ("input_ids", "word_index", "word_mask", "words_text")
 class PretrainBatch:
     images: np.ndarray  # (B, H, W) uint8
     tokens: list[dict]  # per report, stored by the reports stage (collate_tokens)
-    semantics: np.ndarray  # (B, ds) float32: s_i of METHOD.md
+    semantics: np.ndarray  # (B, ds) float32: s_i of docs/method.md
     record_ids: list[str]
 
 
 class PretrainData:
-    """One split of the pre-training pairs, in memory (shards memory-mapped).
+    """One split of the pre-training pairs: tokens and semantics in memory, images read per
+    batch from the memory-mapped shards.
 
     ``frozen_text_layers``: the pre-training text encoder's frozen layers (its
     ``freeze_layers``). Where the similarity stage kept the states after exactly those
@@ -58,7 +59,7 @@ class PretrainData:
         self.tokens = [{c: reports[i][c] for c in TOKEN_COLUMNS} for i in self.record_ids]
         self.texts = [reports[i]["text"] for i in self.record_ids]
         self.semantics = self._semantics(root, semantics, reports)
-        self.images = read_shard_images(root / "ingest", rows)
+        self.images = ShardImages(root / "ingest", rows)
         self.has_text_states = self._attach_text_states(root, text_encoder, frozen_text_layers)
 
     def _attach_text_states(self, root: Path, encoder: str | None, layers: int) -> bool:
