@@ -25,7 +25,7 @@ TEXT_FOLDER = "text_encoder"  # tokenizer + architecture config, so no hub is ne
 
 
 class ProjectionHead(nn.Module):
-    """Two-layer MLP to the joint space (g_v, g_t in METHOD.md)."""
+    """Two-layer MLP to the joint space (g_v, g_t in docs/method.md)."""
 
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-"""Report-similarity cache maths (METHOD.md, "The report-similarity cache").
+"""Report-similarity cache maths (docs/method.md, "The report-similarity cache").
 
 R_ij = cos(s_i, s_j) over every report of a corpus, without ever holding the N x N matrix:
 exact top-k neighbours and the statistics a user needs to choose the SIA threshold δ are

@@ -1,4 +1,4 @@
-"""One-stage anchor-free detector head over a frozen encoder's feature pyramid (METHOD.md,
+"""One-stage anchor-free detector head over a frozen encoder's feature pyramid (docs/method.md,
 downstream protocol), single class, trained on cached features.
 
 The pyramid is fused at its finest grid; every cell predicts an objectness logit and one

@@ -1,4 +1,4 @@
-"""Fine-tuned variant of the downstream heads (METHOD.md, downstream protocol: "encoder frozen
+"""Fine-tuned variant of the downstream heads (docs/method.md, downstream protocol: "encoder frozen
 or fine-tuned"; MGCA fine-tunes for segmentation): the encoder trains end to end with the
 head, on images instead of cached features.
 

@@ -1,4 +1,4 @@
-"""Downstream segmentation and detection metrics (METHOD.md, downstream protocol), computed
+"""Downstream segmentation and detection metrics (docs/method.md, downstream protocol), computed
 by torchmetrics (detection through pycocotools), not by hand."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""U-Net-style segmentation decoder over a frozen encoder's feature pyramid (METHOD.md,
+"""U-Net-style segmentation decoder over a frozen encoder's feature pyramid (docs/method.md,
 downstream protocol): trained on cached features, so the encoder runs once per image.
 
 For a ViT, whose levels share one patch grid, the decoder is SETR's progressive upsampling

@@ -1,4 +1,4 @@
-"""STA: sparse token alignment (METHOD.md, "STA").
+"""STA: sparse token alignment (docs/method.md, "STA").
 
 Each word attends sparsely to the patches of its own image and each patch to the words of
 its own report; the attended vector should be closer to its query than to the other
