@@ -11,16 +11,19 @@ DATA_PACKAGES := torchxrayvision==1.5.7 pneumonia-model-package==0.3.0 pydicom-d
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv repro test test-system test-cluster bench profile lint mlflow-ui mlflow-server cluster-demo clean sweep kubeflow image infra-check
+# `make help` lists the targets: each one's `## ` comment.
+.PHONY: help venv repro test test-fast test-system gpu-check test-cluster bench profile lint mlflow-ui mlflow-server cluster-demo clean sweep kubeflow image infra-check
 
-venv: $(STAMP)
+help:  ## this list
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
 
-# --no-cache-dir: the wheels (torch and its CUDA libraries, ~5 GB) are not kept twice on disk;
-# CI once ran out of space during this install.
+venv: $(STAMP)  ## create .venv with the pinned dependencies (once)
+
+# --no-cache-dir: the wheels (torch and its CUDA libraries, ~5 GB) are not kept twice on disk
+# (a small CI disk fills up otherwise).
 # Byte-code: pip compiles file by file (--no-compile skips that), compileall on every core.
-# Left to first use, every process of the first pipeline run compiled what it imported, the
-# same modules in the driver, the Ray workers and the Ray Train workers at once. Measured on
-# 2 cores: compileall 66 s; the first `make repro` 18 min 48 s with it, 22 min 44 s without.
+# Left to first use, every process of the first pipeline run would compile what it imports,
+# the same modules in the driver, the Ray workers and the Ray Train workers at once.
 # Files that are not Python 3.11 (templates in some packages) fail to compile, which is
 # harmless: nothing imports them.
 $(STAMP): pyproject.toml requirements.lock
@@ -31,54 +34,62 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m compileall -qq -j 0 $(VENV)/lib || true
 	touch $(STAMP)
 
-repro: venv
+repro: venv  ## run the whole pipeline (dvc repro) and print the results
 	$(BIN)/dvc repro
 	@$(BIN)/sista status
 	@cat data/publish/results.md
 
-# The suite: 13 min 14 s on 2 cores in a fresh clone (9d4639d). The system tests bring up
-# whole systems (a two-node Ray cluster, S3 + MLflow servers with a DVC remote, a Ray Tune
-# sweep, kfp's local runner) and take longer: `make test-system`, which CI runs after it.
-test: venv
+# Three tiers (docs/testing.md): unit tests; the suite, which adds the pipeline runs and the
+# fault tests; the system tests, which bring up whole systems (a two-node Ray cluster, S3 +
+# MLflow servers with a DVC remote, a Ray Tune sweep, kfp's local runner). CI runs the last two.
+test-fast: venv  ## unit tests: the first check after an install
+	$(BIN)/python -m pytest -m "not slow and not system"
+
+test: venv  ## the suite without the system tests
 	$(BIN)/python -m pytest -m "not system"
 
-test-system: venv
+test-system: venv  ## whole systems: Ray cluster, S3 + MLflow servers, sweep, Kubeflow runner
 	$(BIN)/python -m pytest -m system
 
-# Only the two-node Ray cluster tests (part of `make test-system`).
-test-cluster: venv
+test-cluster: venv  ## only the multi-node Ray cluster tests (part of test-system)
 	$(BIN)/python -m pytest -m cluster
 
-bench: venv
+bench: venv  ## benchmarks, ratios against a baseline in the same run
 	$(BIN)/python -m bench.run_all
+
+# The paper profile's pre-training step (ViT-B/16, 224 px, bf16 + channels-last, batch 64) on
+# this machine's GPU: samples/s and model FLOPs utilisation; skipped, saying so, without one.
+gpu-check: venv  ## paper-profile training step on the GPU: samples/s and MFU
+	$(BIN)/python -m bench.gpu_pretrain --configs "bf16 + channels-last" --batch 64 \
+	  --steps 20 --warmup 5 --skip-without-gpu --out bench/results/gpu_check.json
 
 # A flame graph of one stage with its Ray workers: make profile STAGE=evaluate
 STAGE ?= evaluate
-profile: venv
+profile: venv  ## a flame graph of one stage: make profile STAGE=evaluate
 	$(BIN)/py-spy record --subprocesses --rate 20 --output profile-$(STAGE).svg -- \
 	  $(BIN)/python -m pipeline.launch $(STAGE)
 
-lint: venv
+lint: venv  ## ruff check and format check
 	$(BIN)/ruff check sista_core components pipeline tests bench
 	$(BIN)/ruff format --check sista_core components pipeline tests bench
 
-mlflow-ui: venv
+mlflow-ui: venv  ## MLflow UI on 127.0.0.1:5000 over mlflow.db
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db \
 	  --host 127.0.0.1 --port 5000 --uvicorn-opts "--workers 1"
 
 # Ray Tune over the loss weights on the current params.yaml (needs `dvc repro similarity`).
-sweep: venv
+sweep: venv  ## Ray Tune over the loss weights (needs dvc repro similarity)
 	$(BIN)/sista sweep
 
 # infra/: the compiled Kubeflow pipeline (commit it: a test compares), the image, the checks.
 IMAGE ?= ghcr.io/your-org/sista:0.1.0
-kubeflow: venv
+kubeflow: venv  ## compile the Kubeflow pipeline into infra/
 	$(BIN)/python -m pipeline.kubeflow compile
 
-image:
+image:  ## build the container image
 	docker build -f infra/Dockerfile -t $(IMAGE) .
 
-infra-check: venv
+infra-check: venv  ## check the Kubernetes, KubeRay and Kubeflow manifests
 	$(BIN)/python -m pytest tests/test_infra.py
 
 # MLflow tracking server: SQLite database, artifacts proxied to MLFLOW_ARTIFACTS (a folder,
@@ -88,15 +99,15 @@ MLFLOW_PORT ?= 5000
 MLFLOW_BACKEND_STORE ?= sqlite:///mlflow-server.db
 MLFLOW_ARTIFACTS ?= mlflow-server-artifacts
 MLFLOW_WORKERS ?= 1
-mlflow-server: venv
+mlflow-server: venv  ## MLflow tracking server (SQLite, artifacts to MLFLOW_ARTIFACTS)
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server \
 	  --backend-store-uri $(MLFLOW_BACKEND_STORE) --artifacts-destination $(MLFLOW_ARTIFACTS) \
 	  --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --workers $(MLFLOW_WORKERS)
 
 # The CI-profile pipeline on a two-node Ray cluster on this machine (S3 and MLflow servers
 # included), checked and stopped; see pipeline/cluster_demo.py.
-cluster-demo: venv
+cluster-demo: venv  ## the CI-profile pipeline on a two-node Ray cluster on this machine
 	$(BIN)/python -m pipeline.cluster_demo
 
-clean:
+clean:  ## remove .venv and caches
 	rm -rf $(VENV) .pytest_cache bench/results

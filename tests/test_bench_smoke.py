@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench import data_loading, pretrain_scaling, run_all
 
@@ -127,4 +128,18 @@ def test_gpu_benchmark_runs_its_configurations_on_the_cpu_too(tmp_path):
     )
     assert [r["configuration"] for r in rows] == ["fp32", "bf16 + channels-last"]
     assert rows[0]["speedup"] == 1.0 and rows[1]["samples_per_s"] > 0
-    assert json.loads((tmp_path / "gpu.json").read_text())["device"] == "cpu"
+    saved = json.loads((tmp_path / "gpu.json").read_text())
+    assert saved["device"] == "cpu" and saved["peak_bf16_tflops"] is None
+    assert saved["flops_per_step"] > 1e8  # counted: MiniLM alone is ~1 GFLOP per report
+    assert all(r["model_tflops_per_s"] > 0 and r["mfu"] is None for r in rows)
+
+
+def test_gpu_check_names_the_peak_of_known_gpus_and_skips_without_one(capsys):
+    from bench import gpu_pretrain
+
+    assert gpu_pretrain.bf16_peak_flops("NVIDIA H200") == 989e12
+    assert gpu_pretrain.bf16_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert gpu_pretrain.bf16_peak_flops("Some Future GPU") is None
+    if not torch.cuda.is_available():
+        assert gpu_pretrain.main(["--skip-without-gpu"]) == []
+        assert "gpu-check skipped: no CUDA device" in capsys.readouterr().out

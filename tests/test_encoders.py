@@ -107,6 +107,7 @@ def test_text_encoder_freezes_the_requested_layers():
     assert all(p.requires_grad for p in layers[2].parameters())
 
 
+@pytest.mark.slow
 def test_default_text_encoder_loads_with_the_network_unavailable():
     env = dict(
         os.environ,

@@ -177,6 +177,7 @@ def _split(pyramid: list[torch.Tensor], train: int):
     return [level[:train] for level in pyramid], [level[train:] for level in pyramid]
 
 
+@pytest.mark.slow
 def test_a_trained_segmenter_beats_itself_untrained_on_held_out_films():
     # All films positive: with negatives, an empty prediction would score their share.
     pyramid, samples = _phantom_features(PhantomPneumothoraxSegmentation, 96, 1.0)
@@ -192,6 +193,7 @@ def test_a_trained_segmenter_beats_itself_untrained_on_held_out_films():
     assert trained_dice > untrained_dice + 0.1
 
 
+@pytest.mark.slow
 def test_a_trained_detector_beats_itself_untrained_on_held_out_films():
     pyramid, samples = _phantom_features(PhantomOpacityDetection, 144, 0.5)
     boxes = [torch.from_numpy(sample.boxes) for sample in samples]

@@ -78,6 +78,7 @@ def films():
     return images, masks, [torch.from_numpy(sample.boxes) for sample in samples]
 
 
+@pytest.mark.slow
 def test_a_finetuned_segmenter_beats_itself_untrained_on_held_out_films(films):
     images, masks, _ = films
     encoder = _encoder("resnet18", SIZE)

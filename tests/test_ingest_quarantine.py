@@ -152,6 +152,7 @@ def stage_params(tmp_path, max_quarantine_fraction: float) -> Params:
     )
 
 
+@pytest.mark.slow
 def test_the_stage_counts_every_quarantined_record_and_writes_the_list(tmp_path, local_ray):
     expected = build_mimic_with_every_problem(tmp_path / "mimic")
     summary = run_ingest(stage_params(tmp_path, max_quarantine_fraction=1.0))
@@ -172,6 +173,7 @@ def test_the_stage_counts_every_quarantined_record_and_writes_the_list(tmp_path,
     assert run.data.metrics["pretrain_quarantined"] == len(listed)
 
 
+@pytest.mark.slow
 def test_a_source_mostly_broken_stops_the_stage_naming_the_reasons(tmp_path, local_ray):
     build_mimic_with_every_problem(tmp_path / "mimic")
     with pytest.raises(

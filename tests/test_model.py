@@ -69,6 +69,7 @@ def test_forward_returns_every_term_and_diagnostic(tiny_config, fixed_pairs, tex
     assert 0 < out["attention_nonzero_per_word"] < 16
 
 
+@pytest.mark.slow
 def test_twenty_steps_lower_the_total_loss(tiny_config, fixed_pairs):
     torch.manual_seed(0)
     model = SISTAModel(tiny_config)

@@ -80,6 +80,7 @@ def test_a_race_lost_every_time_gives_up_with_the_bind_error():
         start_on_free_port(always_taken, "test service", attempts=3)
 
 
+@pytest.mark.slow
 def test_the_s3_server_starts_when_its_first_port_is_taken(first_port_taken):
     from pipeline.local_services import S3Server
 
@@ -89,6 +90,7 @@ def test_the_s3_server_starts_when_its_first_port_is_taken(first_port_taken):
             assert answer.status == 200
 
 
+@pytest.mark.slow
 def test_the_mlflow_server_starts_when_its_first_port_is_taken(first_port_taken, tmp_path):
     from pipeline.local_services import MLflowServer
 
@@ -98,6 +100,7 @@ def test_the_mlflow_server_starts_when_its_first_port_is_taken(first_port_taken,
             assert answer.status == 200
 
 
+@pytest.mark.slow
 def test_the_ray_dashboard_starts_when_its_first_port_is_taken(first_port_taken, monkeypatch):
     from components.runtime import ensure_ray
 
