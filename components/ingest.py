@@ -277,13 +277,7 @@ def ingest_dataset(
 def read_shard_images(ingest_dir: Path, rows: list[dict[str, Any]]) -> np.ndarray:
     """The images of manifest ``rows`` (B, H, W) uint8, each shard opened (memory-mapped)
     once: the reader of this stage's declared output for the stages that follow."""
-    shards = {
-        name: np.load(ingest_dir / "shards" / name, mmap_mode="r")
-        for name in sorted({row["shard"] for row in rows})
-    }
-    if not rows:
-        return np.zeros((0, 1, 1), np.uint8)
-    return np.stack([shards[row["shard"]][row["index"]] for row in rows])
+    return ShardImages(ingest_dir, rows)[:]
 
 
 class ShardImages:

@@ -272,6 +272,13 @@ class LocalRayCluster:
         starts again on fresh ports."""
         deadline = time.monotonic() + self.start_timeout_s
         while True:
+            try:
+                alive = len(self.alive_nodes())
+                if alive == count:
+                    return
+            except Exception as error:  # noqa: BLE001 - the dashboard is still starting
+                alive = f"unknown ({error})"
+            # Still waiting: has a node failed (its logs are read only now, not once ready)?
             for node in list(self.started):
                 lost_port = node.lost_port_race()
                 if node.process.poll() is None and not lost_port:
@@ -287,12 +294,6 @@ class LocalRayCluster:
                     f"the {node.name} node failed (ray start exit code {node.process.poll()}): "
                     f"{node.log.read_text(errors='replace')[-2000:]}"
                 )
-            try:
-                alive = len(self.alive_nodes())
-                if alive == count:
-                    return
-            except Exception as error:  # noqa: BLE001 - the dashboard is still starting
-                alive = f"unknown ({error})"
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"{alive} alive Ray nodes, not {count}, after {self.start_timeout_s} s"

@@ -13,8 +13,10 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -83,6 +85,37 @@ def wait_until_up(
         time.sleep(0.5)
 
 
+def serve_on_free_port(
+    command_for: Callable[[int], list[str]],
+    health_path: str,
+    log: Path,
+    what: str,
+    timeout_s: float,
+    **popen: Any,
+) -> tuple[subprocess.Popen, int]:
+    """Start the server process ``command_for(port)`` (output to ``log``) on a port the OS
+    offers, until ``health_path`` answers from it; on a port another process took first, again
+    on a fresh one. Returns the process and its port."""
+
+    def start(port: int) -> tuple[subprocess.Popen, int]:
+        with open(log, "wb") as output:
+            process = subprocess.Popen(
+                command_for(port),
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                **popen,
+            )
+        try:
+            wait_until_up(f"http://{HOST}:{port}{health_path}", port, process, log, timeout_s)
+        except BaseException:
+            stop_process_tree(process)
+            raise
+        return process, port
+
+    return start_on_free_port(start, what)
+
+
 @dataclass
 class S3Server:
     """moto's S3 server (``moto_server``) on 127.0.0.1; ``env`` is what a client needs."""
@@ -109,7 +142,13 @@ class S3Server:
 
     def start(self, timeout_s: float = 60.0) -> S3Server:
         self.log = Path(tempfile.mkstemp(prefix="sista-s3-", suffix=".log")[1])
-        start_on_free_port(lambda port: self._serve(port, timeout_s), "S3 server")
+        self.process, self.port = serve_on_free_port(
+            lambda port: [_executable("moto_server"), "-H", HOST, "-p", str(port)],
+            "/moto-api/",
+            self.log,
+            "S3 server",
+            timeout_s,
+        )
         import boto3
 
         client = boto3.client(
@@ -123,27 +162,11 @@ class S3Server:
             client.create_bucket(Bucket=bucket)
         return self
 
-    def _serve(self, port: int, timeout_s: float) -> None:
-        self.port = port
-        with open(self.log, "wb") as output:
-            self.process = subprocess.Popen(
-                [_executable("moto_server"), "-H", HOST, "-p", str(port)],
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        try:
-            wait_until_up(f"{self.endpoint}/moto-api/", port, self.process, self.log, timeout_s)
-        except BaseException:
-            self.stop(keep_log=True)
-            raise
-
-    def stop(self, keep_log: bool = False) -> None:
+    def stop(self) -> None:
         if self.process is not None:
             stop_process_tree(self.process)
             self.process = None
-        if not keep_log:
-            self.log.unlink(missing_ok=True)
+        self.log.unlink(missing_ok=True)
 
     def __enter__(self) -> S3Server:
         return self.start()
@@ -169,7 +192,7 @@ class MLflowServer:
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
-    def command(self) -> list[str]:
+    def command(self, port: int) -> list[str]:
         return [
             _executable("mlflow"),
             "server",
@@ -180,38 +203,23 @@ class MLflowServer:
             "--host",
             HOST,
             "--port",
-            str(self.port),
+            str(port),
             "--workers",
             "1",
         ]
 
     def start(self, timeout_s: float = 120.0) -> MLflowServer:
         Path(self.folder).mkdir(parents=True, exist_ok=True)
-        start_on_free_port(lambda port: self._serve(port, timeout_s), "MLflow server")
+        self.process, self.port = serve_on_free_port(
+            self.command,
+            "/health",
+            Path(self.folder) / "mlflow-server.log",
+            "MLflow server",
+            timeout_s,
+            env={**os.environ, **self.env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            cwd=self.folder,
+        )
         return self
-
-    def _serve(self, port: int, timeout_s: float) -> None:
-        self.port = port
-        log = Path(self.folder) / "mlflow-server.log"
-        environment = {
-            **os.environ,
-            **self.env,
-            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-        }
-        with open(log, "wb") as output:
-            self.process = subprocess.Popen(
-                self.command(),
-                env=environment,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                cwd=self.folder,
-                start_new_session=True,
-            )
-        try:
-            wait_until_up(f"{self.url}/health", port, self.process, log, timeout_s)
-        except BaseException:
-            self.stop()
-            raise
 
     def stop(self) -> None:
         if self.process is not None:

@@ -19,8 +19,7 @@ from pipeline_helpers import ROOT, local_s3_environment, write_ci_params
 
 from components import storage
 from components.artifacts import MANIFEST, content_hashes
-from components.ports import start_on_free_port
-from pipeline.local_services import stop_process_tree, wait_until_up
+from pipeline.local_services import serve_on_free_port, stop_process_tree
 
 # A few minutes on a quiet 2-core machine; a loaded one can take several times that.
 pytestmark = [pytest.mark.slow, pytest.mark.system, pytest.mark.timeout(2400)]
@@ -44,34 +43,25 @@ def mlflow_server(s3_server, tmp_path_factory):
     folder = tmp_path_factory.mktemp("mlflow-server")
     artifacts = f"s3://sista/mlflow-{uuid.uuid4().hex[:8]}"
 
-    def serve(port: int) -> tuple[subprocess.Popen, str]:
-        with open(folder / "server.log", "wb") as log:
-            process = subprocess.Popen(
-                [
-                    "make",
-                    "--no-print-directory",
-                    "-o",
-                    ".venv/.installed",  # the venv is there: never reinstall from a test
-                    "mlflow-server",
-                    f"MLFLOW_PORT={port}",
-                    f"MLFLOW_BACKEND_STORE=sqlite:///{folder / 'mlflow.db'}",
-                    f"MLFLOW_ARTIFACTS={artifacts}",
-                ],
-                cwd=ROOT,
-                env=local_s3_environment(s3_server, folder),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_until_up(f"{url}/health", port, process, folder / "server.log", 180)
-        except BaseException:
-            stop_process_tree(process)
-            raise
-        return process, url
-
-    process, url = start_on_free_port(serve, "make mlflow-server")
+    process, port = serve_on_free_port(
+        lambda port: [
+            "make",
+            "--no-print-directory",
+            "-o",
+            ".venv/.installed",  # the venv is there: never reinstall from a test
+            "mlflow-server",
+            f"MLFLOW_PORT={port}",
+            f"MLFLOW_BACKEND_STORE=sqlite:///{folder / 'mlflow.db'}",
+            f"MLFLOW_ARTIFACTS={artifacts}",
+        ],
+        "/health",
+        folder / "server.log",
+        "make mlflow-server",
+        180,
+        cwd=ROOT,
+        env=local_s3_environment(s3_server, folder),
+    )
+    url = f"http://127.0.0.1:{port}"
     yield {"url": url, "artifacts": artifacts, "pid": process.pid}
     stop_process_tree(process)
 
