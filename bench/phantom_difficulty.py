@@ -31,7 +31,7 @@ def downstream_split(data: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     rows = [
         r
         for r in pq.read_table(data / "ingest" / "manifest.parquet").to_pylist()
-        if r["dataset"] == "downstream" and r["split"] == split
+        if r["dataset"] == "phantom_classification" and r["split"] == split
     ]
     images = read_shard_images(data / "ingest", rows)
     labels = np.array([[r[n] for n in CHEXPERT_COMPETITION] for r in rows], np.float32)

@@ -17,6 +17,7 @@ from sista_core.config import SISTAConfig
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(gt=0, le=1)]
+PRETRAIN_SET = "pretrain"  # the pre-training pairs' own name: retrieval is scored on them
 
 
 class Section(BaseModel):
@@ -48,18 +49,150 @@ class PretrainSetSection(Section):
     val_fraction: Fraction = 0.05
 
 
-class DownstreamSetSection(Section):
-    num_patients: int = Field(3000, ge=50)
+# What each downstream set's adapter can be scored on (``evaluate.tasks`` is checked against
+# it): the labels it carries, and whether it has masks (segmentation) and boxes (detection).
+SET_TASKS: dict[str, tuple[str, ...]] = {
+    "chexpert": ("classification", "zero_shot"),
+    "rsna_pneumonia": ("classification", "segmentation", "detection"),
+    "covidx": ("classification",),
+    "siim_acr": ("classification", "segmentation"),
+    "object_cxr": ("classification", "segmentation", "detection"),
+    "phantom_classification": ("classification", "zero_shot"),
+    "phantom_pneumothorax": ("segmentation",),
+    "phantom_opacity": ("segmentation", "detection"),
+}
+REAL_ADAPTERS = ("chexpert", "rsna_pneumonia", "covidx", "siim_acr", "object_cxr")
+# CheXpert's uncertain labels per competition finding (MGCA's preprocessing: U-Ones where
+# the uncertain mentions are mostly positive, U-Zeros elsewhere).
+MGCA_UNCERTAIN: dict[str, str] = {
+    "Atelectasis": "ones",
+    "Cardiomegaly": "zeros",
+    "Consolidation": "zeros",
+    "Edema": "ones",
+    "Pleural Effusion": "ones",
+}
+
+
+class SetSection(Section):
+    """One downstream set: ``adapter`` reads ``path`` (a folder in the adapter's upstream
+    layout, local or s3://) with its protocol's split. Fractions are of patients."""
+
+    adapter: str
+    path: str | None = None
+
+
+class PhantomSetSection(SetSection):
+    """Embedded phantoms (real labels, masks or boxes placed on synthetic radiographs)."""
+
+    adapter: Literal["phantom_classification", "phantom_pneumothorax", "phantom_opacity"]
+    patients: int = Field(1000, ge=20)
     val_fraction: Fraction = 0.15
     test_fraction: Fraction = 0.25
+
+    @model_validator(mode="after")
+    def _no_path(self) -> PhantomSetSection:
+        if self.path:
+            raise ValueError(f"{self.adapter} is rendered, it reads no path")
+        return self
+
+
+class CheXpertSetSection(SetSection):
+    """CheXpert-v1.0(-small): the official ``valid.csv`` is the test split, ``val_images``
+    training images (whole patients) the validation split; ``protocol: 5x200`` is instead
+    the zero-shot set: ``per_finding`` training images for each competition finding where it
+    alone is positive (held out of the ``official`` set's training images too)."""
+
+    adapter: Literal["chexpert"]
+    path: str
+    protocol: Literal["official", "5x200"] = "official"
+    uncertain: dict[
+        Literal["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"],
+        Literal["ones", "zeros"],
+    ] = Field(default_factory=lambda: dict(MGCA_UNCERTAIN))
+    val_images: int = Field(5000, ge=1)
+    per_finding: int = Field(200, ge=1)
+
+    @model_validator(mode="after")
+    def _every_finding_has_a_policy(self) -> CheXpertSetSection:
+        missing = sorted(set(MGCA_UNCERTAIN) - set(self.uncertain))
+        if missing:
+            raise ValueError(f"uncertain: no policy (ones or zeros) for {', '.join(missing)}")
+        return self
+
+
+class RsnaSetSection(SetSection):
+    """RSNA Pneumonia (stage 2 training images): random patient split."""
+
+    adapter: Literal["rsna_pneumonia"]
+    path: str
+    val_fraction: Fraction = 0.15
+    test_fraction: Fraction = 0.15
+
+
+class SiimSetSection(SetSection):
+    """SIIM-ACR Pneumothorax: random patient split; ``balance_train`` keeps as many negative
+    as positive training images (MGCA's segmentation training set)."""
+
+    adapter: Literal["siim_acr"]
+    path: str
+    val_fraction: Fraction = 0.15
+    test_fraction: Fraction = 0.15
+    balance_train: bool = True
+
+
+class CovidxSetSection(SetSection):
+    """COVIDx CXR: the official ``test.txt`` is the test split; ``val_fraction`` of the
+    training patients validate. One class per image (softmax probe, accuracy)."""
+
+    adapter: Literal["covidx"]
+    path: str
+    classes: tuple[str, ...] = ("normal", "pneumonia", "COVID-19")
+    val_fraction: Fraction = 0.2
+
+
+class ObjectCxrSetSection(SetSection):
+    """Object-CXR: the official dev set is the test split; ``val_fraction`` of train validates."""
+
+    adapter: Literal["object_cxr"]
+    path: str
+    val_fraction: Fraction = 0.1
+
+
+DownstreamSet = Annotated[
+    PhantomSetSection
+    | CheXpertSetSection
+    | RsnaSetSection
+    | SiimSetSection
+    | CovidxSetSection
+    | ObjectCxrSetSection,
+    Field(discriminator="adapter"),
+]
+
+
+def _default_sets() -> dict[str, SetSection]:
+    return {
+        "phantom_classification": PhantomSetSection(
+            adapter="phantom_classification", patients=3000
+        ),
+        "phantom_pneumothorax": PhantomSetSection(adapter="phantom_pneumothorax"),
+        "phantom_opacity": PhantomSetSection(adapter="phantom_opacity"),
+    }
+
+
+class DownstreamSetsSection(Section):
     label_fractions: tuple[Fraction, ...] = (0.01, 0.1, 1.0)
     seeds: tuple[int, ...] = (0, 1, 2)
-    # Segmentation (pneumothorax) and detection (opacity boxes) sets: phantoms placed by real
-    # SIIM / RSNA annotations, or the real datasets' folders when a path is given; 0 skips.
-    segmentation_patients: int = Field(1000, ge=0)
-    detection_patients: int = Field(1000, ge=0)
-    segmentation_path: str | None = None
-    detection_path: str | None = None
+    sets: dict[str, DownstreamSet] = Field(default_factory=_default_sets)
+
+    @model_validator(mode="after")
+    def _set_names(self) -> DownstreamSetsSection:
+        for name in self.sets:
+            if name == PRETRAIN_SET or not name.replace("_", "").isalnum():
+                raise ValueError(
+                    f"sets: {name!r} is not a usable set name (letters, digits and _; "
+                    f"{PRETRAIN_SET!r} is the pre-training set)"
+                )
+        return self
 
 
 class IngestSection(Section):
@@ -70,7 +203,7 @@ class IngestSection(Section):
     shard_size: int = Field(1024, ge=1)
     max_quarantine_fraction: Annotated[float, Field(ge=0, le=1)] = 0.05
     pretrain: PretrainSetSection = PretrainSetSection()
-    downstream: DownstreamSetSection = DownstreamSetSection()
+    downstream: DownstreamSetsSection = DownstreamSetsSection()
 
     @model_validator(mode="after")
     def _real_sources_need_a_path(self) -> IngestSection:
@@ -130,6 +263,7 @@ class OptimSection(Section):
     lr: PositiveFloat = 3e-4
     weight_decay: Annotated[float, Field(ge=0)] = 0.05
     warmup_steps: int = Field(20, ge=0)
+    warmup_fraction: Annotated[float, Field(ge=0, lt=1)] | None = None  # set: replaces steps
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(32, ge=2)  # per worker
 
@@ -189,17 +323,28 @@ class PretrainSection(Section):
         return _validate(PretrainSection, _deep_merge(self.model_dump(), overrides), "pretrain")
 
 
-# Downstream tasks: trained ones are cells of init x label fraction x seed; language ones need
-# no labels. The evaluate stage reads these names from here.
-TrainedTask = Literal["classification", "segmentation", "opacity_segmentation", "detection"]
+# Downstream tasks: trained ones are cells of set x init x label fraction x seed; language
+# ones need no labels. The evaluate stage reads these names from here.
+TrainedTask = Literal["classification", "segmentation", "detection"]
 LanguageTask = Literal["zero_shot", "retrieval"]
 TRAINED_TASKS: tuple[str, ...] = get_args(TrainedTask)
 LANGUAGE_TASKS: tuple[str, ...] = get_args(LanguageTask)
 Task = Literal[TrainedTask, LanguageTask]  # one flat Literal: one error for a typo
 
 
+def _default_tasks() -> dict[str, tuple[str, ...]]:
+    return {
+        "classification": ("phantom_classification",),
+        "segmentation": ("phantom_pneumothorax", "phantom_opacity"),
+        "detection": ("phantom_opacity",),
+        "zero_shot": ("phantom_classification",),
+        "retrieval": (PRETRAIN_SET,),
+    }
+
+
 class EvaluateSection(Section):
-    tasks: tuple[Task, ...] = TRAINED_TASKS + LANGUAGE_TASKS
+    # task -> the sets (ingest.downstream.sets names) it is scored on
+    tasks: dict[Task, tuple[str, ...]] = Field(default_factory=_default_tasks)
     inits: tuple[Literal["sista", "convirt", "dense", "random"], ...] = (
         "sista",
         "convirt",
@@ -220,19 +365,41 @@ class EvaluateSection(Section):
     # true fine-tunes a copy of the encoder with each head (encoder_lr), MGCA's protocol.
     finetune: bool = False
     encoder_lr: PositiveFloat = 1e-4
+    # one_stage: our anchor-free head; fcos: torchvision's FCOS + FPN on the same features
+    detector: Literal["one_stage", "fcos"] = "one_stage"
     localisation_images: int = Field(100, ge=0)  # STA heat-map check; 0 skips it
-    cpus_per_trial: PositiveFloat = 1.0  # a cell trains on one thread
+    cpus_per_trial: PositiveFloat = 1.0
+    threads_per_trial: int = Field(1, ge=1)  # torch threads of one cell
+    # GPU cells: each requests gpus_per_trial of a GPU (4 cells share one at 0.25).
+    use_gpu: bool = False
+    gpus_per_trial: Annotated[float, Field(gt=0, le=1)] = 0.25
 
     @model_validator(mode="after")
     def _trained_tasks_exist(self) -> EvaluateSection:
-        if not any(t in self.tasks for t in TRAINED_TASKS):
+        if not any(self.tasks.get(t) for t in TRAINED_TASKS):
             raise ValueError(f"evaluate.tasks needs at least one of {', '.join(TRAINED_TASKS)}")
+        for task, sets in self.tasks.items():
+            if task == "retrieval" and set(sets) - {PRETRAIN_SET}:
+                raise ValueError(f"tasks.retrieval: only [{PRETRAIN_SET}] (the held-out pairs)")
         return self
+
+    def cells(self) -> list[tuple[str, str]]:
+        """(task, set) of every trained task, in task order."""
+        return [(t, name) for t in TRAINED_TASKS for name in self.tasks.get(t, ())]
 
 
 class PublishSection(Section):
-    metric: str = "classification/auroc@0.01"
+    # task/set/metric@label fraction: SISTA's mean test score the registry compares; None:
+    # the first trained task's first set, its first metric, at the smallest label fraction.
+    metric: str | None = None
     higher_is_better: bool = True
+
+    @model_validator(mode="after")
+    def _metric_shape(self) -> PublishSection:
+        parts = (self.metric or "").partition("@")
+        if self.metric is not None and (parts[0].count("/") != 2 or not parts[2]):
+            raise ValueError(f"metric {self.metric!r}: expected task/set/metric@fraction")
+        return self
 
 
 class Distribution(Section):
@@ -338,6 +505,52 @@ class Params(Section):
                 "the reports stage stores the tokens pre-training reads"
             )
         return self
+
+    @model_validator(mode="after")
+    def _tasks_name_sets_that_serve_them(self) -> Params:
+        """Every set a task names is defined and can be scored on that task."""
+        sets = self.ingest.downstream.sets
+        for task, names in self.evaluate.tasks.items():
+            for name in names:
+                if name == PRETRAIN_SET and task == "retrieval":
+                    continue
+                if name not in sets:
+                    known = ", ".join(sorted(sets)) or "none"
+                    raise ValueError(
+                        f"evaluate.tasks.{task}: no set {name!r} in ingest.downstream.sets "
+                        f"(defined: {known})"
+                    )
+                adapter = sets[name].adapter
+                if task not in SET_TASKS[adapter]:
+                    raise ValueError(
+                        f"evaluate.tasks.{task}: set {name!r} ({adapter}) cannot serve "
+                        f"{task}; it serves {', '.join(SET_TASKS[adapter])}"
+                    )
+        chosen = self.publish_metric()
+        task, name, _ = chosen.partition("@")[0].split("/")
+        if name not in self.evaluate.tasks.get(task, ()):
+            raise ValueError(
+                f"publish.metric {chosen!r}: evaluate.tasks.{task} has no set {name!r}"
+            )
+        fraction = chosen.partition("@")[2]
+        if task in TRAINED_TASKS and float(fraction) not in self.ingest.downstream.label_fractions:
+            raise ValueError(
+                f"publish.metric {chosen!r}: {fraction} is not one of "
+                "ingest.downstream.label_fractions"
+            )
+        return self
+
+    def publish_metric(self) -> str:
+        """``publish.metric``, or its default: the first trained (task, set)'s first metric
+        (accuracy for a single-label set) at the smallest label fraction."""
+        if self.publish.metric:
+            return self.publish.metric
+        task, name = self.evaluate.cells()[0]
+        adapter = self.ingest.downstream.sets[name].adapter
+        metric = {"classification": "auroc", "segmentation": "dice", "detection": "map_40_75"}[task]
+        if task == "classification" and adapter == "covidx":
+            metric = "accuracy"
+        return f"{task}/{name}/{metric}@{min(self.ingest.downstream.label_fractions):g}"
 
     @model_validator(mode="after")
     def _swept_values_are_valid_settings(self) -> Params:

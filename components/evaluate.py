@@ -1,11 +1,12 @@
 """Stage ``evaluate``: the downstream suite, fanned out with Ray Tune.
 
-Trained tasks (classification: linear probe, AUROC; segmentation: decoder, Dice; detection:
-one-stage head, mAP) are cells of task x init x label fraction x seed. Each initialisation's
-frozen features are computed once (a Ray task per init); every Tune trial then trains a head
-on cached features, so a cell costs seconds, not a model start-up. The language tasks
-(zero-shot classification from prompts, image-report retrieval) need no labels: one score
-per init that has a text encoder. Images are phantoms: results say so.
+Trained tasks (classification: linear probe, AUROC or accuracy; segmentation: decoder, Dice;
+detection: head, mAP) are cells of task x set x init x label fraction x seed, for the sets
+``evaluate.tasks`` names. Each initialisation's frozen features are computed once (a Ray task
+per init); every Tune trial then trains a head on cached features, so a cell costs seconds,
+not a model start-up. The language tasks (zero-shot classification from prompts,
+image-report retrieval) need no labels: one score per set and init with a text encoder.
+Every set's table says whether its images are real or phantoms.
 """
 
 from __future__ import annotations
@@ -32,10 +33,8 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from ray import tune  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from sista_core.findings import CHEXPERT_COMPETITION  # noqa: E402
-
-from .config import LANGUAGE_TASKS, TRAINED_TASKS, Params  # noqa: E402
-from .evaluation_cells import TASK_DATASETS, features_path, load_encoder  # noqa: E402
+from .config import LANGUAGE_TASKS, PRETRAIN_SET, TRAINED_TASKS, Params  # noqa: E402
+from .evaluation_cells import examples_path, features_path, load_encoder  # noqa: E402
 from .evaluation_trial import evaluation_cell  # noqa: E402
 from .ingest import read_shard_images, read_shard_masks, row_boxes, subset_file_name  # noqa: E402
 from .runtime import ensure_ray, on_this_node, this_node_resource  # noqa: E402
@@ -43,13 +42,11 @@ from .stage import stage_dir, stage_main  # noqa: E402
 from .stage_storage import data_root, ray_storage, stage_output  # noqa: E402
 from .tracking import stage_run  # noqa: E402
 
-THRESHOLD_TASKS = ("segmentation", "opacity_segmentation")  # choose a threshold on val
-PHANTOM_NOTE = "phantom images (synthetic) placed by real CheXpert labels, SIIM masks, RSNA boxes"
-# The metrics each task reports; the first is the one plotted against the label fraction.
+# The metrics each task reports; the first is the one plotted against the label fraction
+# (a single-label classification set reports accuracy instead of AUROC).
 TASK_METRICS = {
     "classification": ("auroc",),
     "segmentation": ("dice",),
-    "opacity_segmentation": ("dice",),
     "detection": ("map_40_75", "map_50"),
     "zero_shot": ("auroc",),
     "retrieval": tuple(
@@ -59,9 +56,10 @@ TASK_METRICS = {
     ),
 }
 METRIC_LABELS = {
-    "auroc": "macro AUROC (5 findings)",
+    "auroc": "macro AUROC",
+    "accuracy": "accuracy",
     "dice": "Dice on images with the finding",
-    "map_40_75": "mAP@[0.4:0.75] (opacity boxes)",
+    "map_40_75": "mAP@[0.4:0.75]",
 }
 # Language tasks use no labels: their column in the tables is "0 % labels".
 NO_LABELS = "0"
@@ -78,54 +76,67 @@ def encoder_spec(params: Params) -> dict[str, Any]:
     }
 
 
-def rows_read(work: Path, dataset: str, trained: list[str]) -> np.ndarray:
+def rows_read(work: Path, dataset: str, threshold_on_val: bool) -> list[int]:
     """Rows of a set that some cell reads: the test split, the training subsets, and the
     validation split where a segmentation cell picks its threshold there."""
     split = json.loads((work / f"{dataset}.split.json").read_text())
     rows = set(split["test"]).union(*split["subsets"].values())
-    if any(TASK_DATASETS[t] == dataset and t in THRESHOLD_TASKS for t in trained):
+    if threshold_on_val:
         rows |= set(split["val"])
-    return np.array(sorted(rows), dtype=np.int64)
+    return sorted(rows)
 
 
 @ray.remote(num_cpus=1)
-def extract_features(init: str, params: Params, work: str, datasets: dict[str, list]) -> str:
-    """One initialisation's frozen features of every downstream set it is scored on: the
-    global vector for classification, the feature pyramid for segmentation and detection.
-    ``datasets`` maps each set to the rows to encode; the others (a validation split no
-    cell reads) stay zero, which saves their encoder passes."""
+def extract_features(init: str, params: Params, work: str, wanted: dict[str, dict]) -> str:
+    """One initialisation's frozen features of every set it is scored on: the global vector
+    (``wanted[set]["global"]``, for probes) and the feature pyramid (``["pyramid"]``, for
+    segmentation and detection heads) of the rows ``["rows"]``; the other rows (a validation
+    split no cell reads) stay zero, which saves their encoder passes."""
     torch.set_num_threads(1)
     encoder = load_encoder(init, encoder_spec(params)).eval()
     levels = params.evaluate.pyramid_levels
-    for dataset, rows in datasets.items():
+    for dataset, want in wanted.items():
         images = np.load(Path(work) / f"{dataset}.images.npy", mmap_mode="r")
-        outputs: list[list[torch.Tensor]] = []
+        rows = np.asarray(want["rows"], np.int64)
+        global_parts: list[torch.Tensor] = []
+        pyramid_parts: list[list[torch.Tensor]] = []
         with torch.inference_mode():
             for start in range(0, len(rows), 128):
                 chosen = np.asarray(images[rows[start : start + 128]])
                 batch = encoder.normalize(torch.from_numpy(chosen))
-                if dataset == "downstream":
-                    outputs.append([encoder(batch)["global"].float()])
-                else:
-                    outputs.append([level.half() for level in encoder.pyramid(batch, levels)])
-        encoded = [torch.cat(level).numpy() for level in zip(*outputs, strict=True)]
-        stacked = [np.zeros((len(images), *level.shape[1:]), level.dtype) for level in encoded]
-        for full, level in zip(stacked, encoded, strict=True):
-            full[rows] = level
-        path = features_path(Path(work), init, dataset)
-        if dataset == "downstream":
-            np.save(path, stacked[0])
-        else:
-            np.savez(path, **{f"level_{i}": level for i, level in enumerate(stacked)})
+                if want["global"]:
+                    global_parts.append(encoder(batch)["global"].float())
+                if want["pyramid"]:
+                    pyramid_parts.append([level.half() for level in encoder.pyramid(batch, levels)])
+        if want["global"]:
+            np.save(
+                features_path(Path(work), init, dataset, "global"),
+                _scatter(len(images), rows, torch.cat(global_parts).numpy()),
+            )
+        if want["pyramid"]:
+            encoded = [torch.cat(level).numpy() for level in zip(*pyramid_parts, strict=True)]
+            np.savez(
+                features_path(Path(work), init, dataset, "pyramid"),
+                **{f"level_{i}": _scatter(len(images), rows, lv) for i, lv in enumerate(encoded)},
+            )
     return init
 
 
+def _scatter(count: int, rows: np.ndarray, values: np.ndarray) -> np.ndarray:
+    full = np.zeros((count, *values.shape[1:]), values.dtype)
+    full[rows] = values
+    return full
+
+
 @ray.remote(num_cpus=1)
-def language_scores(init: str, params: Params, work: str) -> dict[str, dict[str, float]]:
-    """Zero-shot AUROC on the classification test split and retrieval recall@k on the
-    held-out pre-training pairs, for a pre-trained model (text encoder included)."""
+def language_scores(init: str, params: Params, work: str) -> dict[str, dict[str, dict]]:
+    """Zero-shot classification on each zero-shot set's test split (macro AUROC over its
+    findings; accuracy too where every image has one finding, as CheXpert 5x200) and
+    retrieval recall@k on the pre-training pairs held out (the source's official test split
+    when it has one, else the validation split), for a pre-trained model with its text
+    encoder. task -> set -> metric -> value."""
     from sista_core import SISTAModel
-    from sista_core.probe import macro_auroc
+    from sista_core.probe import accuracy, macro_auroc
     from sista_core.zeroshot import zero_shot_logits
 
     from .pretrain import retrieval_recall
@@ -134,23 +145,42 @@ def language_scores(init: str, params: Params, work: str) -> dict[str, dict[str,
     torch.set_num_threads(1)
     tasks = params.evaluate.tasks
     model = SISTAModel.from_pretrained(stage_dir(params, "pretrain") / init / "model").eval()
-    scores: dict[str, dict[str, float]] = {}
-    if "zero_shot" in tasks:
-        test = json.loads((Path(work) / "downstream.split.json").read_text())["test"]
-        images = torch.from_numpy(np.load(Path(work) / "downstream.images.npy")[test])
-        labels = torch.from_numpy(np.load(Path(work) / "downstream.labels.npy")[test])
-        auroc, _ = macro_auroc(zero_shot_logits(model, images), labels)
-        scores["zero_shot"] = {"auroc": auroc}
-    if "retrieval" in tasks:
-        held_out = PretrainData(data_root(params.storage), "val", params.pretrain.semantics)
-        recall = retrieval_recall(model, held_out)
+    scores: dict[str, dict[str, dict]] = {}
+    for dataset in tasks.get("zero_shot", ()):
+        test = json.loads((Path(work) / f"{dataset}.split.json").read_text())["test"]
+        images = torch.from_numpy(np.load(Path(work) / f"{dataset}.images.npy")[test])
+        labels = torch.from_numpy(np.load(Path(work) / f"{dataset}.labels.npy")[test])
+        logits = zero_shot_logits(model, images)
+        auroc, _ = macro_auroc(logits, labels)
+        found = {"auroc": auroc}
+        if bool((labels.sum(1) == 1).all()):
+            found["accuracy"] = accuracy(logits, labels)
+        scores.setdefault("zero_shot", {})[dataset] = found
+    if tasks.get("retrieval"):
+        root = data_root(params.storage)
+        held_out = retrieval_split(root)
+        recall = retrieval_recall(model, PretrainData(root, held_out, params.pretrain.semantics))
         scores["retrieval"] = {
-            f"image_to_text_recall_at_{k}": recall[f"val_recall_at_{k}"] for k in (1, 5, 10)
-        } | {
-            f"text_to_image_recall_at_{k}": recall[f"val_text_to_image_recall_at_{k}"]
-            for k in (1, 5, 10)
+            PRETRAIN_SET: {
+                f"image_to_text_recall_at_{k}": recall[f"val_recall_at_{k}"] for k in (1, 5, 10)
+            }
+            | {
+                f"text_to_image_recall_at_{k}": recall[f"val_text_to_image_recall_at_{k}"]
+                for k in (1, 5, 10)
+            }
         }
     return scores
+
+
+def retrieval_split(root: Path) -> str:
+    """The pre-training split retrieval is scored on: ``test`` where the source has an
+    official one (MIMIC-CXR), else ``val``."""
+    splits = pq.read_table(
+        Path(root) / "ingest" / "manifest.parquet",
+        columns=["split"],
+        filters=[("dataset", "=", PRETRAIN_SET)],
+    ).column("split")
+    return "test" if "test" in set(splits.to_pylist()) else "val"
 
 
 @contextlib.contextmanager
@@ -176,31 +206,29 @@ class CellProgress(tune.Callback):
         self.bar.update()
 
 
-def prepare_sets(params: Params, datasets: list[str], work: Path) -> None:
+def prepare_sets(params: Params, datasets: list[str], work: Path) -> dict[str, dict]:
     """Images, targets and the saved subsets of each downstream set, as files trials read:
-    ``<set>.images.npy``, labels / masks / boxes, and ``<set>.split.json`` (test and val
-    indices, and the training subsets ingest wrote, by ``fraction/seed``)."""
+    ``<set>.images.npy``, ``.labels.npy``, masks and boxes where the set has them, and
+    ``<set>.split.json`` (test and val indices, and the training subsets ingest wrote, by
+    ``fraction/seed``). Returns ingest's description of each set (``sets.json``)."""
     ingest_dir = stage_dir(params, "ingest")
+    described = json.loads((ingest_dir / "sets.json").read_text())
     manifest = pq.read_table(ingest_dir / "manifest.parquet").to_pylist()
     config = params.ingest.downstream
     for dataset in datasets:
         rows = [r for r in manifest if r["dataset"] == dataset]
         if not rows:
             raise ValueError(
-                f"evaluate needs the {dataset!r} set, but ingest wrote none "
-                f"(ingest.downstream.{dataset}_patients is 0?)"
+                f"evaluate needs the set {dataset!r}, but ingest wrote no record of it"
             )
         np.save(work / f"{dataset}.images.npy", read_shard_images(ingest_dir, rows))
-        if dataset == "downstream":
-            labels = [[r[name] for name in CHEXPERT_COMPETITION] for r in rows]
-            np.save(work / "downstream.labels.npy", np.array(labels, np.float32))
-        elif dataset == "segmentation":
-            np.save(work / "segmentation.masks.npy", read_shard_masks(ingest_dir, rows))
-        else:
-            np.save(work / "detection.masks.npy", read_shard_masks(ingest_dir, rows))
+        labels = np.array([r["labels"] for r in rows], np.float32)
+        np.save(work / f"{dataset}.labels.npy", labels.reshape(len(rows), -1))
+        if described[dataset]["with_targets"]:
+            np.save(work / f"{dataset}.masks.npy", read_shard_masks(ingest_dir, rows))
             boxes = [row_boxes(r).tolist() for r in rows]
             detection = {"boxes": boxes, "image_size": params.ingest.image_size}
-            (work / "detection.boxes.json").write_text(json.dumps(detection))
+            (work / f"{dataset}.boxes.json").write_text(json.dumps(detection))
         position = {r["record_id"]: i for i, r in enumerate(rows)}
         subsets = {}
         for seed in config.seeds:
@@ -214,22 +242,28 @@ def prepare_sets(params: Params, datasets: list[str], work: Path) -> None:
             "subsets": subsets,
         }
         (work / f"{dataset}.split.json").write_text(json.dumps(split))
+    return {name: described[name] for name in datasets}
 
 
-def summarise(cells: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, dict]]]:
-    """task -> metric -> init -> fraction -> mean, std over seeds, n."""
-    table: dict[str, dict[str, dict[str, dict]]] = {}
-    for task in sorted({c["task"] for c in cells}):
-        ours = [c for c in cells if c["task"] == task]
-        for metric in TASK_METRICS[task]:
+def metric_names(task: str, single_label: bool = False) -> tuple[str, ...]:
+    """The metrics a trained cell reports, the plotted one first."""
+    return ("accuracy",) if task == "classification" and single_label else TASK_METRICS[task]
+
+
+def summarise(cells: list[dict[str, Any]], sets: dict[str, dict]) -> dict[str, dict]:
+    """task -> set -> {"images": real | phantom, metric -> init -> fraction -> mean, std
+    over seeds, n}."""
+    table: dict[str, dict] = {}
+    for task, dataset in dict.fromkeys((c["task"], c["set"]) for c in cells):
+        ours = [c for c in cells if c["task"] == task and c["set"] == dataset]
+        block = table.setdefault(task, {}).setdefault(dataset, {"images": sets[dataset]["images"]})
+        for metric in metric_names(task, sets[dataset]["single_label"]):
             for init in sorted({c["init"] for c in ours}):
                 for fraction in sorted({c["fraction"] for c in ours}):
                     scores = [
                         c[metric] for c in ours if c["init"] == init and c["fraction"] == fraction
                     ]
-                    table.setdefault(task, {}).setdefault(metric, {}).setdefault(init, {})[
-                        f"{fraction:g}"
-                    ] = {
+                    block.setdefault(metric, {}).setdefault(init, {})[f"{fraction:g}"] = {
                         "mean": float(np.mean(scores)),
                         "std": float(np.std(scores)),
                         "n": len(scores),
@@ -237,44 +271,54 @@ def summarise(cells: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, dict
     return table
 
 
+def set_title(task: str, dataset: str, images: str) -> str:
+    return f"{task}: {dataset} ({images} images)"
+
+
 def plot_fraction_curves(summary: dict, path: Path) -> None:
     """Score vs label fraction per initialisation, mean with a +- std band, one panel per
-    trained task."""
-    tasks = [t for t in TRAINED_TASKS if t in summary]
-    figure, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
-    for axis, task in zip(axes[0], tasks, strict=True):
-        metric = TASK_METRICS[task][0]
-        for init, by_fraction in summary[task][metric].items():
+    trained (task, set)."""
+    panels = [(t, d, block) for t in TRAINED_TASKS for d, block in summary.get(t, {}).items()]
+    columns = min(len(panels), 4)
+    rows = -(-len(panels) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.8 * rows), squeeze=False)
+    for axis in axes.flat[len(panels) :]:
+        axis.set_visible(False)
+    for axis, (task, dataset, block) in zip(axes.flat, panels, strict=False):
+        metric = next(m for m in block if m != "images")
+        for init, by_fraction in block[metric].items():
             fractions = sorted(by_fraction, key=float)
             x = [100 * float(f) for f in fractions]
             mean = np.array([by_fraction[f]["mean"] for f in fractions])
             std = np.array([by_fraction[f]["std"] for f in fractions])
             axis.plot(x, mean, marker="o", label=init)
             axis.fill_between(x, mean - std, mean + std, alpha=0.2)
-        axis.set_xscale("log")
+        if not any(np.isfinite(line.get_ydata()).any() for line in axis.get_lines()):
+            axis.text(0.5, 0.5, "undefined (no positive test image?)", ha="center", fontsize=8)
+        else:
+            axis.set_xscale("log")
         axis.set_xlabel("% of training labels")
         axis.set_ylabel(f"{METRIC_LABELS[metric]}, test")
-        axis.set_title(task)
+        axis.set_title(set_title(task, dataset, block["images"]), fontsize=9)
         axis.legend(fontsize=8)
-    figure.suptitle(f"Frozen encoder, mean ± std over seeds; {PHANTOM_NOTE}", fontsize=8)
+    figure.suptitle("Frozen encoder, mean ± std over seeds", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
-def plot_examples(work: Path, task: str, inits: list[str], path: Path) -> None:
+def plot_examples(
+    work: Path, task: str, dataset: str, images_kind: str, inits: list[str], path: Path
+) -> None:
     """The first test images with ground truth (green) and each init's prediction (red):
     masks as contours and fills, boxes as rectangles with their scores."""
-    images = np.load(work / f"{TASK_DATASETS[task]}.images.npy", mmap_mode="r")
-    kept = {i: np.load(work / f"examples.{task}.{i}.npz") for i in inits}
+    images = np.load(work / f"{dataset}.images.npy", mmap_mode="r")
+    kept = {i: np.load(examples_path(work, task, dataset, i)) for i in inits}
     index = next(iter(kept.values()))["index"]
-    masks_task = task != "detection"
-    dataset = TASK_DATASETS[task]
+    masks_task = task == "segmentation"
     truth_masks = np.load(work / f"{dataset}.masks.npy") if masks_task else None
     truth_boxes = (
-        json.loads((work / "detection.boxes.json").read_text())["boxes"]
-        if task == "detection"
-        else None
+        None if masks_task else json.loads((work / f"{dataset}.boxes.json").read_text())["boxes"]
     )
     figure, axes = plt.subplots(
         len(inits), len(index), figsize=(1.9 * len(index), 2.0 * len(inits)), squeeze=False
@@ -300,7 +344,10 @@ def plot_examples(work: Path, task: str, inits: list[str], path: Path) -> None:
                     axis.text(x0, y0, f"{score:.2f}", color="red", fontsize=6)
             if column == 0:
                 axis.set_ylabel(init)
-    figure.suptitle(f"{task}: ground truth green, prediction red; {PHANTOM_NOTE}", fontsize=8)
+    figure.suptitle(
+        f"{set_title(task, dataset, images_kind)}: ground truth green, prediction red",
+        fontsize=8,
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -312,30 +359,55 @@ def cell_rows(results: tune.ResultGrid) -> list[dict[str, Any]]:
         if result.error:
             raise RuntimeError(f"evaluation cell {result.config} failed: {result.error}")
         config, metrics = result.config, result.metrics
+        cell = config["cell"]
         rows.append(
             {
-                "task": config["task"],
+                "task": cell["task"],
+                "set": cell["set"],
                 "init": config["init"],
                 "fraction": config["fraction"],
                 "seed": config["seed"],
                 "train_size": metrics["train_size"],
-                **{name: metrics[name] for name in TASK_METRICS[config["task"]]},
+                **{
+                    name: metrics[name] for name in metric_names(cell["task"], cell["single_label"])
+                },
                 **({"per_label": metrics["per_label"]} if "per_label" in metrics else {}),
             }
         )
-    return sorted(rows, key=lambda c: (c["task"], c["init"], c["fraction"], c["seed"]))
+    return sorted(rows, key=lambda c: (c["task"], c["set"], c["init"], c["fraction"], c["seed"]))
 
 
-def language_summary(scores: dict[str, dict[str, dict[str, float]]]) -> dict:
-    """init -> task -> metric -> value, as task -> metric -> init -> {"0": one value}."""
-    table: dict[str, dict[str, dict]] = {}
+def language_summary(scores: dict[str, dict], sets: dict[str, dict], pretrain_images: str) -> dict:
+    """init -> task -> set -> metric -> value, as task -> set -> {"images", metric -> init
+    -> {"0": one value}}."""
+    table: dict[str, dict] = {}
     for init, by_task in scores.items():
-        for task, by_metric in by_task.items():
-            for metric, value in by_metric.items():
-                table.setdefault(task, {}).setdefault(metric, {})[init] = {
-                    NO_LABELS: {"mean": value, "std": 0.0, "n": 1}
-                }
+        for task, by_set in by_task.items():
+            for dataset, by_metric in by_set.items():
+                images = pretrain_images if dataset == PRETRAIN_SET else sets[dataset]["images"]
+                block = table.setdefault(task, {}).setdefault(dataset, {"images": images})
+                for metric, value in by_metric.items():
+                    block.setdefault(metric, {})[init] = {
+                        NO_LABELS: {"mean": value, "std": 0.0, "n": 1}
+                    }
     return table
+
+
+def headline(summary: dict) -> dict[str, dict[str, float]]:
+    """The tracked metrics (``dvc metrics show``): per (task, set), its first metric at each
+    label fraction, one value per init: ``<task>.<set>.<metric>@<pct>%`` -> init -> mean."""
+    files: dict[str, dict[str, float]] = {}
+    for task, by_set in summary.items():
+        if task not in TRAINED_TASKS + LANGUAGE_TASKS:
+            continue
+        for dataset, block in by_set.items():
+            metric = next(m for m in block if m != "images")
+            for init, by_fraction in block[metric].items():
+                for fraction, value in by_fraction.items():
+                    label = f"{100 * float(fraction):g}%" if fraction != NO_LABELS else "0-shot"
+                    name = f"{task}.{dataset}.{metric}@{label}"
+                    files.setdefault(name, {})[init] = round(value["mean"], 4)
+    return files
 
 
 def heat_map_figures(params: Params, out: Path) -> dict[str, Any]:
@@ -365,12 +437,11 @@ def heat_map_figures(params: Params, out: Path) -> dict[str, Any]:
 def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any]:
     config = params.evaluate
     downstream = params.ingest.downstream
-    trained = [t for t in TRAINED_TASKS if t in config.tasks]
-    language = [t for t in LANGUAGE_TASKS if t in config.tasks]
+    cells_of = config.cells()  # (task, set) of the trained tasks
     text_inits = [i for i in config.inits if i != "random"]  # random init has no text model
-    datasets = list(dict.fromkeys(TASK_DATASETS[t] for t in trained))
-    if "zero_shot" in language and "downstream" not in datasets:
-        datasets.append("downstream")
+    language = [t for t in LANGUAGE_TASKS if config.tasks.get(t)]
+    zero_shot = list(config.tasks.get("zero_shot", ()))
+    datasets = list(dict.fromkeys([s for _, s in cells_of] + zero_shot))
     examples_cell = [max(downstream.label_fractions), downstream.seeds[0]]
     ensure_ray(params)
     with (
@@ -379,40 +450,52 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
     ):
         work = out.resolve() / "work"  # absolute: Tune trials run in their own folders
         work.mkdir()
+        figures = out / "figures"
+        figures.mkdir()
         seconds: dict[str, float] = {}
         with timed("sets", seconds):
-            prepare_sets(params, datasets, work)
-        # Trained tasks read only their own sets' features (a fine-tuned encoder makes its
-        # own for segmentation and detection); zero-shot reads images itself.
-        featured = list(
-            dict.fromkeys(
-                TASK_DATASETS[t] for t in trained if t == "classification" or not config.finetune
-            )
-        )
-        featured_rows = {d: rows_read(work, d, trained).tolist() for d in featured}
+            sets = prepare_sets(params, datasets, work)
+        # Probes read global features; heads on a frozen encoder read pyramids (a fine-tuned
+        # encoder makes its own); zero-shot reads images itself.
+        wanted: dict[str, dict] = {}
+        for task, dataset in cells_of:
+            if task != "classification" and config.finetune:
+                continue
+            want = wanted.setdefault(dataset, {"global": False, "pyramid": False})
+            want["global" if task == "classification" else "pyramid"] = True
+        for dataset, want in wanted.items():
+            threshold = ("segmentation", dataset) in cells_of
+            want["rows"] = rows_read(work, dataset, threshold_on_val=threshold)
         # The work folder is on this node's disk: its readers run here, on any cluster.
         local = extract_features.options(**on_this_node())
         with timed("features", seconds):
-            ray.get([local.remote(i, params, str(work), featured_rows) for i in config.inits])
+            ray.get([local.remote(i, params, str(work), wanted) for i in config.inits])
         # Before the cells, not beside them: Tune must find every slot free when it starts
         # its trial actors, or one actor runs every cell (components/evaluation_trial.py).
         scored = text_inits if language else []
         with timed("language tasks", seconds):
             remote = language_scores.options(**on_this_node())
             scores = ray.get([remote.remote(init, params, str(work)) for init in scored])
-        num_cells = len(trained) * len(config.inits) * len(downstream.label_fractions)
+        grid = [
+            {"task": task, "set": dataset, "single_label": sets[dataset]["single_label"]}
+            for task, dataset in cells_of
+        ]
+        num_cells = len(grid) * len(config.inits) * len(downstream.label_fractions)
         num_cells *= len(downstream.seeds)
+        resources = {"cpu": config.cpus_per_trial, **this_node_resource()}
+        if config.use_gpu:
+            resources["gpu"] = config.gpus_per_trial
         tuner = tune.Tuner(
-            tune.with_resources(
-                evaluation_cell, {"cpu": config.cpus_per_trial, **this_node_resource()}
-            ),
+            tune.with_resources(evaluation_cell, resources),
             param_space={
-                "task": tune.grid_search(trained),
+                "cell": tune.grid_search(grid),
                 "init": tune.grid_search(list(config.inits)),
                 "fraction": tune.grid_search(list(downstream.label_fractions)),
                 "seed": tune.grid_search(list(downstream.seeds)),
                 "features_dir": str(work),
                 "examples_cell": examples_cell,
+                "threads": config.threads_per_trial,
+                "use_gpu": config.use_gpu,
                 "probe_epochs": config.probe_epochs,
                 "probe_lr": config.probe_lr,
                 "probe_weight_decay": config.probe_weight_decay,
@@ -421,6 +504,7 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
                 "head_batch_size": config.head_batch_size,
                 "head_width": config.head_width,
                 "pyramid_levels": config.pyramid_levels,
+                "detector": config.detector,
                 "finetune": config.finetune,
                 "encoder_lr": config.encoder_lr,
                 "encoder": encoder_spec(params),
@@ -436,45 +520,48 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
         )
         with timed("cells", seconds):
             cells = cell_rows(tuner.fit())
-        summary = summarise(cells) | language_summary(dict(zip(scored, scores, strict=True)))
-        metrics: dict[str, Any] = {**summary, "images": PHANTOM_NOTE}
+        pretrain_images = "phantom" if params.ingest.source == "embedded" else "real"
+        summary = summarise(cells, sets) | language_summary(
+            dict(zip(scored, scores, strict=True)), sets, pretrain_images
+        )
+        metrics: dict[str, Any] = dict(summary)
         if "sista" in config.inits and config.localisation_images:
             with timed("heat maps", seconds):
-                metrics["heatmap_localisation"] = heat_map_figures(params, out)
+                metrics["heatmap_localisation"] = heat_map_figures(params, figures)
         (out / "cells.json").write_text(json.dumps(cells, indent=1))
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        plot_fraction_curves(summary, out / "scores_vs_fraction.png")
-        for task in ("segmentation", "opacity_segmentation", "detection"):
-            if task in trained:
-                plot_examples(work, task, list(config.inits), out / f"examples_{task}.png")
+        tracked = out / "headline"
+        tracked.mkdir()
+        for name, values in headline(summary).items():
+            (tracked / f"{name}.json").write_text(json.dumps(values, indent=1, sort_keys=True))
+        plot_fraction_curves(summary, figures / "scores_vs_fraction.png")
+        for task, dataset in cells_of:
+            if task != "classification":
+                path = figures / f"examples_{task}_{dataset}.png"
+                images = sets[dataset]["images"]
+                plot_examples(work, task, dataset, images, list(config.inits), path)
         # Kept: the global features (zero rows: not encoded, read by no cell) and the splits.
         features = out / "features"
         features.mkdir()
-        for path in work.glob("*.downstream.npy"):
-            path.rename(features / path.name.replace(".downstream", ""))
-        for path in work.glob("*.split.json"):
-            path.rename(features / path.name)
+        for path in [*work.glob("*.global.npy"), *work.glob("*.split.json")]:
+            path.rename(features / path.name.replace(".global", ""))
         shutil.rmtree(work)  # images and pyramids: large, and re-derivable from ingest
         mlflow.log_metrics(
             {
-                f"{task}.{metric}.{init}.{fraction}": value["mean"]
-                for task, by_metric in summary.items()
-                for metric, by_init in by_metric.items()
+                f"{task}.{dataset}.{metric}.{init}.{fraction}": value["mean"]
+                for task, by_set in summary.items()
+                for dataset, block in by_set.items()
+                for metric, by_init in block.items()
+                if metric != "images"
                 for init, by_fraction in by_init.items()
                 for fraction, value in by_fraction.items()
             }
         )
-        for png in sorted(out.glob("*.png")):
+        for png in sorted(figures.glob("*.png")):
             mlflow.log_artifact(str(png))
         extra["summary"] = summary
         extra["phase_seconds"] = seconds
-    return {
-        task: {
-            init: {f: round(v["mean"], 3) for f, v in by_fraction.items()}
-            for init, by_fraction in by_metric[TASK_METRICS[task][0]].items()
-        }
-        for task, by_metric in summary.items()
-    }
+    return headline(summary)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

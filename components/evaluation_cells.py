@@ -1,10 +1,11 @@
-"""One evaluation cell (task x init x label fraction x seed), what Tune's trainable
+"""One evaluation cell (task x set x init x label fraction x seed), what Tune's trainable
 (``evaluation_trial.evaluation_cell``) runs: a module with only the imports a cell needs, not
 the whole evaluate stage's.
 
 Every cell trains a head on features the evaluate stage cached for its initialisation (the
 encoder is frozen), on the training subset that ingest saved, and scores it on the test
-split: a linear probe (AUROC), a segmentation decoder (Dice) or a detection head (mAP).
+split: a linear probe (AUROC; accuracy for a single-label set), a segmentation decoder (Dice)
+or a detection head (mAP).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ray import tune
 from sista_core.heads.detection import predict_boxes, train_detector
 from sista_core.heads.metrics import detection_map, dice_score
 from sista_core.heads.segmentation import best_threshold, predict_probabilities, train_segmenter
-from sista_core.probe import macro_auroc, standardise, train_linear_probe
+from sista_core.probe import accuracy, macro_auroc, standardise, train_linear_probe
 
 if TYPE_CHECKING:  # timm, imported only where an encoder is built (fine-tuning, random init)
     from sista_core.encoders import ImageEncoder
@@ -41,11 +42,12 @@ def load_encoder(init: str, encoder: dict[str, Any]) -> ImageEncoder:
     return ImageEncoder.from_pretrained(Path(encoder["pretrain_dir"]) / init / "model")
 
 
-def features_path(work: Path, init: str, dataset: str) -> Path:
-    """Global features (N, D) of the classification set; pyramids (``level_<i>`` arrays,
-    float16) of the segmentation and detection sets."""
-    suffix = "npy" if dataset == "downstream" else "npz"
-    return work / f"{init}.{dataset}.{suffix}"
+def features_path(work: Path, init: str, dataset: str, kind: str) -> Path:
+    """``kind`` ``global``: the features (N, D) a probe reads; ``pyramid``: the feature
+    pyramid (``level_<i>`` arrays, float16) segmentation and detection heads read."""
+    return work / (
+        f"{init}.{dataset}.global.npy" if kind == "global" else f"{init}.{dataset}.pyramid.npz"
+    )
 
 
 def load_pyramid(path: Path) -> list[torch.Tensor]:
@@ -62,13 +64,34 @@ def _load_pyramid(path: Path, mtime_ns: int, size: int) -> list[torch.Tensor]:
         return [torch.from_numpy(levels[f"level_{i}"]).float() for i in range(len(levels.files))]
 
 
-def boxes_of(flat: list[list[float]], indices: list[int]) -> list[torch.Tensor]:
-    return [torch.tensor(flat[i], dtype=torch.float32).reshape(-1, 4) for i in indices]
+def boxes_of(
+    flat: list[list[float]], indices: list[int], device: torch.device | None = None
+) -> list[torch.Tensor]:
+    return [
+        torch.tensor(flat[i], dtype=torch.float32, device=device).reshape(-1, 4) for i in indices
+    ]
+
+
+def cell_device(config: dict[str, Any]) -> torch.device:
+    """The GPU Ray gave the cell (``evaluate.use_gpu``), else the CPU."""
+    if config.get("use_gpu") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def rows_on(
+    levels: list[torch.Tensor], rows: list[int], device: torch.device
+) -> list[torch.Tensor]:
+    """The ``rows`` of every pyramid level, on ``device`` (only those rows move)."""
+    return [level[rows].to(device) for level in levels]
 
 
 def classification_cell(config: dict[str, Any], work: Path, split: dict) -> dict[str, Any]:
-    features = torch.from_numpy(np.load(features_path(work, config["init"], "downstream")))
-    labels = torch.from_numpy(np.load(work / "downstream.labels.npy"))
+    dataset = config["set"]
+    features = np.load(features_path(work, config["init"], dataset, "global"))
+    device = cell_device(config)
+    features = torch.from_numpy(features).to(device)
+    labels = torch.from_numpy(np.load(work / f"{dataset}.labels.npy")).to(device)
     subset, test = split["subsets"][_subset_key(config)], split["test"]
     train_x, test_x = standardise(features[subset], features[test])
     probe = train_linear_probe(
@@ -78,14 +101,18 @@ def classification_cell(config: dict[str, Any], work: Path, split: dict) -> dict
         lr=config["probe_lr"],
         weight_decay=config["probe_weight_decay"],
         seed=config["seed"],
+        single_label=config["single_label"],
     )
     with torch.no_grad():
-        auroc, per_label = macro_auroc(probe(test_x), labels[test])
+        logits = probe(test_x)
+    if config["single_label"]:
+        return {"accuracy": accuracy(logits, labels[test])}
+    auroc, per_label = macro_auroc(logits.cpu(), labels[test].cpu())
     return {"auroc": auroc, "per_label": per_label}
 
 
 def segmentation_cell(config: dict[str, Any], work: Path, split: dict) -> dict[str, Any]:
-    dataset = TASK_DATASETS[config["task"]]  # pneumothorax masks, or opacity box unions
+    dataset = config["set"]  # its masks: pneumothorax masks, or the union of opacity boxes
     masks = torch.from_numpy(np.load(work / f"{dataset}.masks.npy"))
     subset, test = split["subsets"][_subset_key(config)], split["test"]
     head_options = _head_options(config, len(subset))
@@ -103,22 +130,23 @@ def segmentation_cell(config: dict[str, Any], work: Path, split: dict) -> dict[s
         )
         test_pyramid = encoder_pyramids(encoder, images[test], config["pyramid_levels"], 64)
     else:
-        pyramid = load_pyramid(features_path(work, config["init"], dataset))
+        device = cell_device(config)
+        pyramid = load_pyramid(features_path(work, config["init"], dataset, "pyramid"))
         decoder = train_segmenter(
-            [level[subset] for level in pyramid], masks[subset], **head_options
+            rows_on(pyramid, subset, device), masks[subset].to(device), **head_options
         )
-        test_pyramid = [level[test] for level in pyramid]
+        test_pyramid = rows_on(pyramid, test, device)
     # The threshold is chosen on the validation split's positives, then applied to test.
     threshold, val_positive = 0.5, [i for i in split["val"] if masks[i].any()]
     if val_positive:
         val_pyramid = (
             encoder_pyramids(encoder, images[val_positive], config["pyramid_levels"], 64)
             if config["finetune"]
-            else [level[val_positive] for level in pyramid]
+            else rows_on(pyramid, val_positive, device)
         )
-        val_probabilities = predict_probabilities(decoder, val_pyramid, batch_size=64)
+        val_probabilities = predict_probabilities(decoder, val_pyramid, batch_size=64).cpu()
         threshold = best_threshold(val_probabilities, masks[val_positive], dice_score)
-    predicted = predict_probabilities(decoder, test_pyramid, batch_size=64) > threshold
+    predicted = predict_probabilities(decoder, test_pyramid, batch_size=64).cpu() > threshold
     if _keeps_examples(config):
         np.savez_compressed(
             _examples_path(config, work),
@@ -132,14 +160,16 @@ def segmentation_cell(config: dict[str, Any], work: Path, split: dict) -> dict[s
 
 
 def detection_cell(config: dict[str, Any], work: Path, split: dict) -> dict[str, Any]:
-    detection = json.loads((work / "detection.boxes.json").read_text())
+    dataset = config["set"]
+    detection = json.loads((work / f"{dataset}.boxes.json").read_text())
     boxes, size = detection["boxes"], detection["image_size"]
     subset, test = split["subsets"][_subset_key(config)], split["test"]
     head_options = _head_options(config, len(subset))
     if config["finetune"]:
         from sista_core.heads.finetune import encoder_pyramids, finetune_detector
 
-        images = torch.from_numpy(np.load(work / "detection.images.npy"))
+        predict = predict_boxes
+        images = torch.from_numpy(np.load(work / f"{dataset}.images.npy"))
         encoder, head = finetune_detector(
             load_encoder(config["init"], config["encoder"]),
             images[subset],
@@ -150,12 +180,14 @@ def detection_cell(config: dict[str, Any], work: Path, split: dict) -> dict[str,
         )
         test_pyramid = encoder_pyramids(encoder, images[test], config["pyramid_levels"], 64)
     else:
-        pyramid = load_pyramid(features_path(work, config["init"], "detection"))
-        head = train_detector(
-            [level[subset] for level in pyramid], boxes_of(boxes, subset), size, **head_options
-        )
-        test_pyramid = [level[test] for level in pyramid]
-    predicted = predict_boxes(head, test_pyramid, size, batch_size=64)
+        device = cell_device(config)
+        train, predict = detector_functions(config["detector"])
+        pyramid = load_pyramid(features_path(work, config["init"], dataset, "pyramid"))
+        train_boxes = boxes_of(boxes, subset, device)
+        head = train(rows_on(pyramid, subset, device), train_boxes, size, **head_options)
+        test_pyramid = rows_on(pyramid, test, device)
+    predicted = predict(head, test_pyramid, size, batch_size=64)
+    predicted = [{key: value.cpu() for key, value in p.items()} for p in predicted]
     targets = [
         {"boxes": b, "labels": torch.zeros(len(b), dtype=torch.long)} for b in boxes_of(boxes, test)
     ]
@@ -172,18 +204,20 @@ def detection_cell(config: dict[str, Any], work: Path, split: dict) -> dict[str,
     return detection_map(predicted, targets)
 
 
+def detector_functions(name: str) -> tuple[Any, Any]:
+    """``train(pyramid, boxes, image_size, **head options)`` and ``predict(head, pyramid,
+    image_size, batch_size)`` of ``evaluate.detector``."""
+    if name == "one_stage":
+        return train_detector, predict_boxes
+    from sista_core.heads import torchvision_detection
+
+    return torchvision_detection.train_detector, torchvision_detection.predict_boxes
+
+
 CELLS = {
     "classification": classification_cell,
     "segmentation": segmentation_cell,
-    "opacity_segmentation": segmentation_cell,
     "detection": detection_cell,
-}
-# The dataset of the ingest stage that each trained task reads.
-TASK_DATASETS = {
-    "classification": "downstream",
-    "segmentation": "segmentation",
-    "opacity_segmentation": "detection",  # the union of each image's opacity boxes
-    "detection": "detection",
 }
 
 
@@ -215,16 +249,20 @@ def _keeps_examples(config: dict[str, Any]) -> bool:
 
 
 def _examples_path(config: dict[str, Any], work: Path) -> Path:
-    return work / f"examples.{config['task']}.{config['init']}.npz"
+    return examples_path(work, config["task"], config["set"], config["init"])
+
+
+def examples_path(work: Path, task: str, dataset: str, init: str) -> Path:
+    return work / f"examples.{task}.{dataset}.{init}.npz"
 
 
 def run_cell(config: dict[str, Any]) -> None:
     """One cell: trains the task's head on the saved subset; reports its test metrics.
     Tune's trainable is ``evaluation_trial.evaluation_cell``, which imports this module."""
-    torch.set_num_threads(1)
+    torch.set_num_threads(config["threads"])
+    config = {**config, **config["cell"]}  # the (task, set) of the grid
     work = Path(config["features_dir"])
-    dataset = TASK_DATASETS[config["task"]]
-    split = json.loads((work / f"{dataset}.split.json").read_text())
+    split = json.loads((work / f"{config['set']}.split.json").read_text())
     metrics = CELLS[config["task"]](config, work, split)
     subset = split["subsets"][_subset_key(config)]
     tune.report({**metrics, "train_size": len(subset)})

@@ -8,8 +8,10 @@ fails only when more than ``ingest.max_quarantine_fraction`` of a dataset is unu
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,27 +22,27 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from sista_core.datasets import DatasetAdapter, MimicCxrJpg, OpenIDataset, RecordError, RecordRef
-from sista_core.datasets.embedded import OpenIPhantomDataset, PhantomDownstreamDataset
-from sista_core.datasets.embedded_tasks import (
-    PhantomOpacityDetection,
-    PhantomPneumothoraxSegmentation,
+from sista_core.datasets import (
+    DatasetAdapter,
+    MimicCxrJpg,
+    OpenIDataset,
+    RecordError,
+    RecordRef,
 )
-from sista_core.datasets.images import resize_boxes, resize_mask, resize_uint8
-from sista_core.datasets.rsna import RsnaPneumonia
-from sista_core.datasets.siim import SiimPneumothorax
+from sista_core.datasets.embedded import OpenIPhantomDataset
+from sista_core.datasets.images import boxes_mask, resize_boxes, resize_mask, resize_uint8
 from sista_core.datasets.splits import nested_subsets, patient_splits
+from sista_core.datasets.tables import ROW_ERROR
 from sista_core.findings import OBSERVATIONS
 from sista_core.reports.sections import extract_sections
 
-from .config import IngestSection, Params
+from .config import PRETRAIN_SET, IngestSection, Params
+from .downstream_sets import SetLabels, SetPlan, Split, plan_sets
 from .runtime import ensure_ray, on_this_node
 from .stage import stage_main
 from .stage_storage import local_sources, stage_output
 from .tracking import stage_run
 
-# Downstream sets whose records carry a mask and boxes (stored beside their images).
-TARGET_DATASETS = ("segmentation", "detection")
 RECORDS_PER_TASK = 64  # per-record work is milliseconds: amortise Ray's per-task overhead
 _DEID_ONLY = re.compile(r"^[\sX_.,;:-]*$")  # Open-I's XXXX and MIMIC's ___ placeholders
 
@@ -73,28 +75,39 @@ def build_pretrain_source(config: IngestSection) -> DatasetAdapter:
     return OpenIDataset(Path(config.source_path))
 
 
-def build_downstream_sources(config: IngestSection) -> dict[str, DatasetAdapter]:
-    """The downstream sets by name: classification (``downstream``), then segmentation and
-    detection, each from its real folder when one is configured, else phantoms placed by
-    real annotations. A set of 0 patients is skipped."""
-    downstream = config.downstream
-    size, seed = config.image_size, config.seed
-    sources: dict[str, DatasetAdapter] = {
-        "downstream": PhantomDownstreamDataset(downstream.num_patients, size, seed + 1)
-    }
-    if downstream.segmentation_path:
-        sources["segmentation"] = SiimPneumothorax(Path(downstream.segmentation_path))
-    elif downstream.segmentation_patients:
-        sources["segmentation"] = PhantomPneumothoraxSegmentation(
-            downstream.segmentation_patients, size, seed + 2
-        )
-    if downstream.detection_path:
-        sources["detection"] = RsnaPneumonia(Path(downstream.detection_path))
-    elif downstream.detection_patients:
-        sources["detection"] = PhantomOpacityDetection(
-            downstream.detection_patients, size, seed + 3
-        )
-    return sources
+Assign = Callable[[list[RecordRef]], list[tuple[RecordRef, Split]]]
+# MIMIC-CXR's official split names -> the manifest's
+OFFICIAL_SPLITS = {"train": "train", "validate": "val", "test": "test"}
+
+
+def pretrain_splits(val_fraction: float, seed: int) -> Assign:
+    """The pre-training split: the source's official one when its records carry it (MIMIC-CXR:
+    train pre-trains, validate validates, test serves retrieval), else ``val_fraction`` of the
+    patients, seeded."""
+
+    def assign(refs: list[RecordRef]) -> list[tuple[RecordRef, Split]]:
+        if any(ref.meta.get("split") in OFFICIAL_SPLITS for ref in refs):
+            kept = [ref for ref in refs if ref.meta.get("split") in OFFICIAL_SPLITS]
+            if len(kept) < len(refs):
+                print(
+                    f"[ingest] pretrain: {len(refs) - len(kept)} records without an official "
+                    "split left out"
+                )
+            return [(ref, OFFICIAL_SPLITS[ref.meta["split"]]) for ref in kept]
+        split = patient_splits([r.patient_id for r in refs], val_fraction, 0.0, seed)
+        return [(ref, split[ref.patient_id]) for ref in refs]
+
+    return assign
+
+
+def patient_fractions(val_fraction: float, test_fraction: float, seed: int) -> Assign:
+    """A seeded patient-level split with these validation and test fractions."""
+
+    def assign(refs: list[RecordRef]) -> list[tuple[RecordRef, Split]]:
+        split = patient_splits([r.patient_id for r in refs], val_fraction, test_fraction, seed)
+        return [(ref, split[ref.patient_id]) for ref in refs]
+
+    return assign
 
 
 @dataclass
@@ -120,14 +133,20 @@ def _screen(refs: list[RecordRef], dataset: str, result: IngestResult) -> list[R
 
 
 def _load_batch(
-    adapter: DatasetAdapter, refs: list[RecordRef], image_size: int, with_targets: bool
+    adapter: DatasetAdapter,
+    refs: list[RecordRef],
+    image_size: int,
+    with_targets: bool,
+    set_labels: SetLabels | None,
 ):
     """Ray Data batch function: load, check and resize records; failures become rows too.
-    ``with_targets``: also the mask and boxes, mapped onto the resized image."""
+    ``with_targets``: also the mask and boxes, mapped onto the resized image;
+    ``set_labels``: a downstream set's labels (its own names and order)."""
+    width = len(set_labels.names) if set_labels else 0
 
     def load(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images, ok, reasons, details, labels, reports = [], [], [], [], [], []
-        masks, boxes = [], []
+        masks, boxes, own_labels = [], [], []
         for position in batch["position"]:
             ref = refs[int(position)]
             vector = np.full(len(OBSERVATIONS), np.nan, dtype=np.float32)
@@ -136,12 +155,16 @@ def _load_batch(
             try:
                 sample = adapter.load(ref)
                 image = resize_uint8(sample.image, image_size)
-                if with_targets and sample.mask is not None:
-                    mask = resize_mask(sample.mask, image_size)
                 if with_targets and sample.boxes is not None:
                     record_boxes = resize_boxes(sample.boxes, sample.image.shape, image_size)
+                if with_targets and sample.mask is not None:
+                    mask = resize_mask(sample.mask, image_size)
+                elif with_targets:  # boxes only: their union is the segmentation target
+                    mask = boxes_mask(record_boxes, image_size)
                 for name, value in sample.labels.items():
-                    vector[OBSERVATIONS.index(name)] = value
+                    if name in OBSERVATIONS:
+                        vector[OBSERVATIONS.index(name)] = value
+                own = set_labels.vector(sample) if set_labels else np.zeros(0, np.float32)
                 problem = report_problem(sample.report)
                 if problem:
                     raise RecordError(ref.record_id, problem)
@@ -150,12 +173,14 @@ def _load_batch(
                 reasons.append("")
                 details.append("")
                 reports.append(sample.report or "")
+                own_labels.append(own)
             except RecordError as error:
                 images.append(np.zeros((image_size, image_size), np.uint8))
                 ok.append(False)
                 reasons.append(error.reason)
                 details.append(error.detail[:300])
                 reports.append("")
+                own_labels.append(np.zeros(width, np.float32))
             labels.append(vector)
             masks.append(mask)
             boxes.append(record_boxes.ravel().tolist())
@@ -171,6 +196,7 @@ def _load_batch(
             "detail": np.array(details, dtype=object),
             "labels": np.stack(labels),
             "report": np.array(reports, dtype=object),
+            "set_labels": np.stack(own_labels).reshape(len(own_labels), width),
         }
 
     return load
@@ -217,16 +243,24 @@ def ingest_dataset(
     adapter: DatasetAdapter,
     dataset: str,
     config: IngestSection,
-    split_fractions: tuple[float, float],
     out: Path,
+    assign: Assign,
+    *,
+    with_targets: bool = False,
+    set_labels: SetLabels | None = None,
     local_files: bool = False,
 ) -> IngestResult:
-    """Read every record of ``adapter`` into shards under ``out/shards``; returns the rows.
-    ``local_files``: the adapter reads files on this node's disk, so its Ray tasks run here
-    (another node of a cluster has no such files)."""
+    """Read the records of ``adapter`` that ``assign`` keeps (each with its split) into shards
+    under ``out/shards``; returns the rows. ``local_files``: the adapter reads files on this
+    node's disk, so its Ray tasks run here (another node of a cluster has no such files)."""
     result = IngestResult()
-    refs = _screen(list(adapter.records()), dataset, result)
-    splits = patient_splits([r.patient_id for r in refs], *split_fractions, seed=config.seed)
+    usable = _screen(list(adapter.records()), dataset, result)
+    # A broken listing is quarantined by its load, whatever the protocol would do with it.
+    broken = [ref for ref in usable if ROW_ERROR in ref.meta]
+    kept = assign([ref for ref in usable if ROW_ERROR not in ref.meta])
+    kept += [(ref, "train") for ref in broken]
+    refs = [ref for ref, _ in kept]
+    split_of = {ref.record_id: split for ref, split in kept}
     (out / "shards").mkdir(exist_ok=True)
     writer = ShardWriter(out / "shards", dataset, config.shard_size)
 
@@ -234,9 +268,8 @@ def ingest_dataset(
     context.execution_options.preserve_order = True  # same input, byte-identical shards
     items = [{"position": i} for i in range(len(refs))]
     blocks = max(1, min(len(items) // RECORDS_PER_TASK, 256))
-    with_targets = dataset in TARGET_DATASETS
     loaded = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-        _load_batch(adapter, refs, config.image_size, with_targets),
+        _load_batch(adapter, refs, config.image_size, with_targets, set_labels),
         batch_size=None,
         batch_format="numpy",
         **(on_this_node() if local_files else {}),
@@ -254,7 +287,7 @@ def ingest_dataset(
                     }
                 )
                 continue
-            split = splits[ref.patient_id]
+            split = split_of[ref.record_id]
             mask = batch["mask"][row] if with_targets else None
             shard, index = writer.add(split, batch["image"][row], mask)
             manifest_row = {
@@ -267,6 +300,7 @@ def ingest_dataset(
                 "report": str(batch["report"][row]) or None,
                 # x0, y0, x1, y1 per box, flattened, in pixels of the stored image
                 "boxes": list(batch["boxes"][row]) if with_targets else None,
+                "labels": batch["set_labels"][row].tolist() if set_labels else None,
             }
             manifest_row.update(zip(OBSERVATIONS, batch["labels"][row].tolist(), strict=True))
             result.manifest_rows.append(manifest_row)
@@ -335,7 +369,7 @@ def write_subsets(
     return written
 
 
-def subset_file_name(fraction: float, seed: int, dataset: str = "downstream") -> str:
+def subset_file_name(fraction: float, seed: int, dataset: str) -> str:
     return f"{dataset}-train-frac{fraction:g}-seed{seed}.txt"
 
 
@@ -364,44 +398,65 @@ QUARANTINE_SCHEMA = pa.schema(
 )
 
 
+def set_description(plan: SetPlan, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """What evaluation needs to know of a set, beside its rows (``sets.json``)."""
+    splits = Counter(row["split"] for row in rows if row["dataset"] == plan.name)
+    return {
+        "adapter": plan.spec.adapter,
+        "images": plan.images,
+        "labels": list(plan.labels.names),
+        "single_label": plan.labels.single_label,
+        "with_targets": plan.with_targets,
+        "records": {split: splits[split] for split in ("train", "val", "test")},
+        "excluded_by_protocol": dict(plan.excluded),
+    }
+
+
 def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any]:
     config = local_sources(params)  # datasets on S3: read from a local copy
     ensure_ray(params)
-    downstream_fractions = (config.downstream.val_fraction, config.downstream.test_fraction)
-    sources = {
-        "pretrain": (build_pretrain_source(config), (config.pretrain.val_fraction, 0.0)),
-        **{
-            name: (adapter, downstream_fractions)
-            for name, adapter in build_downstream_sources(config).items()
-        },
-    }
-    file_backed = {  # real datasets (phantoms are rendered from packaged data on any node)
-        "pretrain": config.source != "embedded",
-        "segmentation": bool(config.downstream.segmentation_path),
-        "detection": bool(config.downstream.detection_path),
-    }
+    plans = plan_sets(config)
     with (
         stage_run(params, "ingest", logged={"ingest": params.ingest.model_dump()}) as mlflow_run,
         stage_output(params, "ingest", {"mlflow_run_id": mlflow_run.info.run_id}) as (out, extra),
     ):
         combined = IngestResult()
         counts: dict[str, int] = {}
-        for dataset, (adapter, fractions) in sources.items():
-            local_files = file_backed.get(dataset, False)
-            result = ingest_dataset(adapter, dataset, config, fractions, out, local_files)
+
+        def add(dataset: str, result: IngestResult) -> None:
             total = len(result.manifest_rows) + len(result.quarantine_rows)
             _check_quarantine(result, dataset, total, config.max_quarantine_fraction)
             combined.manifest_rows += result.manifest_rows
             combined.quarantine_rows += result.quarantine_rows
             counts[f"{dataset}_kept"] = len(result.manifest_rows)
             counts[f"{dataset}_quarantined"] = len(result.quarantine_rows)
+
+        pretrain = pretrain_splits(config.pretrain.val_fraction, config.seed)
+        source = build_pretrain_source(config)
+        local = config.source != "embedded"
+        pretrain_rows = ingest_dataset(
+            source, PRETRAIN_SET, config, out, pretrain, local_files=local
+        )
+        add(PRETRAIN_SET, pretrain_rows)
+        for name, plan in plans.items():
+            result = ingest_dataset(
+                plan.adapter,
+                name,
+                config,
+                out,
+                lambda refs, plan=plan: plan.assign(refs, config.seed),
+                with_targets=plan.with_targets,
+                set_labels=plan.labels,
+                local_files=plan.file_backed,
+            )
+            add(name, result)
         _write_table(combined.manifest_rows, out / "manifest.parquet")
         _write_table(combined.quarantine_rows, out / "quarantine.parquet", QUARANTINE_SCHEMA)
         counts["subset_files"] = sum(
-            write_subsets(combined.manifest_rows, config, out / "subsets", dataset)
-            for dataset in sources
-            if dataset != "pretrain"
+            write_subsets(combined.manifest_rows, config, out / "subsets", name) for name in plans
         )
+        sets = {name: set_description(plan, combined.manifest_rows) for name, plan in plans.items()}
+        (out / "sets.json").write_text(json.dumps(sets, indent=1))
         reasons = Counter(row["reason"] for row in combined.quarantine_rows)
         extra["counts"] = counts
         extra["quarantine_reasons"] = dict(sorted(reasons.items()))

@@ -26,8 +26,8 @@ def stage_resources(params: Params, stage: str) -> dict[str, tuple[str, bool]]:
     if stage == "ingest":
         ingest = params.ingest
         named["ingest.source_path"] = (ingest.source_path, True)
-        named["ingest.downstream.segmentation_path"] = (ingest.downstream.segmentation_path, True)
-        named["ingest.downstream.detection_path"] = (ingest.downstream.detection_path, True)
+        for name, spec in ingest.downstream.sets.items():
+            named[f"ingest.downstream.sets.{name}.path"] = (spec.path, True)
     if stage in ("pretrain", "sweep"):  # a sweep pre-trains in every trial
         named["pretrain.image.checkpoint"] = (params.pretrain.image.checkpoint, True)
     return {key: (where, required) for key, (where, required) in named.items() if where}

@@ -185,9 +185,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         sums: dict[str, float] = {}
         tick = time.perf_counter()
         for batch in data.batches(epoch, rank, world_size, config["batch_size"], config["seed"]):
-            lr = cosine_with_warmup(
-                state["step"], total_steps, config["warmup_steps"], config["lr"]
-            )
+            warmup = config["warmup_steps"]
+            if config.get("warmup_fraction") is not None:  # a share of all steps (MGCA: 40 %)
+                warmup = round(config["warmup_fraction"] * total_steps)
+            lr = cosine_with_warmup(state["step"], total_steps, warmup, config["lr"])
             for group in optimizer.param_groups:
                 group["lr"] = lr
             # uint8 pixels cross to the device (a quarter of the float bytes), then normalise.
@@ -348,6 +349,7 @@ def build_trainer(
             "lr": section.optim.lr,
             "weight_decay": section.optim.weight_decay,
             "warmup_steps": section.optim.warmup_steps,
+            "warmup_fraction": section.optim.warmup_fraction,
             "epochs": section.optim.epochs,
             "batch_size": section.optim.batch_size,
             "threads_per_worker": max(1, int(section.cpus_per_worker)),

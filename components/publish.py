@@ -22,10 +22,14 @@ SCORE_TAG = "score"
 
 
 def metric_value(summary: dict[str, Any], metric: str, init: str = "sista") -> float:
-    """``classification/auroc@0.01`` -> mean AUROC of ``init`` at 1 % labels."""
-    task_metric, fraction = metric.split("@")
-    task, name = task_metric.split("/")
-    return float(summary[task][name][init][f"{float(fraction):g}"]["mean"])
+    """``classification/chexpert/auroc@0.01`` -> mean test AUROC of ``init`` on the set
+    ``chexpert`` at 1 % labels (``@0`` for a task without labels)."""
+    task_set_metric, fraction = metric.split("@")
+    task, dataset, name = task_set_metric.split("/")
+    try:
+        return float(summary[task][dataset][name][init][f"{float(fraction):g}"]["mean"])
+    except KeyError as error:
+        raise KeyError(f"publish.metric {metric!r}: evaluate has no {error}") from None
 
 
 def should_promote(candidate: float, champion: float | None, higher_is_better: bool) -> bool:
@@ -36,34 +40,43 @@ def should_promote(candidate: float, champion: float | None, higher_is_better: b
 
 
 # Entries of evaluate's metrics.json that are not task tables.
-NOT_TASKS = ("images", "heatmap_localisation")
+NOT_TASKS = ("heatmap_localisation",)
+IMAGES_NOTE = {
+    "real": "real images",
+    "phantom": "PHANTOM images: synthetic radiographs placed by real labels, masks or boxes",
+}
 
 
-def results_markdown(summary: dict[str, Any], note: str) -> str:
-    """Trained tasks: one table per metric, inits x label fractions (mean ± std over seeds).
-    Language tasks (no labels): one table per task, inits x metrics."""
+def results_markdown(summary: dict[str, Any]) -> str:
+    """One block per (task, set), as MGCA's tables: inits x label fractions (1 % / 10 % /
+    100 % columns, mean ± std over seeds); a task without labels: inits x metrics. Each
+    block says whether its set's images are real or phantoms."""
     lines = []
-    for task, by_metric in summary.items():
+    for task, by_set in summary.items():
         if task in NOT_TASKS:
             continue
-        fractions = sorted(
-            {f for by_init in by_metric.values() for v in by_init.values() for f in v}, key=float
-        )
-        if fractions == ["0"]:
-            lines += _language_table(task, by_metric)
-            continue
-        for metric, by_init in by_metric.items():
-            lines.append(f"### {task}: {metric} (test, mean ± std over seeds)\n")
-            lines.append(
-                "| init | " + " | ".join(f"{100 * float(f):g} % labels" for f in fractions) + " |"
+        for dataset, block in by_set.items():
+            by_metric = {m: v for m, v in block.items() if m != "images"}
+            title = f"### {task} · {dataset} ({IMAGES_NOTE[block['images']]})\n"
+            fractions = sorted(
+                {f for by_init in by_metric.values() for v in by_init.values() for f in v},
+                key=float,
             )
-            lines.append("|---" * (len(fractions) + 1) + "|")
-            for init, by_fraction in sorted(by_init.items()):
-                cells = [
-                    f"{by_fraction[f]['mean']:.3f} ± {by_fraction[f]['std']:.3f}" for f in fractions
-                ]
-                lines.append(f"| {init} | " + " | ".join(cells) + " |")
-            lines.append("")
+            if fractions == ["0"]:
+                lines += [title, *_language_table(by_metric)]
+                continue
+            for metric, by_init in by_metric.items():
+                lines.append(f"{title.rstrip()}: {metric}, test, mean ± std over seeds\n")
+                columns = " | ".join(f"{100 * float(f):g} %" for f in fractions)
+                lines.append(f"| init | {columns} |")
+                lines.append("|---" * (len(fractions) + 1) + "|")
+                for init, by_fraction in sorted(by_init.items()):
+                    cells = [
+                        f"{by_fraction[f]['mean']:.3f} ± {by_fraction[f]['std']:.3f}"
+                        for f in fractions
+                    ]
+                    lines.append(f"| {init} | " + " | ".join(cells) + " |")
+                lines.append("")
     if "heatmap_localisation" in summary:
         found = summary["heatmap_localisation"]
         lines.append(
@@ -74,24 +87,17 @@ def results_markdown(summary: dict[str, Any], note: str) -> str:
             f"{found['rate']:.0%}; mean mass in the mask {found['mean_mass_in_mask']:.3f} vs "
             f"{found['mean_uniform_mass']:.3f} uniform.\n"
         )
-    lines.append(f"Images: {note}.")
     return "\n".join(lines) + "\n"
 
 
-def _natural_key(name: str) -> tuple[str, int]:
-    """``recall_at_10`` after ``recall_at_5`` (the JSON keeps metrics sorted as text)."""
-    stem = name.rstrip("0123456789")
-    return stem, int(name[len(stem) :] or 0)
-
-
-def _language_table(task: str, by_metric: dict[str, Any]) -> list[str]:
+def _language_table(by_metric: dict[str, Any]) -> list[str]:
     # Recall@1, @5, @10 in that order (the JSON keeps them sorted as text).
     metrics = sorted(
         by_metric,
         key=lambda m: (m.rstrip("0123456789"), int("0" + m[len(m.rstrip("0123456789")) :])),
     )
     inits = sorted({init for by_init in by_metric.values() for init in by_init})
-    lines = [f"### {task} (no labels; held-out data)\n", "| init | " + " | ".join(metrics) + " |"]
+    lines = ["| init (no labels) | " + " | ".join(metrics) + " |"]
     lines.append("|---" * (len(metrics) + 1) + "|")
     for init in inits:
         values = [by_metric[m].get(init, {}).get("0", {}).get("mean") for m in metrics]
@@ -119,7 +125,7 @@ def promote_if_better(params: Params, score: float) -> dict[str, Any]:
         client.set_registered_model_alias(name, "champion", candidate.version)
     return {
         "model": name,
-        "metric": params.publish.metric,
+        "metric": params.publish_metric(),
         "candidate_version": candidate.version,
         "candidate_score": score,
         "champion_version_before": champion_version,
@@ -130,18 +136,17 @@ def promote_if_better(params: Params, score: float) -> dict[str, Any]:
 
 def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any]:
     evaluation = json.loads((stage_dir(params, "evaluate") / "metrics.json").read_text())
-    note = evaluation.get("images", "")
     with (
         stage_run(params, "publish", logged={"publish": params.publish.model_dump()}) as run_,
         stage_output(params, "publish", {"mlflow_run_id": run_.info.run_id}) as (out, extra),
     ):
-        table = results_markdown(evaluation, note)
-        score = metric_value(evaluation, params.publish.metric)
+        table = results_markdown(evaluation)
+        score = metric_value(evaluation, params.publish_metric())
         decision = promote_if_better(params, score)
         Path(out / "results.md").write_text(table)
-        Path(out / "results.json").write_text(
-            json.dumps({"results": evaluation, "registry": decision}, indent=2, sort_keys=True)
-        )
+        # The tracked metric is the candidate's score alone (the full table is evaluate's).
+        Path(out / "results.json").write_text(json.dumps({"candidate_score": score}, indent=1))
+        Path(out / "registry.json").write_text(json.dumps(decision, indent=2, sort_keys=True))
         mlflow.log_metric("candidate_score", score)
         mlflow.log_artifact(str(out / "results.md"))
         extra["registry"] = decision
@@ -152,7 +157,7 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
         else f"kept @champion v{decision['champion_version_before']}"
     )
     print(
-        f"{params.publish.metric}: candidate {score:.4f} vs champion "
+        f"{params.publish_metric()}: candidate {score:.4f} vs champion "
         f"{decision['champion_score_before']}: {verdict}"
     )
     return decision

@@ -176,16 +176,16 @@ def local_sources(params: Params) -> IngestSection:
     copy below ``<local_dir>/sources/`` (the adapters read files); a copy is downloaded
     again only when an object below the prefix was added, removed or changed."""
     config = params.ingest
-    paths = {
-        "source_path": config.source_path,
-        "segmentation_path": config.downstream.segmentation_path,
-        "detection_path": config.downstream.detection_path,
+    sets = {
+        name: spec.model_copy(update={"path": _local_source(params.storage, spec.path)})
+        for name, spec in config.downstream.sets.items()
     }
-    local = {name: _local_source(params.storage, path) for name, path in paths.items()}
-    downstream = config.downstream.model_copy(
-        update={k: local[k] for k in ("segmentation_path", "detection_path")}
+    return config.model_copy(
+        update={
+            "source_path": _local_source(params.storage, config.source_path),
+            "downstream": config.downstream.model_copy(update={"sets": sets}),
+        }
     )
-    return config.model_copy(update={"source_path": local["source_path"], "downstream": downstream})
 
 
 def _local_source(section: StorageSection, path: str | None) -> str | None:

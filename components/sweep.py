@@ -97,6 +97,9 @@ def validation_signal(params: Params) -> ValidationSignal:
     return ValidationSignal(
         data_root=str(data_root(params.storage)),
         kind=params.sweep.signal,
+        dataset=params.evaluate.tasks["classification"][0]
+        if params.evaluate.tasks.get("classification")
+        else "",
         fractions=params.sweep.probe_fractions,
         seeds=params.ingest.downstream.seeds,
         semantics=params.pretrain.semantics,

@@ -2,13 +2,15 @@
 
 ``probe_auroc``: linear probes on the frozen image encoder's global features, trained on the
 label subsets that ingest saved (each configured fraction, every seed) and scored on the
-downstream **validation** split (macro AUROC over the CheXpert competition findings), the
-evaluate stage's classification protocol without its test split. ``retrieval``:
+**validation** split of the first classification set of ``evaluate.tasks`` (macro AUROC over
+its labels; accuracy for a single-label set), the evaluate stage's classification protocol
+without its test split. ``retrieval``:
 image-to-report recall@5 on the held-out pre-training pairs.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,8 +20,7 @@ import pyarrow.parquet as pq
 import torch
 
 from sista_core import SISTAModel
-from sista_core.findings import CHEXPERT_COMPETITION
-from sista_core.probe import macro_auroc, standardise, train_linear_probe
+from sista_core.probe import accuracy, macro_auroc, standardise, train_linear_probe
 
 from .ingest import read_shard_images, subset_file_name
 
@@ -33,6 +34,7 @@ class ValidationSignal:
 
     data_root: str
     kind: str = "probe_auroc"
+    dataset: str = ""  # the classification set the probes train on
     fractions: tuple[float, ...] = (0.01, 0.1)
     seeds: tuple[int, ...] = (0, 1, 2)
     semantics: str = "embedding"
@@ -70,13 +72,18 @@ class ValidationSignal:
             rows = [
                 r
                 for r in pq.read_table(ingest / "manifest.parquet").to_pylist()
-                if r["dataset"] == "downstream"
+                if r["dataset"] == self.dataset
             ]
+            if not rows:
+                raise ValueError(
+                    f"sweep signal probe_auroc: no records of the set {self.dataset!r} "
+                    "(evaluate.tasks.classification names the set it probes)"
+                )
             position = {r["record_id"]: i for i, r in enumerate(rows)}
             subsets = {
                 (fraction, seed): [
                     position[i]
-                    for i in (ingest / "subsets" / subset_file_name(fraction, seed))
+                    for i in (ingest / "subsets" / subset_file_name(fraction, seed, self.dataset))
                     .read_text()
                     .split()
                 ]
@@ -86,8 +93,12 @@ class ValidationSignal:
             val = [i for i, r in enumerate(rows) if r["split"] == "val"]
             used = sorted({*val, *(i for subset in subsets.values() for i in subset)})
             local = {index: n for n, index in enumerate(used)}
-            labels = [[rows[i][name] for name in CHEXPERT_COMPETITION] for i in used]
+            labels = [rows[i]["labels"] for i in used]
+            single_label = json.loads((ingest / "sets.json").read_text())[self.dataset][
+                "single_label"
+            ]
             self._cache.update(
+                single_label=single_label,
                 images=read_shard_images(ingest, [rows[i] for i in used]),
                 labels=torch.tensor(labels, dtype=torch.float32),
                 val=[local[i] for i in val],
@@ -112,10 +123,18 @@ class ValidationSignal:
         by_fraction: dict[float, list[float]] = {}
         for (fraction, seed), subset in sets["subsets"].items():
             train_x, val_x = standardise(features[subset], features[val])
-            probe = train_linear_probe(train_x, labels[subset], seed=seed, **self.probe)
+            single_label = sets["single_label"]
+            probe = train_linear_probe(
+                train_x, labels[subset], seed=seed, single_label=single_label, **self.probe
+            )
             with torch.no_grad():
-                auroc, _ = macro_auroc(probe(val_x), labels[val])
-            by_fraction.setdefault(fraction, []).append(auroc)
+                logits = probe(val_x)
+            score = (
+                accuracy(logits, labels[val])
+                if single_label
+                else macro_auroc(logits, labels[val])[0]
+            )
+            by_fraction.setdefault(fraction, []).append(score)
         scores = {}
         for fraction, values in by_fraction.items():
             scores[f"val_probe_auroc_at_{fraction:g}"] = float(np.mean(values))

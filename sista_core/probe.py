@@ -21,20 +21,33 @@ def train_linear_probe(
     lr: float = 1e-2,
     weight_decay: float = 1e-4,
     seed: int = 0,
+    single_label: bool = False,
 ) -> torch.nn.Linear:
-    """Multi-label logistic regression (features (N, D), labels (N, C) in {0, 1}), full
+    """Multi-label logistic regression (features (N, D), labels (N, C) in {0, 1}), or with
+    ``single_label`` a softmax regression over the C classes of one-hot ``labels``; full
     batch AdamW: deterministic for a seed, a few seconds on CPU."""
     generator = torch.Generator().manual_seed(seed)
     probe = torch.nn.Linear(features.shape[1], labels.shape[1])
     with torch.no_grad():
         probe.weight.normal_(0, 0.01, generator=generator)
         probe.bias.zero_()
+    probe = probe.to(features.device)
     optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
+    classes = labels.argmax(1)
     for _ in range(epochs):
         optimizer.zero_grad()
-        F.binary_cross_entropy_with_logits(probe(features), labels).backward()
+        logits = probe(features)
+        if single_label:
+            F.cross_entropy(logits, classes).backward()
+        else:
+            F.binary_cross_entropy_with_logits(logits, labels).backward()
         optimizer.step()
     return probe
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of rows whose highest logit is the one-hot ``labels``' class."""
+    return float((logits.argmax(1) == labels.argmax(1)).float().mean())
 
 
 def macro_auroc(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, list[float]]:

@@ -18,9 +18,21 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGE_COMMANDS = [list(command) for command in PIPELINE]
 
 
-def write_ci_params(folder: Path, **overrides) -> Path:
-    """profiles/ci.yaml with every path inside ``folder`` (plus nested overrides)."""
-    params = with_overrides(yaml.safe_load((ROOT / "profiles" / "ci.yaml").read_text()), overrides)
+def write_ci_params(folder: Path, only_sets: tuple[str, ...] | None = None, **overrides) -> Path:
+    """profiles/ci.yaml with every path inside ``folder`` (plus dotted-key overrides);
+    ``only_sets``: the downstream sets kept, and the tasks only on them."""
+    params = yaml.safe_load((ROOT / "profiles" / "ci.yaml").read_text())
+    if only_sets is not None:
+        downstream = params["ingest"]["downstream"]
+        downstream["sets"] = {k: v for k, v in downstream["sets"].items() if k in only_sets}
+        tasks = params["evaluate"]["tasks"]
+        for task, names in list(tasks.items()):
+            kept = [n for n in names if n in only_sets or n == "pretrain"]
+            if kept:
+                tasks[task] = kept
+            else:
+                del tasks[task]
+    params = with_overrides(params, overrides)
     path = folder / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     return path
@@ -103,3 +115,22 @@ def local_s3_environment(s3_server, folder: Path) -> dict[str, str]:
         **s3_server.env,
     )
     return environment
+
+
+def dvc_yaml_for(stages: tuple[str, ...]) -> dict:
+    """The repository's dvc.yaml, these stages only, without the code dependencies (the
+    work folder holds no code; the installed package runs)."""
+    pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    kept = {name: pipeline["stages"][name] for name in stages}
+    for stage in kept.values():
+        stage["deps"] = [dep for dep in stage.get("deps", []) if dep.startswith("data/")]
+        stage["cmd"] = stage["cmd"].replace("python ", f"{sys.executable} ", 1)
+    return {"stages": kept}
+
+
+def sh(command: list[str], folder: Path, env: dict, timeout: int = 900):
+    result = subprocess.run(
+        command, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, f"{command}: {result.stdout[-3000:]}{result.stderr[-3000:]}"
+    return result

@@ -22,6 +22,7 @@ from components.config import IngestSection, Params
 from components.ingest import (
     QuarantineLimitExceeded,
     ingest_dataset,
+    patient_fractions,
     read_shard_masks,
     row_boxes,
 )
@@ -119,7 +120,9 @@ def test_every_broken_mimic_record_is_quarantined_with_its_reason(tmp_path, loca
     out = tmp_path / "out"
     out.mkdir()
     mimic = MimicCxrJpg(tmp_path / "mimic")  # files on this disk: read by tasks on this node
-    result = ingest_dataset(mimic, "pretrain", config, (0.2, 0.0), out, local_files=True)
+    result = ingest_dataset(
+        mimic, "pretrain", config, out, patient_fractions(0.2, 0.0, 0), local_files=True
+    )
     check_counts_add_up(result, expected, duplicates=1)
     duplicates = [r for r in result.quarantine_rows if r["reason"] == "duplicate_id"]
     assert [r["record_id"] for r in duplicates] == ["good-1-dicom"]
@@ -142,12 +145,14 @@ def stage_params(tmp_path, max_quarantine_fraction: float) -> Params:
                 "image_size": 32,
                 "max_quarantine_fraction": max_quarantine_fraction,
                 "downstream": {
-                    "num_patients": 50,
-                    "segmentation_patients": 0,
-                    "detection_patients": 0,
+                    "sets": {
+                        "phantoms": {"adapter": "phantom_classification", "patients": 50},
+                    },
                     "seeds": [0],
                 },
             },
+            "evaluate": {"tasks": {"classification": ["phantoms"]}},
+            "publish": {"metric": "classification/phantoms/auroc@0.01"},
         }
     )
 
@@ -167,7 +172,7 @@ def test_the_stage_counts_every_quarantined_record_and_writes_the_list(tmp_path,
     counts = read_manifest(out)["counts"]
     assert counts["pretrain_kept"] + counts["pretrain_quarantined"] == len(expected) + 1
     assert (counts["pretrain_kept"], counts["pretrain_quarantined"]) == (len(kept), len(listed))
-    assert counts["downstream_kept"] == 50 and summary["pretrain_quarantined"] == len(listed)
+    assert counts["phantoms_kept"] == 50 and summary["pretrain_quarantined"] == len(listed)
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(read_manifest(out)["mlflow_run_id"])
     assert run.data.metrics["pretrain_quarantined"] == len(listed)
@@ -189,7 +194,9 @@ def test_every_broken_dicom_is_quarantined_with_its_reason(tmp_path, local_ray):
     config = IngestSection(image_size=64)
     out = tmp_path / "out"
     out.mkdir()
-    result = ingest_dataset(RsnaPneumonia(layout.root), "downstream", config, (0.2, 0.2), out)
+    result = ingest_dataset(
+        RsnaPneumonia(layout.root), "rsna", config, out, patient_fractions(0.2, 0.2, 0)
+    )
     check_counts_add_up(result, expected)
     manifest_ids = {row["record_id"] for row in result.manifest_rows}
     assert manifest_ids == layout.good
@@ -205,7 +212,9 @@ def test_detection_boxes_and_segmentation_masks_are_stored_with_their_images(tmp
     out = tmp_path / "out"
     out.mkdir()
     adapter = RsnaPneumonia(layout.root)
-    result = ingest_dataset(adapter, "detection", config, (0.2, 0.2), out)
+    result = ingest_dataset(
+        adapter, "rsna", config, out, patient_fractions(0.2, 0.2, 0), with_targets=True
+    )
     refs = {ref.record_id: ref for ref in adapter.records()}
     with_boxes = 0
     for row in result.manifest_rows:
@@ -216,7 +225,9 @@ def test_detection_boxes_and_segmentation_masks_are_stored_with_their_images(tmp
     assert with_boxes > 0
 
     segmentation = PhantomPneumothoraxSegmentation(12, image_size=96, seed=0, positive_fraction=1)
-    result = ingest_dataset(segmentation, "segmentation", config, (0.2, 0.2), out)
+    result = ingest_dataset(
+        segmentation, "pneumothorax", config, out, patient_fractions(0.2, 0.2, 0), with_targets=True
+    )
     masks = read_shard_masks(out, result.manifest_rows)
     refs = {ref.record_id: ref for ref in segmentation.records()}
     for row, mask in zip(result.manifest_rows, masks, strict=True):

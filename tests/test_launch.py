@@ -77,6 +77,44 @@ BAD_CONFIGS = {
         "ingest.source_path: no such file or folder: {tmp}/no-such-folder",
         None,
     ),
+    "a set its task cannot use": (
+        "ingest",
+        {
+            "ingest": {"downstream": {"sets": {"covidx": {"adapter": "covidx", "path": no_such}}}},
+            "evaluate": {"tasks": {"segmentation": ["covidx"]}},
+        },
+        "evaluate.tasks.segmentation: set 'covidx' (covidx) cannot serve segmentation; "
+        "it serves classification",
+        None,
+    ),
+    "a task on an undefined set": (
+        "evaluate",
+        {"evaluate": {"tasks": {"detection": ["rsna"]}}},
+        "evaluate.tasks.detection: no set 'rsna' in ingest.downstream.sets (defined: "
+        "phantom_classification, phantom_opacity, phantom_pneumothorax)",
+        None,
+    ),
+    "an unknown set option": (
+        "ingest",
+        {
+            "ingest": {
+                "downstream": {
+                    "sets": {"siim": {"adapter": "siim_acr", "path": no_such, "val_fration": 0.1}}
+                }
+            }
+        },
+        "ingest.downstream.sets.siim.siim_acr.val_fration: unknown key",
+        None,
+    ),
+    "a set's folder missing": (
+        "ingest",
+        {
+            "ingest": {"downstream": {"sets": {"siim": {"adapter": "siim_acr", "path": no_such}}}},
+            "evaluate": {"tasks": {"segmentation": ["siim"]}},
+        },
+        "ingest.downstream.sets.siim.path: no such file or folder: {tmp}/no-such-folder",
+        None,
+    ),
     "weight file missing": (
         "pretrain",
         {"pretrain": {"image": {"checkpoint": no_such}}},

@@ -23,16 +23,19 @@ def test_every_declared_output_exists(pipeline_run):
         "similarity/text_states/states.npy",
         "similarity/stats.json",
         "similarity/similarity_histogram.png",
+        "ingest/sets.json",
         "evaluate/metrics.json",
         "evaluate/cells.json",
-        "evaluate/scores_vs_fraction.png",
-        "evaluate/examples_segmentation.png",
-        "evaluate/examples_detection.png",
-        "evaluate/examples_opacity_segmentation.png",
-        "evaluate/heatmap_pneumothorax.png",
-        "evaluate/features/sista.npy",
+        "evaluate/headline/classification.phantom_classification.auroc@1%.json",
+        "evaluate/figures/scores_vs_fraction.png",
+        "evaluate/figures/examples_segmentation_phantom_pneumothorax.png",
+        "evaluate/figures/examples_segmentation_phantom_opacity.png",
+        "evaluate/figures/examples_detection_phantom_opacity.png",
+        "evaluate/figures/heatmap_pneumothorax.png",
+        "evaluate/features/sista.phantom_classification.npy",
         "publish/results.md",
         "publish/results.json",
+        "publish/registry.json",
     ] + [
         f"pretrain/{v}/{f}"
         for v in ("sista", "convirt", "dense")
@@ -53,19 +56,17 @@ def test_every_declared_output_exists(pipeline_run):
 def test_every_evaluation_cell_has_a_metric(pipeline_run):
     folder, _ = pipeline_run
     cells = json.loads((folder / "data/evaluate/cells.json").read_text())
-    keys = {(c["task"], c["init"], c["fraction"], c["seed"]) for c in cells}
-    assert len(keys) == 4 * 4 * 3 * 2 == len(cells)
-    metric_of = {
-        "classification": "auroc",
-        "segmentation": "dice",
-        "opacity_segmentation": "dice",
-        "detection": "map_40_75",
-    }
+    keys = {(c["task"], c["set"], c["init"], c["fraction"], c["seed"]) for c in cells}
+    assert len(keys) == 4 * 4 * 3 * 2 == len(cells)  # 4 (task, set) pairs of the CI profile
+    metric_of = {"classification": "auroc", "segmentation": "dice", "detection": "map_40_75"}
     assert all(0.0 <= c[metric_of[c["task"]]] <= 1.0 for c in cells)
     metrics = json.loads((folder / "data/evaluate/metrics.json").read_text())
-    for task in ("zero_shot", "retrieval"):  # the label-free tasks: every init with text
-        for by_init in metrics[task].values():
-            assert set(by_init) == {"sista", "convirt", "dense"}
+    assert set(metrics["segmentation"]) == {"phantom_pneumothorax", "phantom_opacity"}
+    assert metrics["segmentation"]["phantom_opacity"]["images"] == "phantom"
+    language = [metrics["zero_shot"]["phantom_classification"], metrics["retrieval"]["pretrain"]]
+    for block in language:  # the label-free tasks: every init with a text encoder
+        for metric, by_init in block.items():
+            assert metric == "images" or set(by_init) == {"sista", "convirt", "dense"}
     assert metrics["heatmap_localisation"]["num_images"] > 0
 
 
@@ -84,14 +85,8 @@ def test_evaluation_trains_on_the_subsets_ingest_saved(pipeline_run):
     folder, _ = pipeline_run
     subsets = folder / "data/ingest/subsets"
     cells = json.loads((folder / "data/evaluate/cells.json").read_text())
-    dataset_of = {
-        "classification": "downstream",
-        "segmentation": "segmentation",
-        "opacity_segmentation": "detection",
-        "detection": "detection",
-    }
     for cell in cells:
-        name = f"{dataset_of[cell['task']]}-train-frac{cell['fraction']:g}-seed{cell['seed']}.txt"
+        name = f"{cell['set']}-train-frac{cell['fraction']:g}-seed{cell['seed']}.txt"
         assert cell["train_size"] == len((subsets / name).read_text().split()), name
 
 
@@ -127,7 +122,7 @@ def test_results_table_lists_every_initialisation(pipeline_run):
 def test_ingest_splits_are_patient_disjoint_and_subsets_nested(pipeline_run):
     folder, _ = pipeline_run
     rows = pq.read_table(folder / "data/ingest/manifest.parquet").to_pylist()
-    downstream = [r for r in rows if r["dataset"] == "downstream"]
+    downstream = [r for r in rows if r["dataset"] == "phantom_classification"]
     by_split = {}
     for row in downstream:
         by_split.setdefault(row["split"], set()).add(row["patient_id"])
@@ -137,7 +132,11 @@ def test_ingest_splits_are_patient_disjoint_and_subsets_nested(pipeline_run):
     subsets = folder / "data/ingest/subsets"
     for seed in (0, 1):
         small, medium, full = (
-            set((subsets / f"downstream-train-frac{f}-seed{seed}.txt").read_text().split())
+            set(
+                (subsets / f"phantom_classification-train-frac{f}-seed{seed}.txt")
+                .read_text()
+                .split()
+            )
             for f in ("0.01", "0.1", "1")
         )
         assert small <= medium <= full

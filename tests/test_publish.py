@@ -15,22 +15,27 @@ def test_should_promote_rules():
     assert should_promote(0.1, 0.2, higher_is_better=False)
 
 
+SCORES = {
+    "sista": {
+        "0.01": {"mean": 0.71, "std": 0.01, "n": 3},
+        "1": {"mean": 0.8, "std": 0.0, "n": 3},
+    },
+    "random": {
+        "0.01": {"mean": 0.6, "std": 0.02, "n": 3},
+        "1": {"mean": 0.7, "std": 0.0, "n": 3},
+    },
+}
 SUMMARY = {
     "classification": {
-        "auroc": {
-            "sista": {
-                "0.01": {"mean": 0.71, "std": 0.01, "n": 3},
-                "1": {"mean": 0.8, "std": 0.0, "n": 3},
-            },
-            "random": {
-                "0.01": {"mean": 0.6, "std": 0.02, "n": 3},
-                "1": {"mean": 0.7, "std": 0.0, "n": 3},
-            },
-        }
+        "chexpert": {"images": "real", "auroc": SCORES},
+        "phantom_classification": {"images": "phantom", "auroc": SCORES},
     },
     "retrieval": {
-        "image_to_text_recall_at_1": {"sista": {"0": {"mean": 0.12, "std": 0.0, "n": 1}}},
-        "text_to_image_recall_at_1": {"sista": {"0": {"mean": 0.1, "std": 0.0, "n": 1}}},
+        "pretrain": {
+            "images": "real",
+            "image_to_text_recall_at_1": {"sista": {"0": {"mean": 0.12, "std": 0.0, "n": 1}}},
+            "text_to_image_recall_at_1": {"sista": {"0": {"mean": 0.1, "std": 0.0, "n": 1}}},
+        }
     },
     "heatmap_localisation": {
         "num_images": 40,
@@ -41,18 +46,23 @@ SUMMARY = {
         "mean_uniform_mass": 0.1,
         "per_finding": {},
     },
-    "images": "phantom images (synthetic)",
 }
 
 
 def test_metric_value_and_table():
-    assert metric_value(SUMMARY, "classification/auroc@0.01") == 0.71
-    table = results_markdown(SUMMARY, SUMMARY["images"])
-    assert "| sista | 0.710 ± 0.010 | 0.800 ± 0.000 |" in table
-    assert "| init | image_to_text_recall_at_1 | text_to_image_recall_at_1 |" in table
+    assert metric_value(SUMMARY, "classification/chexpert/auroc@0.01") == 0.71
+    with pytest.raises(KeyError, match="classification/siim/auroc@0.01"):
+        metric_value(SUMMARY, "classification/siim/auroc@0.01")
+    table = results_markdown(SUMMARY)
+    blocks = table.split("### ")
+    chexpert = next(b for b in blocks if b.startswith("classification · chexpert (real images)"))
+    assert "| init | 1 % | 100 % |" in chexpert
+    assert "| sista | 0.710 ± 0.010 | 0.800 ± 0.000 |" in chexpert
+    phantom = next(b for b in blocks if b.startswith("classification · phantom_classification"))
+    assert "PHANTOM images" in phantom
+    assert "| init (no labels) | image_to_text_recall_at_1 | text_to_image_recall_at_1 |" in table
     assert "| sista | 0.120 | 0.100 |" in table
     assert "inside the finding's mask on 10% of them (a uniform map: 0%)" in table
-    assert "phantom" in table
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ mlflow-server` (SQLite, artifacts on S3); then the outputs go through a DVC S3 r
 import hashlib
 import json
 import shutil
-import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from pipeline_helpers import ROOT, local_s3_environment, write_ci_params
+from pipeline_helpers import ROOT, dvc_yaml_for, local_s3_environment, sh, write_ci_params
 
 from components import storage
 from components.artifacts import MANIFEST, content_hashes
@@ -28,13 +27,12 @@ STAGES = ("ingest", "reports", "similarity")
 # The CI profile made smaller still: these stages' S3 and MLflow paths, not their maths.
 TINY = {
     "ingest.pretrain.max_reports": 24,
-    "ingest.downstream.num_patients": 50,
-    "ingest.downstream.segmentation_patients": 0,
-    "ingest.downstream.detection_patients": 0,
+    "ingest.downstream.sets.phantom_classification.patients": 50,
     "ingest.downstream.label_fractions": [1.0],
     "ingest.downstream.seeds": [0],
     "similarity.top_k": 4,
 }
+ONLY_SETS = ("phantom_classification",)
 
 
 @pytest.fixture(scope="module")
@@ -66,31 +64,12 @@ def mlflow_server(s3_server, tmp_path_factory):
     stop_process_tree(process)
 
 
-def dvc_yaml_for(stages: tuple[str, ...]) -> dict:
-    """The repository's dvc.yaml, these stages only, without the code dependencies (the
-    work folder holds no code; the installed package runs)."""
-    pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-    kept = {name: pipeline["stages"][name] for name in stages}
-    for stage in kept.values():
-        stage["deps"] = [dep for dep in stage.get("deps", []) if dep.startswith("data/")]
-        stage["cmd"] = stage["cmd"].replace("python ", f"{sys.executable} ", 1)
-    return {"stages": kept}
-
-
-def sh(command: list[str], folder: Path, env: dict, timeout: int = 900):
-    result = subprocess.run(
-        command, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout
-    )
-    assert result.returncode == 0, f"{command}: {result.stdout[-3000:]}{result.stderr[-3000:]}"
-    return result
-
-
 @pytest.fixture(scope="module")
 def s3_pipeline(s3_server, mlflow_server, tmp_path_factory):
     folder = tmp_path_factory.mktemp("s3-pipeline")
     run = uuid.uuid4().hex[:8]
     uri = f"s3://sista/ci-{run}"
-    write_ci_params(folder, **TINY, **{"storage.uri": uri})
+    write_ci_params(folder, ONLY_SETS, **TINY, **{"storage.uri": uri})
     (folder / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml_for(STAGES), sort_keys=False))
     env = local_s3_environment(s3_server, folder)
     env.update(

@@ -113,13 +113,7 @@ def test_apply_refuses_a_result_that_would_make_params_yaml_invalid(tmp_path):
 def test_a_ci_sweep_logs_child_runs_under_one_parent_and_its_best_applies(tmp_path):
     """Three tiny trials (params.yaml's values first) with ASHA: every trial a child run of
     the sweep's parent run, stopped trials closed as KILLED, the best file applies."""
-    write_ci_params(
-        tmp_path,
-        **{
-            "ingest.downstream.segmentation_patients": 0,
-            "ingest.downstream.detection_patients": 0,
-        },
-    )
+    write_ci_params(tmp_path, ("phantom_classification",))
     stages = [["ingest"], ["reports"], ["similarity"], ["sweep"]]
     result = run_stages(tmp_path, stages, timeout=2300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+
 from ..findings import CHEXPERT_OBSERVATIONS
 from .base import DatasetAdapter, RecordRef, Sample
 from .images import MIN_IMAGE_SIDE, read_image
@@ -100,3 +102,38 @@ class CheXpert(DatasetAdapter):
             view=ref.meta["view"],
             split=self.official_split,
         )
+
+
+def only_positive(labels: dict[str, float], finding: str) -> bool:
+    """``finding`` is 1.0 and every other observation but ``No Finding`` is negative or blank:
+    the CheXpert 5x200 condition (MGCA's preprocessing; an uncertain label disqualifies)."""
+    if labels.get(finding) != 1.0:
+        return False
+    return all(
+        labels.get(name, 0.0) == 0.0
+        for name in CHEXPERT_OBSERVATIONS
+        if name not in (finding, "No Finding")
+    )
+
+
+def five_by_200(
+    refs: list[RecordRef], findings: tuple[str, ...], per_finding: int, seed: int
+) -> dict[str, list[RecordRef]]:
+    """CheXpert 5x200: for each finding, ``per_finding`` frontal training records (a seeded
+    draw, sorted by id first) in which it alone is positive. ``refs`` carry CheXpert's raw
+    labels (``uncertain="keep"``). ValueError when a finding has too few such records."""
+    rng = np.random.default_rng(seed)
+    chosen: dict[str, list[RecordRef]] = {}
+    for finding in findings:
+        pool = sorted(
+            (ref for ref in refs if only_positive(ref.meta["labels"], finding)),
+            key=lambda ref: ref.record_id,
+        )
+        if len(pool) < per_finding:
+            raise ValueError(
+                f"CheXpert 5x200: {len(pool)} training images have only {finding!r} positive, "
+                f"{per_finding} wanted (per_finding)"
+            )
+        picked = rng.choice(len(pool), size=per_finding, replace=False)
+        chosen[finding] = [pool[i] for i in sorted(picked)]
+    return chosen

@@ -255,3 +255,14 @@ def resize_boxes(boxes: np.ndarray, shape: tuple[int, int], size: int) -> np.nda
     mapped[:, 0::2] += box.offset_x
     mapped[:, 1::2] += box.offset_y
     return clip_boxes(mapped, (size, size))
+
+
+def boxes_mask(boxes: np.ndarray, size: int) -> np.ndarray:
+    """Bool (size, size) mask of the union of (n, 4) x0, y0, x1, y1 pixel boxes: the
+    segmentation target of a set annotated with boxes only (RSNA, as MGCA segments it)."""
+    mask = np.zeros((size, size), bool)
+    for x0, y0, x1, y1 in np.asarray(boxes, np.float32).reshape(-1, 4):
+        left, top = max(0, int(np.floor(x0))), max(0, int(np.floor(y0)))
+        right, bottom = min(size, int(np.ceil(x1))), min(size, int(np.ceil(y1)))
+        mask[top:bottom, left:right] = True
+    return mask

@@ -1,0 +1,215 @@
+"""`dvc repro` on real dataset layouts at CI size: MIMIC-CXR-JPG pre-trains, and CheXpert,
+CheXpert 5x200, RSNA (classification and detection splits), SIIM, COVIDx and Object-CXR are
+scored with MGCA's protocol. Every configured (task, set, fraction) lands in metrics.json
+marked real, and each set's splits have its protocol's proportions."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import math
+import shutil
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from pipeline_helpers import ROOT, dvc_yaml_for, sh, stage_environment
+from protocol_layouts import build_all
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+
+STAGES = ("ingest", "reports", "similarity", "pretrain", "evaluate", "publish")
+FRACTIONS = (0.1, 1.0)
+PER_FINDING = 2  # CheXpert 5x200 at CI size: 2 per finding
+TASKS = {
+    "classification": ["chexpert", "rsna", "covidx"],
+    "segmentation": ["siim", "rsna_detection"],
+    "detection": ["rsna_detection", "object_cxr"],
+    "zero_shot": ["chexpert_5x200"],
+    "retrieval": ["pretrain"],
+}
+
+
+def protocol_params(layouts: dict[str, Path]) -> dict:
+    """profiles/ci.yaml on the real layouts, with the paper profile's sets and tasks."""
+    params = yaml.safe_load((ROOT / "profiles" / "ci.yaml").read_text())
+    paper = yaml.safe_load((ROOT / "profiles" / "paper.yaml").read_text())
+    ingest = params["ingest"]
+    ingest.update(source="mimic_cxr", source_path=str(layouts["mimic_cxr"]))
+    ingest["max_quarantine_fraction"] = 0.0  # every record of these layouts loads
+    sets = paper["ingest"]["downstream"]["sets"]
+    folder_of = {
+        "chexpert": "chexpert",
+        "chexpert_5x200": "chexpert",
+        "rsna": "rsna",
+        "rsna_detection": "rsna",
+        "siim": "siim",
+        "covidx": "covidx",
+        "object_cxr": "object_cxr",
+    }
+    for name, layout in folder_of.items():
+        sets[name]["path"] = str(layouts[layout])
+    sets["chexpert"].update(val_images=10, per_finding=PER_FINDING)
+    sets["chexpert_5x200"]["per_finding"] = PER_FINDING
+    ingest["downstream"] = {"label_fractions": list(FRACTIONS), "seeds": [0], "sets": sets}
+    params["evaluate"].update(tasks=TASKS, inits=["sista", "random"], probe_epochs=20, head_steps=4)
+    params["evaluate"]["localisation_images"] = 0
+    params["publish"]["metric"] = "classification/chexpert/auroc@0.1"
+    params["pretrain"]["optim"]["epochs"] = 1
+    return params
+
+
+@pytest.fixture(scope="module")
+def protocol_run(tmp_path_factory):
+    layouts = build_all(tmp_path_factory.mktemp("layouts"))
+    folder = tmp_path_factory.mktemp("protocol")
+    (folder / "params.yaml").write_text(yaml.safe_dump(protocol_params(layouts)))
+    (folder / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml_for(STAGES), sort_keys=False))
+    env = stage_environment(
+        {
+            "DVC_NO_ANALYTICS": "1",
+            "GIT_AUTHOR_NAME": "test",
+            "GIT_AUTHOR_EMAIL": "test@example.invalid",
+            "GIT_COMMITTER_NAME": "test",
+            "GIT_COMMITTER_EMAIL": "test@example.invalid",
+        }
+    )
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    for command in (
+        ["git", "init", "-q"],
+        [dvc, "init", "-q"],
+        [dvc, "config", "core.analytics", "false"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "protocol run"],
+    ):
+        sh(command, folder, env)
+    sh([dvc, "repro"], folder, env, timeout=1500)
+    shown = sh([dvc, "metrics", "show"], folder, env)
+    yield {"folder": folder, "layouts": layouts, "metrics_show": shown.stdout}
+    shutil.rmtree(layouts["mimic_cxr"].parents[1], ignore_errors=True)
+
+
+def test_every_configured_cell_is_in_the_table_marked_real(protocol_run):
+    metrics = json.loads((protocol_run["folder"] / "data/evaluate/metrics.json").read_text())
+    for task in ("classification", "segmentation", "detection"):
+        assert set(metrics[task]) == set(TASKS[task])
+        for dataset, block in metrics[task].items():
+            assert block["images"] == "real", (task, dataset)
+            metric = "accuracy" if dataset == "covidx" else None
+            metric = metric or {"classification": "auroc", "segmentation": "dice"}.get(
+                task, "map_40_75"
+            )
+            for init in ("sista", "random"):
+                by_fraction = block[metric][init]
+                assert set(by_fraction) == {f"{f:g}" for f in FRACTIONS}, (task, dataset)
+                assert all(0.0 <= v["mean"] <= 1.0 for v in by_fraction.values())
+    zero_shot = metrics["zero_shot"]["chexpert_5x200"]
+    assert zero_shot["images"] == "real" and set(zero_shot) == {"images", "auroc", "accuracy"}
+    assert metrics["retrieval"]["pretrain"]["images"] == "real"
+    table = (protocol_run["folder"] / "data/publish/results.md").read_text()
+    assert "### classification · covidx (real images): accuracy" in table
+    assert "PHANTOM" not in table
+
+
+def test_dvc_metrics_show_is_one_row_per_task_set_and_fraction(protocol_run):
+    rows = [line for line in protocol_run["metrics_show"].splitlines() if "headline" in line]
+    assert len(rows) == 7 * len(FRACTIONS) + 2  # 7 trained (task, set), zero-shot, retrieval
+    assert any("classification.covidx.accuracy@10%" in row for row in rows)
+    header = protocol_run["metrics_show"].splitlines()[0].split()
+    assert header == ["Path", "candidate_score", "random", "sista"]  # readable in a terminal
+
+
+def manifest(protocol_run) -> list[dict]:
+    path = protocol_run["folder"] / "data/ingest/manifest.parquet"
+    return pq.read_table(path).to_pylist()
+
+
+def split_counts(rows: list[dict], dataset: str, key: str = "record_id") -> Counter:
+    return Counter(
+        r["split"] for r in {r[key]: r for r in rows if r["dataset"] == dataset}.values()
+    )
+
+
+def test_splits_follow_each_sets_protocol(protocol_run):
+    rows = manifest(protocol_run)
+    layouts = protocol_run["layouts"]
+    by_set = {name: [r for r in rows if r["dataset"] == name] for name in TASKS["classification"]}
+    # MIMIC-CXR: the official split (train pre-trains, validate validates, test retrieves)
+    split_csv = gzip.decompress(
+        (layouts["mimic_cxr"] / "mimic-cxr-2.0.0-split.csv.gz").read_bytes()
+    )
+    official = {r["dicom_id"]: r["split"] for r in csv.DictReader(io.StringIO(split_csv.decode()))}
+    for row in (r for r in rows if r["dataset"] == "pretrain"):
+        assert {"train": "train", "validate": "val", "test": "test"}[
+            official[row["record_id"]]
+        ] == (row["split"])
+    # CheXpert: test = valid.csv; 5x200 held out of training; val = whole patients >= 10 images
+    chexpert = by_set["chexpert"]
+    valid_rows = (layouts["chexpert"] / "valid.csv").read_text().strip().splitlines()[1:]
+    assert sum(r["split"] == "test" for r in chexpert) == len(valid_rows)
+    held_out = {r["record_id"] for r in rows if r["dataset"] == "chexpert_5x200"}
+    assert len(held_out) == 5 * PER_FINDING
+    assert all(r["split"] == "test" for r in rows if r["dataset"] == "chexpert_5x200")
+    assert not held_out & {r["record_id"] for r in chexpert}
+    val = [r for r in chexpert if r["split"] == "val"]
+    assert len(val) >= 10 and not {r["patient_id"] for r in val} & {
+        r["patient_id"] for r in chexpert if r["split"] == "train"
+    }
+    for row in rows:
+        if row["dataset"] == "chexpert_5x200":
+            assert sorted(row["labels"]).count(1.0) == 1  # one finding positive, alone
+
+    def patients(name: str) -> Counter:
+        return split_counts(rows, name, key="patient_id")
+
+    # RSNA: 70 / 15 / 15 (classification) and 60 / 20 / 20 (detection) of patients
+    for name, fraction in (("rsna", 0.15), ("rsna_detection", 0.2)):
+        counts = patients(name)
+        total = sum(counts.values())
+        assert counts["test"] == round(fraction * total) == counts["val"], (name, counts)
+    # SIIM: 15 % / 15 % of patients; training positives and negatives balanced
+    siim = [r for r in rows if r["dataset"] == "siim"]
+    counts = patients("siim")
+    sets = json.loads((protocol_run["folder"] / "data/ingest/sets.json").read_text())
+    total = sum(counts.values()) + sets["siim"]["excluded_by_protocol"].get("balance_train", 0)
+    assert counts["test"] == round(0.15 * total) == counts["val"]
+    train_labels = Counter(r["labels"][0] for r in siim if r["split"] == "train")
+    assert 0 < train_labels[0.0] <= train_labels[1.0]  # negatives beyond positives left out
+    if sets["siim"]["excluded_by_protocol"]:
+        assert train_labels[0.0] == train_labels[1.0]
+    # COVIDx: the official test list, 20 % of training patients validate, 3 classes
+    covidx = by_set["covidx"]
+    test_lines = (layouts["covidx"] / "test.txt").read_text().strip().splitlines()
+    assert sum(r["split"] == "test" for r in covidx) == len(test_lines)
+    train_patients = {r["patient_id"] for r in covidx if r["split"] != "test"}
+    assert patients("covidx")["val"] == round(0.2 * len(train_patients))
+    assert all(sum(r["labels"]) == 1.0 and len(r["labels"]) == 3 for r in covidx)
+    # Object-CXR: the dev set is the test split, 10 % of train validates
+    object_cxr = [r for r in rows if r["dataset"] == "object_cxr"]
+    dev_rows = (layouts["object_cxr"] / "dev.csv").read_text().strip().splitlines()[1:]
+    assert sum(r["split"] == "test" for r in object_cxr) == len(dev_rows)
+    assert sum(r["split"] == "val" for r in object_cxr) == math.floor(
+        0.1 * sum(r["split"] != "test" for r in object_cxr) + 0.5
+    )
+
+
+def test_label_subsets_are_nested_and_saved_per_set(protocol_run):
+    subsets = protocol_run["folder"] / "data/ingest/subsets"
+    rows = manifest(protocol_run)
+    trained = {
+        name for task in ("classification", "segmentation", "detection") for name in TASKS[task]
+    }
+    for dataset in trained:
+        small, full = (
+            set((subsets / f"{dataset}-train-frac{f:g}-seed0.txt").read_text().split())
+            for f in FRACTIONS
+        )
+        assert small and small <= full, dataset
+        assert full == {
+            r["record_id"] for r in rows if r["dataset"] == dataset and r["split"] == "train"
+        }
