@@ -413,7 +413,8 @@ def headline(summary: dict) -> dict[str, dict[str, float]]:
 def heat_map_figures(params: Params, out: Path) -> dict[str, Any]:
     """STA heat maps of the pre-trained SISTA model on phantoms with one focal finding, and
     how often the finding's name attends inside its ground-truth mask more than a uniform
-    map would (the localisation rate)."""
+    map would (the localisation rate) and points into it (the pointing game); the same
+    checks of the dense-token baseline when it is evaluated (``dense``)."""
     from sista_core import SISTAModel
     from sista_core.explain import FOCAL_FINDINGS, explain_png, focal_report, localisation_rate
     from sista_core.findings import Finding
@@ -431,7 +432,13 @@ def heat_map_figures(params: Params, out: Path) -> dict[str, Any]:
             out / f"heatmap_{name}.png",
             words=[name],
         )
-    return localisation_rate(model, params.evaluate.localisation_images, seed=20_000)
+    found = localisation_rate(model, params.evaluate.localisation_images, seed=20_000)
+    if "dense" in params.evaluate.inits:
+        dense = SISTAModel.from_pretrained(stage_dir(params, "pretrain") / "dense" / "model")
+        found["dense"] = localisation_rate(
+            dense.eval(), params.evaluate.localisation_images, seed=20_000
+        )
+    return found
 
 
 def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any]:

@@ -41,10 +41,12 @@ def should_promote(candidate: float, champion: float | None, higher_is_better: b
 
 # Entries of evaluate's metrics.json that are not task tables.
 NOT_TASKS = ("heatmap_localisation",)
-IMAGES_NOTE = {
-    "real": "real images",
-    "phantom": "PHANTOM images: synthetic radiographs placed by real labels, masks or boxes",
-}
+IMAGES_NOTE = {"real": "real images", "phantom": "PHANTOM images"}
+PHANTOM_FOOTNOTE = (
+    "PHANTOM images: synthetic radiographs rendered from real labels, masks or boxes "
+    "(docs/data.md); they show that the pipeline and the method work, not chest X-ray results."
+)
+TASK_ORDER = ("classification", "segmentation", "detection", "zero_shot", "retrieval")
 
 
 def results_markdown(summary: dict[str, Any]) -> str:
@@ -52,10 +54,9 @@ def results_markdown(summary: dict[str, Any]) -> str:
     100 % columns, mean ± std over seeds); a task without labels: inits x metrics. Each
     block says whether its set's images are real or phantoms."""
     lines = []
-    for task, by_set in summary.items():
-        if task in NOT_TASKS:
-            continue
-        for dataset, block in by_set.items():
+    tasks = sorted((t for t in summary if t not in NOT_TASKS), key=_task_rank)
+    for task in tasks:
+        for dataset, block in summary[task].items():
             by_metric = {m: v for m, v in block.items() if m != "images"}
             title = f"### {task} · {dataset} ({IMAGES_NOTE[block['images']]})\n"
             fractions = sorted(
@@ -87,7 +88,33 @@ def results_markdown(summary: dict[str, Any]) -> str:
             f"{found['rate']:.0%}; mean mass in the mask {found['mean_mass_in_mask']:.3f} vs "
             f"{found['mean_uniform_mass']:.3f} uniform.\n"
         )
+        lines += pointing_game_table(found)
+    if any(b.get("images") == "phantom" for t in tasks for b in summary[t].values()):
+        lines.append(PHANTOM_FOOTNOTE + "\n")
     return "\n".join(lines) + "\n"
+
+
+def _task_rank(task: str) -> int:
+    return TASK_ORDER.index(task) if task in TASK_ORDER else len(TASK_ORDER)
+
+
+def pointing_game_table(found: dict[str, Any]) -> list[str]:
+    """Per finding, the share of phantoms whose word's highest-attention patch lies in the
+    finding's mask: SISTA, the dense baseline where scored, and a uniformly random patch."""
+    if "pointing_game" not in found:
+        return []
+    models = {"SISTA": found} | ({"dense": found["dense"]} if "dense" in found else {})
+    lines = [
+        "### pointing game (phantoms with one focal finding; the word's top patch in its mask)\n",
+        "| finding | images | " + " | ".join(models) + " | uniform patch |",
+        "|---" * (len(models) + 3) + "|",
+    ]
+    for finding in [*found["per_finding"], "all"]:
+        rows = [m if finding == "all" else m["per_finding"][finding] for m in models.values()]
+        scores = " | ".join(f"{row['pointing_game']:.2f}" for row in rows)
+        count, chance = rows[0]["num_images"], rows[0]["uniform_pointing"]
+        lines.append(f"| {finding} | {count} | {scores} | {chance:.2f} |")
+    return [*lines, ""]
 
 
 def _language_table(by_metric: dict[str, Any]) -> list[str]:

@@ -28,7 +28,11 @@ import torch.nn.functional as F  # noqa: E402
 
 from sista_core.encoders import TextEncoder  # noqa: E402
 from sista_core.encoders.text import collate_tokens  # noqa: E402
-from sista_core.similarity import similarity_statistics, topk_neighbours  # noqa: E402
+from sista_core.similarity import (  # noqa: E402
+    flag_quality,
+    similarity_statistics,
+    topk_neighbours,
+)
 
 from .config import Params  # noqa: E402
 from .pretrain_data import TOKEN_COLUMNS  # noqa: E402
@@ -38,6 +42,7 @@ from .stage_storage import stage_output  # noqa: E402
 from .tracking import stage_run  # noqa: E402
 
 TEXT_STATES = "text_states"  # folder: the pre-training text encoder's frozen-layer states
+QUALITY_REPORTS = 20_000  # flag precision and recall: every pair of at most this many reports
 
 
 class SentenceEmbedder:
@@ -145,18 +150,60 @@ def write_text_states(
     (folder / "states.json").write_text(json.dumps(meta))
 
 
-def plot_statistics(stats: dict[str, Any], threshold: float, path: Path) -> None:
-    """Histogram of report-report similarity with the configured SIA threshold marked."""
+def label_semantics(labels: np.ndarray) -> np.ndarray:
+    """The ``semantics: labels`` vectors pre-training uses (components/pretrain_data.py):
+    positive 1, uncertain 0.5, negative and not mentioned 0."""
+    labels = np.asarray(labels, np.float32)
+    return np.where(labels == -1, 0.5, np.nan_to_num(labels, nan=0.0))
+
+
+def findings_key(labels: list[float]) -> tuple[int, ...]:
+    """What a report's phantom is drawn from: the findings it states positive or uncertain.
+    Two reports with the same key are false negatives of each other."""
+    return tuple(i for i, value in enumerate(labels) if value in (1.0, -1.0))
+
+
+def semantics_quality(
+    embeddings: np.ndarray, labels: list[list[float]], thresholds: list[float], seed: int
+) -> dict[str, dict]:
+    """``flag_quality`` of each ``pretrain.semantics`` source against labeler-equal findings,
+    over every pair of (at most 20,000 seeded) reports."""
+    chosen = np.arange(len(labels))
+    if len(chosen) > QUALITY_REPORTS:
+        chosen = np.sort(np.random.default_rng(seed).choice(len(chosen), QUALITY_REPORTS, False))
+    truth = [findings_key(labels[i]) for i in chosen]
+    sources = {
+        "embedding": torch.from_numpy(np.asarray(embeddings, np.float32)[chosen]),
+        "labels": torch.from_numpy(label_semantics(np.asarray(labels)[chosen])),
+    }
+    return {name: flag_quality(vectors, truth, thresholds) for name, vectors in sources.items()}
+
+
+def plot_statistics(stats: dict[str, Any], threshold: float, source: str, path: Path) -> None:
+    """Histogram of report-report similarity with the configured SIA threshold marked, and
+    the precision and recall of each semantics source's flags against equal findings."""
     edges = np.array(stats["bin_edges"])
     counts = np.array(stats["histogram"], dtype=float)
-    figure, axis = plt.subplots(figsize=(7, 3.5))
+    figure, (axis, quality) = plt.subplots(1, 2, figsize=(12, 3.8))
     axis.bar(edges[:-1], counts / counts.sum(), width=np.diff(edges), align="edge")
     axis.axvline(threshold, color="crimson", linestyle="--", label=f"sia.threshold = {threshold}")
-    axis.set_xlabel("cosine similarity of two reports (frozen MiniLM)")
+    encoder = "frozen MiniLM embeddings" if source == "embedding" else "labeler finding vectors"
+    axis.set_xlabel(f"cosine similarity of two reports ({encoder})")
     axis.set_ylabel("fraction of report pairs")
     axis.set_yscale("log")
     axis.legend()
     axis.set_title(f"{stats['num_reports']} reports ({stats['method']})")
+    for name, table in stats["flag_quality"].items():
+        levels = sorted(float(k) for k in table if k != "equal_fraction")
+        for metric, style in (("precision", "-"), ("recall", "--")):
+            values = [table[str(level)][metric] for level in levels]
+            quality.plot(levels, values, style, marker="o", label=f"{name} {metric}")
+    quality.axvline(threshold, color="crimson", linestyle=":", label=f"δ, semantics={source}")
+    quality.set_xlabel("threshold δ")
+    quality.set_ylabel("against labeler-equal findings")
+    quality.set_ylim(-0.02, 1.02)
+    quality.legend(fontsize=7)
+    quality.set_title("which pairs SIA flags: precision and recall")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -166,7 +213,7 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
     config = params.similarity
     reports = pq.read_table(
         stage_dir(params, "reports") / "reports.parquet",
-        columns=["record_id", "text", *TOKEN_COLUMNS],
+        columns=["record_id", "text", "labels", *TOKEN_COLUMNS],
     ).to_pylist()
     ensure_ray(params)
     with (
@@ -193,25 +240,38 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
             out / "topk.parquet",
             compression="zstd",
         )
+        threshold, source = params.pretrain.sia.threshold, params.pretrain.semantics
+        levels = sorted({*config.thresholds, float(threshold)})
+        labels = [r["labels"] for r in reports]
+        # The distribution and in-batch rates of the semantics pre-training will compare.
+        semantics = vectors if source == "embedding" else label_semantics(np.array(labels))
         global_batch = params.pretrain.optim.batch_size * params.pretrain.workers
         stats = similarity_statistics(
-            vectors,
-            thresholds=config.thresholds,
+            F.normalize(torch.as_tensor(semantics, dtype=torch.float32), dim=1),
+            thresholds=levels,
             batch_size=global_batch,
             seed=params.ingest.seed,
         )
+        stats["semantics"] = source
+        stats["flag_quality"] = semantics_quality(embeddings, labels, levels, params.ingest.seed)
         (out / "stats.json").write_text(json.dumps(stats, indent=2))
-        plot_statistics(stats, params.pretrain.sia.threshold, out / "similarity_histogram.png")
-        threshold_key = str(float(params.pretrain.sia.threshold))
+        plot_statistics(stats, threshold, source, out / "similarity_histogram.png")
+        threshold_key = str(float(threshold))
+        chosen = stats["flag_quality"][source][threshold_key]
         summary = {
             "reports": len(ids),
             "mean_similarity": round(stats["mean"], 4),
             "batch_false_negative_rate": stats["batch"]
             .get(threshold_key, {})
             .get("pair_fraction_mean"),
+            "equal_findings_pair_fraction": stats["flag_quality"][source]["equal_fraction"],
+            "flag_precision": chosen["precision"],
+            "flag_recall": chosen["recall"],
+            "flagged_pair_fraction": chosen["flagged_fraction"],
         }
+        mlflow.log_params({"sia.threshold": threshold, "semantics": source})
         extra["summary"] = summary
-        mlflow.log_metrics({k: float(v) for k, v in summary.items() if v is not None})
+        mlflow.log_metrics({k: float(v) for k, v in summary.items() if v is not None and v == v})
         mlflow.log_artifact(str(out / "similarity_histogram.png"))
     return summary
 

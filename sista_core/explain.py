@@ -124,20 +124,41 @@ def attention_mass_in_mask(attention_hw: torch.Tensor, mask: np.ndarray | torch.
     return float((attention_hw * coverage).sum()) / total if total > 0 else 0.0
 
 
+def points_inside(
+    attention_hw: torch.Tensor, mask: np.ndarray | torch.Tensor
+) -> tuple[bool, float]:
+    """The pointing game: whether the map's highest patch overlaps the mask (a hit), and the
+    hit rate of a uniformly random patch (the share of patches that overlap it). An all-zero
+    map points nowhere: a miss."""
+    mask = torch.as_tensor(mask, dtype=torch.float32)
+    coverage = F.adaptive_avg_pool2d(mask[None, None], tuple(attention_hw.shape))[0, 0]
+    touched = coverage.flatten() > 0
+    chance = float(touched.float().mean())
+    if float(attention_hw.max()) <= 0:
+        return False, chance
+    return bool(touched[int(attention_hw.flatten().argmax())]), chance
+
+
 def focal_report(finding: Finding) -> str:
     """A one-line report naming a drawn focal finding and its side: "Left pneumothorax."."""
     phrase = FOCAL_FINDINGS[finding.observation]
     return f"{finding.side} {phrase}.".capitalize() if finding.side else f"{phrase.capitalize()}."
 
 
-def _summary(masses: list[float], uniform: list[float]) -> dict[str, int | float]:
+def _summary(
+    masses: list[float], uniform: list[float], points: list[bool], chances: list[float]
+) -> dict[str, int | float]:
     """Count, hit rates and mean masses of one group of images (NaN for an empty group).
 
     ``rate``: share of images whose naming word puts more mass in the mask than a uniform
     map; ``majority_rate``: share where it puts most of its mass (> 1/2) in the mask, and
-    ``uniform_majority_rate`` the same for a uniform map (the mask's area above 1/2)."""
+    ``uniform_majority_rate`` the same for a uniform map (the mask's area above 1/2);
+    ``pointing_game``: share whose highest patch overlaps the mask, ``uniform_pointing``
+    the same for a uniformly random patch."""
     hits = [mass > chance for mass, chance in zip(masses, uniform, strict=True)]
     return {
+        "pointing_game": float(np.mean(points)) if points else float("nan"),
+        "uniform_pointing": float(np.mean(chances)) if chances else float("nan"),
         "num_images": len(masses),
         "rate": float(np.mean(hits)) if hits else float("nan"),
         "majority_rate": float(np.mean([m > 0.5 for m in masses])) if masses else float("nan"),
@@ -158,10 +179,13 @@ def localisation_rate(
     more attention inside the finding's mask than a uniform map would (the mask's area).
 
     Returns ``num_images`` (those where the finding was drawn), ``rate``,
-    ``mean_mass_in_mask``, ``mean_uniform_mass`` and the same per finding.
+    ``mean_mass_in_mask``, ``mean_uniform_mass``, the pointing game (``pointing_game``
+    against ``uniform_pointing``) and the same per finding.
     """
     model_size = model.image_encoder.config.img_size
-    records: dict[str, tuple[list[float], list[float]]] = {o: ([], []) for o in FOCAL_FINDINGS}
+    records: dict[str, tuple[list, list, list, list]] = {
+        o: ([], [], [], []) for o in FOCAL_FINDINGS
+    }
     for index in range(num_images):
         observation = list(FOCAL_FINDINGS)[index % len(FOCAL_FINDINGS)]
         phantom = render([Finding(observation)], seed + index, size or model_size)
@@ -172,13 +196,15 @@ def localisation_rate(
         )
         naming = find_words(words, [FOCAL_FINDINGS[observation].split()[-1]])[0]
         mask = phantom.masks[observation]
-        masses, uniform = records[observation]
+        masses, uniform, points, chances = records[observation]
         masses.append(attention_mass_in_mask(attention[naming], mask))
         # Chance through the same function, so the uniform map sees the same patch coverage.
         uniform.append(attention_mass_in_mask(torch.ones_like(attention[naming]), mask))
-    all_masses = [m for masses, _ in records.values() for m in masses]
-    all_uniform = [u for _, uniform in records.values() for u in uniform]
+        hit, chance = points_inside(attention[naming], mask)
+        points.append(hit)
+        chances.append(chance)
+    pooled = [[value for group in records.values() for value in group[i]] for i in range(4)]
     return {
-        **_summary(all_masses, all_uniform),
-        "per_finding": {name: _summary(*pair) for name, pair in records.items()},
+        **_summary(*pooled),
+        "per_finding": {name: _summary(*group) for name, group in records.items()},
     }

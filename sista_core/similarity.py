@@ -529,3 +529,51 @@ def _histogram_mean(histogram: torch.Tensor, bin_edges: torch.Tensor) -> float:
     centres = (bin_edges[1:] + bin_edges[:-1]) / 2
     total = int(histogram.sum())
     return float((histogram.double() * centres.double()).sum() / total) if total else math.nan
+
+
+def flag_quality(
+    semantics: torch.Tensor,
+    truth: Sequence[object],
+    thresholds: Sequence[float],
+    block_size: int = 2048,
+) -> dict[str, dict[str, float]]:
+    """How well ``R >= δ`` finds the pairs that should not be negatives, over every unordered
+    pair of a corpus: ``semantics`` (N, d) rows (cosine similarity; a zero row is similar to
+    nothing) and ``truth[i]``, a hashable key per row, two rows being a true false negative
+    when their keys are equal (e.g. the same labeler findings). Per δ: ``precision`` (share of
+    flagged pairs that are equal), ``recall`` (share of equal pairs flagged; NaN when none is)
+    and ``flagged_fraction`` (share of all pairs flagged: the expected in-batch flag rate).
+    ``equal_fraction`` is the share of equal pairs. Exact, in blocks of ``block_size`` rows."""
+    count = semantics.shape[0]
+    if count != len(truth):
+        raise ValueError(f"{count} semantics rows but {len(truth)} truth keys")
+    codes = {key: code for code, key in enumerate(dict.fromkeys(truth))}
+    key = torch.tensor([codes[item] for item in truth])
+    unit = F.normalize(semantics.float(), dim=1)
+    levels = sorted(float(t) for t in thresholds)
+    flagged = torch.zeros(len(levels), dtype=torch.float64)
+    hits = torch.zeros(len(levels), dtype=torch.float64)
+    equal = 0.0
+    for start in range(0, count, block_size):
+        stop = min(start + block_size, count)
+        sims = unit[start:stop] @ unit.T  # (b, N)
+        same = key[start:stop, None] == key[None, :]
+        upper = torch.arange(count)[None, :] > torch.arange(start, stop)[:, None]  # i < j
+        sims, same = sims[upper], same[upper]
+        equal += float(same.sum())
+        for m, level in enumerate(levels):
+            above = sims >= level
+            flagged[m] += float(above.sum())
+            hits[m] += float((above & same).sum())
+    pairs = count * (count - 1) / 2
+    return {
+        "equal_fraction": equal / pairs,
+        **{
+            str(level): {
+                "precision": float(hits[m] / flagged[m]) if flagged[m] else math.nan,
+                "recall": float(hits[m] / equal) if equal else math.nan,
+                "flagged_fraction": float(flagged[m] / pairs),
+            }
+            for m, level in enumerate(levels)
+        },
+    }

@@ -44,7 +44,15 @@ SUMMARY = {
         "uniform_majority_rate": 0.0,
         "mean_mass_in_mask": 0.2,
         "mean_uniform_mass": 0.1,
-        "per_finding": {},
+        "pointing_game": 0.5,
+        "uniform_pointing": 0.2,
+        "per_finding": {
+            "Nodule": {"num_images": 40, "pointing_game": 0.5, "uniform_pointing": 0.2}
+        },
+        "dense": {
+            "pointing_game": 0.25,
+            "per_finding": {"Nodule": {"pointing_game": 0.25}},
+        },
     },
 }
 
@@ -63,6 +71,8 @@ def test_metric_value_and_table():
     assert "| init (no labels) | image_to_text_recall_at_1 | text_to_image_recall_at_1 |" in table
     assert "| sista | 0.120 | 0.100 |" in table
     assert "inside the finding's mask on 10% of them (a uniform map: 0%)" in table
+    assert "| finding | images | SISTA | dense | uniform patch |" in table
+    assert "| Nodule | 40 | 0.50 | 0.25 | 0.20 |" in table
 
 
 @pytest.fixture

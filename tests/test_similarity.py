@@ -212,3 +212,38 @@ def test_sample_batches_are_epochs_of_disjoint_batches():
     assert all(batch.unique().numel() == 30 for batch in batches)
     assert torch.equal(batches, sample_batches(100, 30, 7, seed=0))
     assert not torch.equal(batches, sample_batches(100, 30, 7, seed=1))
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 64])
+def test_flag_precision_and_recall_on_a_hand_made_corpus(block_size):
+    """Five reports: a, b, c state the same findings; d and e others. R: a-b 0.96 (equal,
+    flagged at 0.9), a-c 0.6 (equal, missed), d-e 0.92 (not equal, a false flag); the rest
+    below 0.5. At 0.9: 2 flagged pairs, 1 right: precision 1/2; 3 equal pairs, 1 found:
+    recall 1/3; 2 of 10 pairs flagged."""
+    from sista_core.similarity import flag_quality
+
+    def unit(angle: float) -> list[float]:
+        return [math.cos(angle), math.sin(angle), 0.0]
+
+    a = unit(0.0)
+    b = unit(math.acos(0.96))
+    c = unit(-math.acos(0.6))
+    d = [0.0, 0.0, 1.0]
+    e = [math.sqrt(1 - 0.92**2), 0.0, 0.92]
+    vectors = torch.tensor([a, b, c, d, e])
+    truth = ["effusion", "effusion", "effusion", "normal", "nodule"]
+    quality = flag_quality(vectors, truth, [0.5, 0.9, 0.99], block_size=block_size)
+    assert quality["equal_fraction"] == pytest.approx(3 / 10)
+    at_09 = quality["0.9"]
+    assert at_09["precision"] == pytest.approx(1 / 2)
+    assert at_09["recall"] == pytest.approx(1 / 3)
+    assert at_09["flagged_fraction"] == pytest.approx(2 / 10)
+    assert math.isnan(quality["0.99"]["precision"]) and quality["0.99"]["recall"] == 0.0
+    assert quality["0.5"]["recall"] == pytest.approx(2 / 3)  # b-c is only 0.35
+
+
+def test_a_zero_semantics_row_is_similar_to_nothing():
+    from sista_core.similarity import flag_quality
+
+    quality = flag_quality(torch.zeros(3, 4), ["x", "x", "y"], [0.5])
+    assert quality["0.5"]["flagged_fraction"] == 0.0 and quality["0.5"]["recall"] == 0.0

@@ -208,6 +208,20 @@ def test_localisation_rate_summarises_rendered_phantoms(tiny_model):
     assert 0.0 < result["mean_uniform_mass"] < 0.5  # focal findings cover a small area
     assert result["per_finding"]["Pneumothorax"]["num_images"] == 1
     assert result["per_finding"]["Nodule"]["num_images"] == 1
+    assert 0.0 < result["uniform_pointing"] < 0.5 and result["pointing_game"] in (0.0, 0.5, 1.0)
+
+
+def test_the_pointing_game_hits_when_the_top_patch_overlaps_the_mask():
+    from sista_core.explain import points_inside
+
+    mask = np.zeros((8, 8), bool)
+    mask[0:3, 0:3] = True  # overlaps the top-left 2 x 2 patches of a 4 x 4 grid
+    attention = torch.zeros(4, 4)
+    attention[1, 1] = 0.9
+    assert points_inside(attention, mask) == (True, 4 / 16)
+    attention[1, 1], attention[3, 3] = 0.1, 0.9
+    assert points_inside(attention, mask) == (False, 4 / 16)
+    assert points_inside(torch.zeros(4, 4), mask)[0] is False  # a map pointing nowhere
 
 
 def test_cli_explain_writes_a_png(saved_model, tmp_path, capsys):
