@@ -36,6 +36,8 @@ from boto3.exceptions import RetriesExceededError, S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
+from sista_core.datasets.paths import PathOutsideRoot, inside
+
 from .artifacts import replace_dir
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,10 @@ class PermissionDenied(StorageError, PermissionError):
 
 class EndpointUnreachable(StorageError, ConnectionError):
     """The S3 endpoint could not be reached within the retry budget."""
+
+
+class UnsafeObjectKey(StorageError, ValueError):
+    """An object key that would be written outside the folder it is copied into."""
 
 
 class ServiceUnavailable(StorageError):
@@ -487,6 +493,15 @@ def download_dir(
     return _copy_tree(str(uri), str(local), settings)
 
 
+def _contained(staging: Path, name: str, key: str, target: str) -> Path:
+    """Where object ``key`` lands below ``staging``; a key with ``..``, an empty segment or
+    an absolute part would land outside: refused before anything is written."""
+    try:
+        return inside(staging, name.replace(os.sep, "/"))
+    except PathOutsideRoot as error:
+        raise UnsafeObjectKey(f"object {key} would be written outside {target}: {error}") from None
+
+
 def _copy_tree(source: str, target: str, settings: StorageSettings) -> list[str]:
     sources = list_prefix(source, settings=settings)
     if not sources:
@@ -503,7 +518,7 @@ def _copy_tree(source: str, target: str, settings: StorageSettings) -> list[str]
     staging.mkdir()  # umask-default mode, unlike mkdtemp's 0o700: it becomes ``final``
     try:
         for path, name in zip(sources, relative, strict=True):
-            _copy_file(path, str(staging / name), settings)
+            _copy_file(path, str(_contained(staging, name, path, target)), settings)
         replace_dir(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -49,6 +49,12 @@ def apply_best(params_path: str | Path, best_path: str | Path) -> dict[str, tupl
 
     params_path = Path(params_path)
     best = read_best(best_path)
+    space = load_params(params_path).sweep.space
+    for key, value in best.items():  # a best file only sets what the sweep searched
+        if key not in space:
+            raise ConfigError(f"{best_path}: {key}: not a swept key (sweep.space)")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{best_path}: {key}: {value!r} is not a number")
     editor = YAML()
     editor.preserve_quotes = True
     document = editor.load(params_path.read_text())

@@ -9,7 +9,6 @@ is a URI (``s3://bucket/prefix``: MLflow's boto3 honours ``MLFLOW_S3_ENDPOINT_UR
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -19,6 +18,7 @@ from typing import Any
 import mlflow
 
 from .config import Params, tracking_uri
+from .secrets import redacted
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -31,21 +31,6 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
-
-
-_SECRET_KEY = re.compile(  # a word of the key: hf_token, aws_secret_access_key (not tokenizer)
-    r"(?:^|[._-])(?:secret|token|password|passwd|credentials?|access_key)(?:$|[._-])",
-    re.IGNORECASE,
-)
-_URL_USER_INFO = re.compile(r"(?<=://)[^/@\s]+@")
-
-
-def redacted(key: str, value: Any) -> str:
-    """``value`` as it may be logged: ``***`` for a key that names a secret, and for the
-    user:password part of any URL in it (``http://user:pw@host`` -> ``http://***@host``)."""
-    if _SECRET_KEY.search(key) and value not in (None, ""):
-        return "***"
-    return _URL_USER_INFO.sub("***@", str(value))
 
 
 def experiment_for(params: Params, stage: str) -> str:

@@ -29,6 +29,7 @@ import yaml
 
 from components.config import ConfigError, Params, load_params, tracking_uri
 from components.preflight import check_resources
+from components.secrets import redacted
 from components.stage import JOBS
 from components.stage_storage import absolute, check_access, on_s3, output_folders, pull
 from components.storage import StorageError
@@ -100,7 +101,7 @@ def submit(
     if env_vars:
         runtime_env["env_vars"] = env_vars
     job_id = client.submit_job(entrypoint=command, runtime_env=runtime_env or None)
-    print(f"submitted job {job_id} to {address}: {command}", flush=True)
+    print(f"submitted job {job_id} to {redacted('address', address)}: {command}", flush=True)
 
     async def stream() -> None:
         async for lines in client.tail_job_logs(job_id):

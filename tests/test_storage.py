@@ -187,6 +187,18 @@ def test_failed_download_dir_leaves_old_folder_untouched(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["local"]
 
 
+@pytest.mark.parametrize("key", ["data/../../escaped.txt", "data//abs/escaped.txt"])
+def test_an_object_key_that_leaves_the_folder_is_refused_before_any_write(tmp_path, key):
+    remote = f"s3://{BUCKET}/unsafe-{abs(hash(key))}"
+    storage.write_bytes(f"{remote}/good.txt", b"fine")
+    storage.write_bytes(f"{remote}/{key}", b"malicious")
+    target = tmp_path / "box" / "copy"
+    with pytest.raises(storage.UnsafeObjectKey, match="would be written outside"):
+        storage.download_dir(remote, target)
+    assert not list(tmp_path.rglob("escaped.txt")) and not target.exists()
+    assert [p.name for p in (tmp_path / "box").iterdir()] == []  # no staging folder left
+
+
 # ---- clear errors -----------------------------------------------------------------------
 
 

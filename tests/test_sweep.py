@@ -102,7 +102,13 @@ def test_apply_refuses_a_result_that_would_make_params_yaml_invalid(tmp_path):
     with pytest.raises(ConfigError, match="pretrain.loss.sia_weight"):
         apply_best(params, best)
     best.write_text("pretrain.losses.sia_weight: 1\n")
-    with pytest.raises(ConfigError, match="has no 'losses'"):
+    with pytest.raises(ConfigError, match="not a swept key"):
+        apply_best(params, best)
+    best.write_text("storage.uri: s3://attacker/bucket\n")  # a key the sweep never searched
+    with pytest.raises(ConfigError, match="storage.uri: not a swept key"):
+        apply_best(params, best)
+    best.write_text("pretrain.loss.sia_weight: [1, 2]\n")
+    with pytest.raises(ConfigError, match="is not a number"):
         apply_best(params, best)
     assert params.read_text() == before
 

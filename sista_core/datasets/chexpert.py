@@ -10,6 +10,7 @@ import numpy as np
 from ..findings import CHEXPERT_OBSERVATIONS
 from .base import DatasetAdapter, RecordRef, Sample
 from .images import MIN_IMAGE_SIDE, read_image
+from .paths import OUTSIDE_ROOT, PathOutsideRoot, check_contained, inside
 from .tables import (
     UncertainPolicy,
     broken_ref,
@@ -80,10 +81,15 @@ class CheXpert(DatasetAdapter):
                 yield broken_ref(record_id, patient_id, "bad_row", str(error))
                 continue
             view = (fields["AP/PA"] or "").strip() or (fields["Frontal/Lateral"] or "").strip()
+            try:
+                image_path = inside(self.root, "/".join(parts[1:]))
+            except PathOutsideRoot as error:
+                yield broken_ref(record_id, patient_id, OUTSIDE_ROOT, str(error))
+                continue
             yield RecordRef(
                 record_id,
                 patient_id,
-                self.root / "/".join(parts[1:]),
+                image_path,
                 meta={
                     "labels": labels,
                     "view": view or None,
@@ -94,6 +100,7 @@ class CheXpert(DatasetAdapter):
 
     def load(self, ref: RecordRef) -> Sample:
         raise_if_broken(ref)
+        check_contained(ref, self.root)
         return Sample(
             record_id=ref.record_id,
             patient_id=ref.patient_id,

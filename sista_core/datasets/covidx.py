@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .base import DatasetAdapter, RecordRef, Sample
 from .images import MIN_IMAGE_SIDE, read_image
+from .paths import OUTSIDE_ROOT, PathOutsideRoot, check_contained, inside
 from .tables import broken_ref, check_split, raise_if_broken
 
 COVIDX_CLASSES: tuple[str, ...] = ("normal", "pneumonia", "COVID-19")
@@ -69,15 +70,21 @@ class Covidx(DatasetAdapter):
                     detail = f"class {label!r} not in {self.classes}"
                     yield broken_ref(filename, patient_id, "bad_row", detail)
                     continue
+                try:
+                    image_path = inside(self.root, f"{self.split}/{filename}")
+                except PathOutsideRoot as error:
+                    yield broken_ref(filename, patient_id, OUTSIDE_ROOT, str(error))
+                    continue
                 yield RecordRef(
                     filename,
                     patient_id,
-                    self.root / self.split / filename,
+                    image_path,
                     meta={"class_index": self.classes.index(label), "source": source},
                 )
 
     def load(self, ref: RecordRef) -> Sample:
         raise_if_broken(ref)
+        check_contained(ref, self.root)
         index = ref.meta["class_index"]
         return Sample(
             record_id=ref.record_id,

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..findings import CHEXPERT_OBSERVATIONS
 from .base import DatasetAdapter, RecordError, RecordRef, Sample
 from .images import MIN_IMAGE_SIDE, read_image
+from .paths import OUTSIDE_ROOT, PathOutsideRoot, check_contained, inside
 from .tables import (
     UncertainPolicy,
     broken_ref,
@@ -110,10 +111,15 @@ class MimicCxrJpg(DatasetAdapter):
                 yield broken_ref(dicom_id, subject_id, "bad_row", f"{self.label_csv}: {error}")
                 continue
             folder = study_folder(subject_id, study_id)
+            try:
+                image_path = inside(self.root, f"{folder.as_posix()}/{dicom_id}.jpg")
+            except PathOutsideRoot as error:
+                yield broken_ref(dicom_id, subject_id, OUTSIDE_ROOT, str(error))
+                continue
             yield RecordRef(
                 dicom_id,
                 subject_id,
-                self.root / folder / f"{dicom_id}.jpg",
+                image_path,
                 meta={
                     "study_id": study_id,
                     "report_path": self.reports_root / folder.with_suffix(".txt"),
@@ -142,6 +148,8 @@ class MimicCxrJpg(DatasetAdapter):
 
     def load(self, ref: RecordRef) -> Sample:
         raise_if_broken(ref)
+        check_contained(ref, self.root)
+        check_contained(ref, self.reports_root, ref.meta["report_path"])
         report = self.read_report(ref)
         return Sample(
             record_id=ref.record_id,

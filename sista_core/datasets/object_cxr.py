@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw
 
 from .base import DatasetAdapter, RecordError, RecordRef, Sample
 from .images import MIN_IMAGE_SIDE, clip_boxes, read_image
+from .paths import OUTSIDE_ROOT, PathOutsideRoot, check_contained, inside
 from .tables import broken_ref, check_split, raise_if_broken, read_rows, row_id
 
 FOREIGN_OBJECT = "foreign_object"
@@ -102,15 +103,21 @@ class ObjectCxr(DatasetAdapter):
             if row.problem or not image_name:
                 yield broken_ref(record_id, record_id, "bad_row", row.problem or "no image_name")
                 continue
+            try:
+                image_path = inside(self.root, f"{self.split}/{image_name}")
+            except PathOutsideRoot as error:
+                yield broken_ref(record_id, record_id, OUTSIDE_ROOT, str(error))
+                continue
             yield RecordRef(
                 record_id,
                 record_id,
-                self.root / self.split / image_name,
+                image_path,
                 meta={"annotation": (row.fields["annotation"] or "").strip()},
             )
 
     def load(self, ref: RecordRef) -> Sample:
         raise_if_broken(ref)
+        check_contained(ref, self.root)
         try:
             shapes = parse_annotation(ref.meta["annotation"])
         except ValueError as error:

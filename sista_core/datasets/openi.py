@@ -14,6 +14,8 @@ from ..reports.labeler import label_report
 from ..reports.openi import read_openi_reports
 from .base import DatasetAdapter, RecordError, RecordRef, Sample
 from .images import MIN_IMAGE_SIDE, read_image
+from .paths import OUTSIDE_ROOT, PathOutsideRoot, check_contained, inside
+from .tables import broken_ref, raise_if_broken
 
 
 class OpenIDataset(DatasetAdapter):
@@ -36,10 +38,15 @@ class OpenIDataset(DatasetAdapter):
     def records(self) -> Iterator[RecordRef]:
         for report in self.reports:
             for image_id in report.image_ids:
+                try:
+                    image_path = inside(self.images, f"{image_id}.png")
+                except PathOutsideRoot as error:
+                    yield broken_ref(image_id, report.report_id, OUTSIDE_ROOT, str(error))
+                    continue
                 yield RecordRef(
                     record_id=image_id,
                     patient_id=report.report_id,
-                    image_path=self.images / f"{image_id}.png",
+                    image_path=image_path,
                     meta={
                         "report_id": report.report_id,
                         "report": report.text,
@@ -52,6 +59,8 @@ class OpenIDataset(DatasetAdapter):
         """Image (uint8, decoded by ``images.read_image``, whose ``RecordError`` reasons it
         keeps), report text and its labeler labels; a report without text is
         ``empty_report``."""
+        raise_if_broken(ref)
+        check_contained(ref, self.images)
         report = ref.meta.get("report", "")
         if not report:
             raise RecordError(ref.record_id, "empty_report", ref.patient_id)

@@ -9,6 +9,7 @@ import numpy as np
 
 from .base import DatasetAdapter, RecordRef, Sample
 from .images import MIN_IMAGE_SIDE, clip_boxes, read_dicom_image
+from .paths import OUTSIDE_ROOT, PathOutsideRoot, check_contained, inside
 from .tables import Row, broken_ref, first_problem, group_rows, raise_if_broken, read_rows
 
 _COLUMNS = ("patientId", "x", "y", "width", "height", "Target")
@@ -79,15 +80,21 @@ class RsnaPneumonia(DatasetAdapter):
             except ValueError as error:
                 yield broken_ref(patient_id, patient_id, "bad_row", str(error))
                 continue
+            try:
+                image_path = inside(self.images, f"{patient_id}.dcm")
+            except PathOutsideRoot as error:
+                yield broken_ref(patient_id, patient_id, OUTSIDE_ROOT, str(error))
+                continue
             yield RecordRef(
                 patient_id,
                 patient_id,
-                self.images / f"{patient_id}.dcm",
+                image_path,
                 meta={"boxes": boxes, "target": target},
             )
 
     def load(self, ref: RecordRef) -> Sample:
         raise_if_broken(ref)
+        check_contained(ref, self.root)
         dicom = read_dicom_image(ref.image_path, ref.record_id, self.min_size)
         target = ref.meta["target"]
         return Sample(

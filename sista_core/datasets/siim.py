@@ -9,6 +9,7 @@ import numpy as np
 
 from .base import DatasetAdapter, RecordError, RecordRef, Sample
 from .images import MIN_IMAGE_SIDE, dicom_patient_id, read_dicom_image
+from .paths import OUTSIDE_ROOT, PathOutsideRoot, check_contained, inside
 from .rle import EMPTY_RLE, rle_decode
 from .tables import broken_ref, first_problem, group_rows, raise_if_broken, read_rows
 
@@ -62,7 +63,11 @@ class SiimPneumothorax(DatasetAdapter):
             if problem:
                 yield broken_ref(image_id, image_id, "bad_row", problem)
                 continue
-            path = paths.get(image_id, self.images / f"{image_id}.dcm")
+            try:
+                path = paths.get(image_id) or inside(self.images, f"{image_id}.dcm")
+            except PathOutsideRoot as error:
+                yield broken_ref(image_id, image_id, OUTSIDE_ROOT, str(error))
+                continue
             parts = [(row.fields["EncodedPixels"] or "").strip() for row in rows]
             yield RecordRef(
                 image_id,
@@ -73,6 +78,7 @@ class SiimPneumothorax(DatasetAdapter):
 
     def load(self, ref: RecordRef) -> Sample:
         raise_if_broken(ref)
+        check_contained(ref, self.root)
         dicom = read_dicom_image(ref.image_path, ref.record_id, self.min_size)
         height, width = dicom.image.shape
         mask = np.zeros((height, width), dtype=bool)
