@@ -4,6 +4,8 @@ a reason ingest can count (``missing_file``, ``zero_byte_file``, ``truncated_ima
 
 from __future__ import annotations
 
+import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +20,11 @@ if TYPE_CHECKING:  # pydicom is optional: only DICOM sources (RSNA, SIIM) need i
 
 MIN_IMAGE_SIDE = 64
 """Default smallest usable side in pixels: below it a radiograph shows no anatomy."""
+
+MAX_PIXELS = 60_000_000
+"""Pixel budget of one image (rows x columns x frames), checked from its header before any
+pixel is decoded: the largest chest radiographs hold about 12 million; a file declaring more
+is ``image_too_large`` (an image bomb decodes to gigabytes from a small file)."""
 
 PERCENTILES = (0.5, 99.5)
 """Intensity percentiles mapped to 0 and 255 when more than 8 bits must become uint8."""
@@ -64,13 +71,20 @@ def read_image(path: Path, record_id: str, min_size: int = MIN_IMAGE_SIDE) -> np
     path = Path(path)
     check_file(path, record_id)
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings(), Image.open(path) as img:
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            width, height = img.size
+            frames = getattr(img, "n_frames", 1)
+            if width * height * frames > MAX_PIXELS:
+                raise RecordError(
+                    record_id, "image_too_large", f"{width}x{height}x{frames} > {MAX_PIXELS} pixels"
+                )
             img.load()
             if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
                 image = scale_to_uint8(np.asarray(img), record_id)
             else:
                 image = np.asarray(img.convert("L"), dtype=np.uint8)
-    except Image.DecompressionBombError as error:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise RecordError(record_id, "image_too_large", str(error)) from error
     except UnidentifiedImageError as error:
         raise RecordError(record_id, "undecodable_image", str(error)) from error
@@ -90,13 +104,44 @@ def _pydicom() -> Any:
     return pydicom
 
 
+DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
+DEFLATED_HEADER_ROOM = 1 << 20  # bytes a deflated file's inflated header may take
+
+
+def dicom_size_problem(path: Path) -> str | None:
+    """Why a DICOM file would decode past ``MAX_PIXELS``, read from its header alone, or
+    None. A deflated file is inflated first with a cap (its header is inside the deflated
+    stream), so a small file that inflates to gigabytes is refused before it does."""
+    pydicom = _pydicom()
+    with open(path, "rb") as handle:
+        pydicom.filereader.read_preamble(handle, False)
+        meta = pydicom.filereader._read_file_meta_info(handle)
+        if str(meta.get("TransferSyntaxUID", "")) == DEFLATED:
+            cap = 4 * MAX_PIXELS + DEFLATED_HEADER_ROOM  # 16-bit pixels, two samples
+            inflated = zlib.decompressobj(-zlib.MAX_WBITS).decompress(handle.read(), cap + 1)
+            if len(inflated) > cap:
+                return f"deflated data inflates past {cap} bytes"
+    header = pydicom.dcmread(path, stop_before_pixels=True)
+    rows, columns = int(header.get("Rows", 0) or 0), int(header.get("Columns", 0) or 0)
+    frames = int(header.get("NumberOfFrames", 1) or 1)
+    if rows * columns * frames > MAX_PIXELS:
+        return f"{columns}x{rows}x{frames} > {MAX_PIXELS} pixels"
+    return None
+
+
 def open_dicom(path: Path, record_id: str) -> Dataset:
-    """Parse a DICOM file (header and raw pixel bytes, nothing decoded yet)."""
+    """Parse a DICOM file (header and raw pixel bytes, nothing decoded yet), after its header
+    says it fits ``MAX_PIXELS`` (``image_too_large`` otherwise)."""
     path = Path(path)
     check_file(path, record_id)
     pydicom = _pydicom()
     try:
+        problem = dicom_size_problem(path)
+        if problem:
+            raise RecordError(record_id, "image_too_large", problem)
         return pydicom.dcmread(path)
+    except RecordError:
+        raise
     except pydicom.errors.InvalidDicomError as error:
         raise RecordError(record_id, "not_dicom", str(error)) from error
     except Exception as error:  # a damaged header fails in many ways; the listing goes on
@@ -181,6 +226,8 @@ def dicom_patient_id(path: Path) -> str | None:
     """PatientID from a DICOM header alone (no pixels read: cheap enough for a listing);
     None when the file is missing or unreadable, which ``load`` then reports properly."""
     try:
+        if dicom_size_problem(path):  # load reports it; the listing reads no bomb
+            return None
         dataset = _pydicom().dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
     except Exception:  # any unreadable file: the listing must go on
         return None

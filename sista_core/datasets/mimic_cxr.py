@@ -32,6 +32,10 @@ def study_folder(subject_id: str, study_id: str) -> Path:
     return Path("files", f"p{subject_id[:2]}", f"p{subject_id}", f"s{study_id}")
 
 
+MAX_REPORT_BYTES = 256 * 1024
+"""A radiology report is a few kilobytes; a file far larger is not one (quarantined)."""
+
+
 class MimicCxrJpg(DatasetAdapter):
     """MIMIC-CXR-JPG 2.0.0/2.1.0 and the MIMIC-CXR report files, as downloaded from PhysioNet::
 
@@ -136,6 +140,9 @@ class MimicCxrJpg(DatasetAdapter):
             if self.require_report:
                 raise RecordError(ref.record_id, "missing_report", str(path))
             return None
+        size = path.stat().st_size
+        if size > MAX_REPORT_BYTES:
+            raise RecordError(ref.record_id, "report_too_large", f"{path}: {size} bytes")
         try:
             text = path.read_bytes().decode("utf-8")
         except UnicodeDecodeError as error:

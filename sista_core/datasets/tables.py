@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import re
 import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from .base import RecordError, RecordRef
 UncertainPolicy = Literal["keep", "ones", "zeros", "ignore"]
 UNCERTAIN_POLICIES: tuple[str, ...] = ("keep", "ones", "zeros", "ignore")
 ROW_ERROR = "row_error"
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # surrogateescape's stand-ins for undecodable bytes
 """``RecordRef.meta`` key of a broken ref: (reason, detail)."""
 
 
@@ -44,15 +46,17 @@ def open_table(path: Path) -> IO[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"label table {path} not found")
+    # Bytes that are not UTF-8 become lone surrogates: that row is flagged, the table read on.
+    text = {"newline": "", "encoding": "utf-8", "errors": "surrogateescape"}
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", newline="", encoding="utf-8")
+        return gzip.open(path, "rt", **text)
     if path.suffix == ".zip":
         archive = zipfile.ZipFile(path)
         members = [name for name in archive.namelist() if name.endswith(".csv")]
         if len(members) != 1:
             raise ValueError(f"{path} should hold exactly one .csv, holds {members}")
-        return io.TextIOWrapper(archive.open(members[0]), newline="", encoding="utf-8")
-    return open(path, newline="", encoding="utf-8")
+        return io.TextIOWrapper(archive.open(members[0]), **text)
+    return open(path, **text)
 
 
 def read_rows(path: Path, required: Sequence[str]) -> Iterator[Row]:
@@ -65,12 +69,24 @@ def read_rows(path: Path, required: Sequence[str]) -> Iterator[Row]:
         absent = [name for name in required if name not in header]
         if absent:
             raise ValueError(f"{path}: header {header} lacks required columns {absent}")
-        for line, values in enumerate(reader, start=2):
+        line = 1  # the header's
+        while True:
+            line += 1
+            try:
+                values = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as error:  # e.g. a field over csv.field_size_limit(): this row
+                yield Row(line, dict.fromkeys(header), f"line {line}: {error}")
+                continue
             if not values:  # blank line
                 continue
             fields: dict[str, str | None] = dict(zip(header, values, strict=False))
             problem = None
-            if len(values) < len(header):
+            if any(_NOT_UTF8.search(value) for value in values):
+                fields = dict.fromkeys(header)
+                problem = f"line {line}: bytes that are not UTF-8"
+            elif len(values) < len(header):
                 missing = header[len(values) :]
                 fields.update(dict.fromkeys(missing))
                 problem = f"line {line}: missing columns {missing}"
