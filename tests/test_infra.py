@@ -235,3 +235,58 @@ def test_a_bad_recurring_run_definition_is_refused(tmp_path, change, message):
     path.write_text(yaml.safe_dump(definition))
     with pytest.raises(ValueError, match=re.escape(message)):
         kubeflow.read_recurring_run(path)
+
+
+def _pod_specs(node):
+    """Every pod spec (a mapping with ``containers``) anywhere in a manifest."""
+    if isinstance(node, dict):
+        if isinstance(node.get("containers"), list):
+            yield node
+        for value in node.values():
+            yield from _pod_specs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _pod_specs(value)
+
+
+def test_every_pod_runs_unprivileged_without_a_service_account_token():
+    specs = [
+        (path.name, spec)
+        for path, document in MANIFESTS
+        if path.parent.name in ("kubernetes", "kuberay")
+        for spec in _pod_specs(document)
+    ]
+    assert len(specs) >= 6  # MLflow, the Ray head and 2 worker groups, the RayJob submitters
+    for name, spec in specs:
+        assert spec["automountServiceAccountToken"] is False, name
+        pod = spec["securityContext"]
+        assert pod["runAsNonRoot"] is True and pod["seccompProfile"] == {"type": "RuntimeDefault"}
+        mounts_tmp = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
+        for container in spec["containers"]:
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False, (name, container["name"])
+            assert context["readOnlyRootFilesystem"] is True, (name, container["name"])
+            assert context["capabilities"]["drop"] == ["ALL"], (name, container["name"])
+            writable = {
+                m["mountPath"] for m in container["volumeMounts"] if m["name"] in mounts_tmp
+            }
+            assert "/tmp" in writable, (name, container["name"])  # the root filesystem is not
+
+
+def test_mlflow_asks_for_a_login_and_only_the_pipelines_pods_reach_it():
+    documents = [d for p, d in MANIFESTS if p.name == "mlflow.yaml"]
+    server = next(d for d in documents if d["kind"] == "Deployment")
+    container = server["spec"]["template"]["spec"]["containers"][0]
+    assert "--app-name=basic-auth" in container["args"]
+    policy = next(d for d in documents if d["kind"] == "NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "mlflow"}
+    sources = policy["spec"]["ingress"][0]["from"]
+    assert sources == [{"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "sista"}}}]
+    ray = next(d for p, d in MANIFESTS if d["kind"] == "RayCluster")
+    env = ray["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= {e["name"] for e in env}
+
+
+def test_the_image_code_belongs_to_root():
+    dockerfile = (ROOT / "infra" / "Dockerfile").read_text()
+    assert "chown -R" not in dockerfile and "USER 1000" in dockerfile
