@@ -41,10 +41,20 @@ MLFLOW_SERVER = f"http://mlflow.{NAMESPACE}.svc.cluster.local:5000"
 def run_stage(
     stage: str, params_path: str, ray_address: str, mlflow_tracking_uri: str, variant: str = ""
 ) -> str:
-    """One stage as a Ray job on the cluster (``ray_address`` empty: a local Ray instance)."""
+    """One stage as a Ray job on the cluster (``ray_address`` empty: a local Ray instance).
+    The step holds Ray's token and MLflow's login: it sends them only to services of the
+    ``sista`` namespace (or this pod), whatever address a run's parameters name."""
     import os
     import subprocess
     import sys
+    from urllib.parse import urlsplit
+
+    for name, url in (("ray_address", ray_address), ("mlflow_tracking_uri", mlflow_tracking_uri)):
+        host = urlsplit(url).hostname or ""  # none for a local store (sqlite:///...)
+        if host and not (
+            host.endswith(".sista.svc.cluster.local") or host in ("127.0.0.1", "localhost")
+        ):
+            raise ValueError(f"{name}: {host!r} is not a service of the sista namespace")
 
     command = [sys.executable, "-m", "pipeline.launch", stage, "--params", params_path]
     if variant:

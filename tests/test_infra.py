@@ -290,3 +290,21 @@ def test_mlflow_asks_for_a_login_and_only_the_pipelines_pods_reach_it():
 def test_the_image_code_belongs_to_root():
     dockerfile = (ROOT / "infra" / "Dockerfile").read_text()
     assert "chown -R" not in dockerfile and "USER 1000" in dockerfile
+
+
+@pytest.mark.parametrize(
+    "ray_address, mlflow_uri",
+    [
+        ("http://attacker.example:8265", ""),
+        ("http://sista-head-svc.other-team.svc.cluster.local:8265", ""),
+        ("", "http://mlflow.attacker.example:5000"),
+    ],
+)
+def test_a_step_sends_its_tokens_only_to_the_sista_namespace(ray_address, mlflow_uri):
+    with pytest.raises(ValueError, match="is not a service of the sista namespace"):
+        kubeflow.run_stage.python_func(
+            stage="ingest",
+            params_path="params.yaml",
+            ray_address=ray_address,
+            mlflow_tracking_uri=mlflow_uri,
+        )
