@@ -31,6 +31,7 @@ TINY = {
     "ingest.downstream.label_fractions": [1.0],
     "ingest.downstream.seeds": [0],
     "similarity.top_k": 4,
+    "publish.metric": "classification/phantom_classification/auroc@1",  # the one fraction
 }
 ONLY_SETS = ("phantom_classification",)
 
