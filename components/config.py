@@ -61,7 +61,6 @@ SET_TASKS: dict[str, tuple[str, ...]] = {
     "phantom_pneumothorax": ("segmentation",),
     "phantom_opacity": ("segmentation", "detection"),
 }
-REAL_ADAPTERS = ("chexpert", "rsna_pneumonia", "covidx", "siim_acr", "object_cxr")
 # CheXpert's uncertain labels per competition finding (MGCA's preprocessing: U-Ones where
 # the uncertain mentions are mostly positive, U-Zeros elsewhere).
 MGCA_UNCERTAIN: dict[str, str] = {
