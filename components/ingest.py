@@ -94,8 +94,7 @@ def pretrain_splits(val_fraction: float, seed: int) -> Assign:
                     "split left out"
                 )
             return [(ref, OFFICIAL_SPLITS[ref.meta["split"]]) for ref in kept]
-        split = patient_splits([r.patient_id for r in refs], val_fraction, 0.0, seed)
-        return [(ref, split[ref.patient_id]) for ref in refs]
+        return patient_fractions(val_fraction, 0.0, seed)(refs)
 
     return assign
 

@@ -29,6 +29,13 @@ class PretrainBatch:
     record_ids: list[str]
 
 
+def label_semantics(labels) -> np.ndarray:
+    """The ``semantics: labels`` vectors: finding labels with positive 1, uncertain 0.5,
+    negative and not mentioned 0."""
+    labels = np.asarray(labels, np.float32)
+    return np.where(labels == -1, 0.5, np.nan_to_num(labels, nan=0.0))
+
+
 class PretrainData:
     """One split of the pre-training pairs: tokens and semantics in memory, images read per
     batch from the memory-mapped shards.
@@ -85,9 +92,7 @@ class PretrainData:
 
     def _semantics(self, root: Path, kind: str, reports: dict[str, dict]) -> np.ndarray:
         if kind == "labels":
-            # Finding-label vectors: mentioned-positive 1, negative 0, uncertain 0.5, absent 0.
-            vectors = np.array([reports[i]["labels"] for i in self.record_ids], np.float32)
-            vectors = np.where(vectors == -1, 0.5, np.nan_to_num(vectors, nan=0.0))
+            vectors = label_semantics([reports[i]["labels"] for i in self.record_ids])
             assert vectors.shape[1] == len(OBSERVATIONS)
             return vectors
         ids = (root / "similarity" / "record_ids.txt").read_text().split()

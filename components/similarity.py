@@ -35,7 +35,7 @@ from sista_core.similarity import (  # noqa: E402
 )
 
 from .config import Params  # noqa: E402
-from .pretrain_data import TOKEN_COLUMNS  # noqa: E402
+from .pretrain_data import TOKEN_COLUMNS, label_semantics  # noqa: E402
 from .runtime import ensure_ray  # noqa: E402
 from .stage import stage_dir, stage_main  # noqa: E402
 from .stage_storage import stage_output  # noqa: E402
@@ -148,13 +148,6 @@ def write_text_states(
         np.save(folder / "offsets.npy", offsets)
         np.save(folder / "states.npy", np.concatenate(states).astype(np.float32))
     (folder / "states.json").write_text(json.dumps(meta))
-
-
-def label_semantics(labels: np.ndarray) -> np.ndarray:
-    """The ``semantics: labels`` vectors pre-training uses (components/pretrain_data.py):
-    positive 1, uncertain 0.5, negative and not mentioned 0."""
-    labels = np.asarray(labels, np.float32)
-    return np.where(labels == -1, 0.5, np.nan_to_num(labels, nan=0.0))
 
 
 def findings_key(labels: list[float]) -> tuple[int, ...]:
