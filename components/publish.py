@@ -1,13 +1,20 @@
 """Stage ``publish``: the results table, and promotion of the candidate encoder.
 
 The candidate (``sista-encoder@candidate``, registered by pretrain) takes the ``champion``
-alias only when it beats the current champion on ``publish.metric``.
+alias only when it beats the current champion on ``publish.metric``: strictly higher, or
+strictly lower with ``publish.higher_is_better: false``; a tie keeps the champion. When the
+comparison cannot be made (a champion without a readable ``score`` tag, or a registry that
+fails to answer), nothing moves and the stage fails naming the model, version and tag.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +26,7 @@ from .stage_storage import stage_output
 from .tracking import stage_run
 
 SCORE_TAG = "score"
+CANDIDATE, CHAMPION = "candidate", "champion"
 
 
 def metric_value(summary: dict[str, Any], metric: str, init: str = "sista") -> float:
@@ -33,7 +41,10 @@ def metric_value(summary: dict[str, Any], metric: str, init: str = "sista") -> f
 
 
 def should_promote(candidate: float, champion: float | None, higher_is_better: bool) -> bool:
-    """Promote when there is no champion yet or the candidate is strictly better."""
+    """Promote when there is no champion yet or the candidate is strictly better; a score
+    that is not a number (a metric evaluate could not compute) never promotes."""
+    if not math.isfinite(candidate):
+        return False
     if champion is None:
         return True
     return candidate > champion if higher_is_better else candidate < champion
@@ -134,22 +145,60 @@ def _language_table(by_metric: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+class PromotionRefused(RuntimeError):
+    """The candidate cannot be compared with the champion: no alias moves."""
+
+
+@contextmanager
+def _registry_call(name: str, doing: str) -> Iterator[None]:
+    """Turn any failure of the registry into PromotionRefused naming the model and the step:
+    an error must never read as "no champion yet" and promote the candidate."""
+    try:
+        yield
+    except PromotionRefused:
+        raise
+    except Exception as error:
+        raise PromotionRefused(
+            f"registered model {name!r}: the registry failed while {doing} "
+            f"({type(error).__name__}: {error}); @{CHAMPION} was not moved"
+        ) from error
+
+
+def current_champion(client: mlflow.MlflowClient, name: str) -> tuple[Any, float | None]:
+    """The version holding ``@champion`` and its ``score`` tag; (None, None) when no version
+    holds the alias (the first publish). A champion whose tag is missing or not a finite
+    number cannot be compared with: PromotionRefused."""
+    version = client.get_registered_model(name).aliases.get(CHAMPION)
+    if version is None:
+        return None, None
+    tag = client.get_model_version(name, str(version)).tags.get(SCORE_TAG)
+    try:
+        score = float(tag)
+    except (TypeError, ValueError):
+        score = math.nan
+    if not math.isfinite(score):
+        raise PromotionRefused(
+            f"registered model {name!r} version {version} holds @{CHAMPION} but its tag "
+            f"{SCORE_TAG!r} is {tag!r}, not a score, so the candidate cannot be compared with "
+            f"it; @{CHAMPION} was not moved. Tag version {version} with its publish.metric "
+            f"score (or move @{CHAMPION} by hand) and run publish again."
+        )
+    return version, score
+
+
 def promote_if_better(params: Params, score: float) -> dict[str, Any]:
-    """Tag the candidate with its score; move ``champion`` to it when it is better."""
+    """Tag the candidate with its score; move ``champion`` to it when it is strictly better.
+    Raises PromotionRefused, moving nothing, when the champion's score cannot be read."""
     client = mlflow.MlflowClient(tracking_uri(params))
     name = params.mlflow.registered_model
-    candidate = client.get_model_version_by_alias(name, "candidate")
-    client.set_model_version_tag(name, candidate.version, SCORE_TAG, str(score))
-    try:
-        champion = client.get_model_version_by_alias(name, "champion")
-        champion_score = float(champion.tags.get(SCORE_TAG, "nan"))
-        champion_score = None if champion_score != champion_score else champion_score
-        champion_version = champion.version
-    except mlflow.exceptions.MlflowException:
-        champion_score, champion_version = None, None
+    with _registry_call(name, f"reading @{CANDIDATE} and @{CHAMPION}"):
+        candidate = client.get_model_version_by_alias(name, CANDIDATE)
+        client.set_model_version_tag(name, candidate.version, SCORE_TAG, str(score))
+        champion_version, champion_score = current_champion(client, name)
     promote = should_promote(score, champion_score, params.publish.higher_is_better)
     if promote:
-        client.set_registered_model_alias(name, "champion", candidate.version)
+        with _registry_call(name, f"moving @{CHAMPION} to version {candidate.version}"):
+            client.set_registered_model_alias(name, CHAMPION, candidate.version)
     return {
         "model": name,
         "metric": params.publish_metric(),
@@ -191,7 +240,11 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    return stage_main("publish", run, argv)
+    try:
+        return stage_main("publish", run, argv)
+    except PromotionRefused as error:
+        print(f"publish: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -129,3 +129,116 @@ def test_the_tune_trainable_module_starts_without_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+# --- the cells score the test rows: hand-made sets whose training rows score differently ---
+
+
+def write_set(
+    folder, name, split, features=None, labels=None, masks=None, boxes=None, pyramid=None
+):
+    """A set as ``prepare_sets`` lays it out, with features (or a pyramid) written by hand."""
+    (folder / f"{name}.split.json").write_text(json.dumps(split))
+    if features is not None:
+        np.save(features_path(folder, "random", name, "global"), features.astype(np.float32))
+    if labels is not None:
+        np.save(folder / f"{name}.labels.npy", labels.astype(np.float32))
+    if masks is not None:
+        np.save(folder / f"{name}.masks.npy", masks)
+    if boxes is not None:
+        (folder / f"{name}.boxes.json").write_text(json.dumps({"boxes": boxes, "image_size": 32}))
+    if pyramid is not None:
+        np.savez(
+            features_path(folder, "random", name, "pyramid"), level_0=pyramid.astype(np.float16)
+        )
+
+
+def test_the_classification_cell_scores_the_test_rows_alone(tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    # One feature; on the training rows both labels are exactly "feature > 0", so the probe
+    # learns an increasing logit and its test AUROC is the feature's own AUROC on the test
+    # rows. Scored on the training rows it would be 1.
+    train_x = np.array([-4, -3, -2, -1, 1, 2, 3, 4], np.float32)
+    test_x = np.array([-2, -1.5, -1, -0.5, 0.5, 1, 1.5, 2], np.float32)
+    train_y = np.stack([train_x > 0, train_x > 0], 1)
+    test_y = np.array([[0, 1], [1, 0], [0, 0], [0, 1], [1, 0], [0, 1], [1, 1], [1, 0]])
+    split = {"test": list(range(8, 16)), "val": [], "subsets": {"1/0": list(range(8))}}
+    features = np.concatenate([train_x, test_x])[:, None]
+    write_set(tmp_path, "findings", split, features, np.concatenate([train_y, test_y]))
+    cell = {**config("classification", False), "probe_epochs": 200, "probe_lr": 0.1}
+    result = classification_cell(cell, tmp_path, split)
+    expected = [roc_auc_score(test_y[:, c], test_x) for c in range(2)]
+    assert max(expected) < 1  # the training rows would score 1 on both labels
+    assert result["per_label"] == pytest.approx(expected)
+    assert result["auroc"] == pytest.approx(np.mean(expected))
+
+
+def test_the_single_label_cell_scores_the_test_rows_alone(tmp_path):
+    # Two classes, "feature > 0" on the training rows; on the test rows 4 of 6 agree.
+    train_x = np.array([-4, -3, -2, -1, 1, 2, 3, 4], np.float32)
+    test_x = np.array([-2, -1, -0.5, 0.5, 1, 2], np.float32)
+    test_class = np.array([0, 1, 0, 1, 0, 1])
+    labels = np.eye(2)[np.concatenate([(train_x > 0).astype(int), test_class])]
+    split = {"test": list(range(8, 14)), "val": [], "subsets": {"1/0": list(range(8))}}
+    write_set(tmp_path, "classes", split, np.concatenate([train_x, test_x])[:, None], labels)
+    cell = {**config("classification", False, "classes", True), "probe_epochs": 200}
+    result = classification_cell({**cell, "probe_lr": 0.1}, tmp_path, split)
+    assert result == {"accuracy": pytest.approx(4 / 6)}
+
+
+def square(rows, columns):
+    mask = np.zeros((8, 8), bool)
+    mask[rows, columns] = True
+    return mask
+
+
+def test_the_segmentation_cell_scores_the_test_images_with_the_finding(tmp_path, monkeypatch):
+    """A stand-in head whose probabilities are the cached "features" themselves, so the
+    cell's row selection alone decides the score."""
+    import components.evaluation_cells as cells
+
+    monkeypatch.setattr(cells, "train_segmenter", lambda pyramid, masks, **options: "head")
+    monkeypatch.setattr(
+        cells, "predict_probabilities", lambda head, pyramid, batch_size: pyramid[0][:, 0]
+    )
+    block = square(slice(0, 4), slice(0, 4))  # 16 pixels
+    top_half = square(slice(0, 2), slice(0, 4))  # 8 of them
+    elsewhere = square(slice(4, 8), slice(4, 8))  # none of them
+    empty = np.zeros((8, 8), bool)
+    masks = np.stack([block] * 4 + [block, block, block, empty] + [block, block])
+    predicted = np.stack([block] * 4 + [block, top_half, elsewhere, block] + [block, block])
+    split = {"test": [4, 5, 6, 7], "val": [8, 9], "subsets": {"1/0": [0, 1, 2, 3]}}
+    write_set(tmp_path, "findings", split, masks=masks, pyramid=predicted[:, None])
+    dice = cells.segmentation_cell(config("segmentation", False), tmp_path, split)["dice"]
+    # Test images 4-6 have the finding: Dice 1, 2*8/(16+8) and 0; image 7 has none (counted,
+    # its non-empty prediction would score 0). The training images would score 1.
+    assert dice == pytest.approx((1 + 2 / 3 + 0) / 3)
+
+
+def test_the_detection_cell_scores_the_test_images(tmp_path, monkeypatch):
+    """A stand-in detector that returns the box and score cached as each image's "features":
+    two test images found exactly (the higher scores), two with a box far from the truth."""
+    import components.evaluation_cells as cells
+
+    def predict(head, pyramid, size, batch_size):
+        return [
+            {
+                "boxes": row[None, :4].float(),
+                "scores": row[4:].float(),
+                "labels": torch.zeros(1, dtype=torch.long),
+            }
+            for row in pyramid[0]
+        ]
+
+    monkeypatch.setattr(
+        cells, "detector_functions", lambda name: (lambda *args, **options: "head", predict)
+    )
+    truth, far = [8.0, 8.0, 16.0, 16.0], [24.0, 24.0, 30.0, 30.0]
+    cached = [[*truth, 0.9]] * 4 + [[*truth, 0.9], [*truth, 0.8], [*far, 0.3], [*far, 0.2]]
+    split = {"test": [4, 5, 6, 7], "val": [], "subsets": {"1/0": [0, 1, 2, 3]}}
+    write_set(tmp_path, "findings", split, boxes=[truth] * 8, pyramid=np.array(cached))
+    found = cells.detection_cell(config("detection", False), tmp_path, split)
+    # Precision 1 up to recall 1/2, nothing beyond, at every IoU threshold: COCO's 101-point
+    # interpolated AP is 51/101 (recall 0, 0.01, ..., 0.50). The training rows would give 1.
+    assert found == pytest.approx({"map_40_75": 51 / 101, "map_50": 51 / 101})

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import torch
 
 from sista_core.probe import macro_auroc, standardise, train_linear_probe
@@ -30,3 +31,38 @@ def test_probe_learns_a_linearly_separable_label():
     probe = train_linear_probe(train, labels[:150], epochs=200, lr=0.05)
     mean, _ = macro_auroc(probe(test).detach(), labels[150:])
     assert mean > 0.95
+
+
+def probe_case(seed=0):
+    """Train and test features on different scales and offsets, so statistics pooled over
+    the two differ clearly from the training subset's."""
+    generator = torch.Generator().manual_seed(seed)
+    train = torch.randn(40, 6, generator=generator) * torch.arange(1.0, 7.0) + 3.0
+    test = torch.randn(10, 6, generator=generator) * 5.0 - 4.0
+    labels = (train[:, :2] > 3.0).float()
+    return train, test, labels
+
+
+def test_every_split_is_scaled_with_the_training_subsets_statistics_alone():
+    train, test, _ = probe_case()
+    mean = train.numpy().mean(0)
+    std = train.numpy().std(0, ddof=1)
+    scaled_train, scaled_test = standardise(train, test)
+    np.testing.assert_allclose(
+        scaled_test.numpy(), (test.numpy() - mean) / std, rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        scaled_train.numpy(), (train.numpy() - mean) / std, rtol=1e-5, atol=1e-5
+    )
+
+
+def test_test_predictions_do_not_move_when_the_test_set_changes():
+    train, test, labels = probe_case()
+    extreme = torch.full((3, 6), 1.0e4)  # rows that would dominate pooled statistics
+    scaled_train, scaled_test = standardise(train, test)
+    again_train, scaled_longer = standardise(train, torch.cat([test, extreme]))
+    assert torch.equal(scaled_train, again_train)
+    probe = train_linear_probe(scaled_train, labels, epochs=20)
+    with torch.no_grad():
+        alone, with_extremes = probe(scaled_test), probe(scaled_longer)
+    assert torch.allclose(with_extremes[: len(test)], alone, rtol=0, atol=1e-6)

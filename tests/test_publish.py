@@ -1,10 +1,19 @@
-"""Promotion moves @champion only when the candidate is better (both outcomes, real registry)."""
+"""Promotion moves @champion only when the candidate is better (both outcomes, real registry),
+and refuses, moving nothing, when the champion's score cannot be read."""
+
+import shutil
 
 import mlflow
 import pytest
 
 from components.config import Params
-from components.publish import metric_value, promote_if_better, results_markdown, should_promote
+from components.publish import (
+    PromotionRefused,
+    metric_value,
+    promote_if_better,
+    results_markdown,
+    should_promote,
+)
 
 
 def test_should_promote_rules():
@@ -13,6 +22,7 @@ def test_should_promote_rules():
     assert not should_promote(0.70, 0.70, higher_is_better=True)
     assert not should_promote(0.69, 0.70, higher_is_better=True)
     assert should_promote(0.1, 0.2, higher_is_better=False)
+    assert not should_promote(float("nan"), None, higher_is_better=True)  # nothing to rank
 
 
 SCORES = {
@@ -75,13 +85,24 @@ def test_metric_value_and_table():
     assert "| Nodule | 40 | 0.50 | 0.25 | 0.20 |" in table
 
 
+@pytest.fixture(scope="module")
+def empty_registry(tmp_path_factory):
+    """A store holding the model ``sista-encoder`` and no version, made once: creating the
+    SQLite schema is most of a registry test's time."""
+    folder = tmp_path_factory.mktemp("registry")
+    client = mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    client.create_registered_model("sista-encoder")
+    experiment = client.create_experiment("x", artifact_location=(folder / "a").as_uri())
+    return folder / "mlflow.db", experiment
+
+
 @pytest.fixture
-def registry(tmp_path, monkeypatch):
+def registry(empty_registry, tmp_path, monkeypatch):
+    template, experiment = empty_registry
+    shutil.copyfile(template, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     client = mlflow.MlflowClient(uri)
-    client.create_registered_model("sista-encoder")
-    experiment = client.create_experiment("x", artifact_location=(tmp_path / "a").as_uri())
 
     def new_candidate() -> str:
         run = client.create_run(experiment)
@@ -110,3 +131,99 @@ def test_a_better_candidate_becomes_champion_and_a_worse_one_does_not(registry):
     better = new_candidate()
     assert promote_if_better(params, 0.75)["promoted"]
     assert client.get_model_version_by_alias("sista-encoder", "champion").version == better
+
+
+def champion_version(client) -> str:
+    return str(client.get_model_version_by_alias("sista-encoder", "champion").version)
+
+
+@pytest.mark.parametrize(
+    ("higher_is_better", "score", "promoted"),
+    [
+        (True, 0.75, True),
+        (True, 0.70, False),  # a tie keeps the champion
+        (True, 0.65, False),
+        (False, 0.65, True),  # e.g. an error rate: lower is better
+        (False, 0.70, False),
+        (False, 0.75, False),
+    ],
+)
+def test_only_a_strictly_better_candidate_takes_champion(
+    registry, higher_is_better, score, promoted
+):
+    client, new_candidate = registry
+    params = Params(publish={"higher_is_better": higher_is_better})
+    first = new_candidate()
+    assert promote_if_better(params, 0.70)["promoted"]
+    second = new_candidate()
+    decision = promote_if_better(params, score)
+    assert decision["promoted"] is promoted
+    assert decision["champion_score_before"] == 0.70
+    assert str(decision["champion_version_before"]) == str(first)
+    assert champion_version(client) == str(second if promoted else first)
+
+
+@pytest.mark.parametrize("tag", [None, "", "n/a", "nan"])
+def test_a_champion_without_a_readable_score_is_never_replaced(registry, tag):
+    """An untagged champion used to read as "no champion": any candidate, even one scoring
+    0.01, took its place."""
+    client, new_candidate = registry
+    first = new_candidate()
+    client.set_registered_model_alias("sista-encoder", "champion", first)
+    if tag is not None:
+        client.set_model_version_tag("sista-encoder", first, "score", tag)
+    new_candidate()
+    with pytest.raises(PromotionRefused) as refused:
+        promote_if_better(Params(), 0.01)
+    message = str(refused.value)
+    assert "'sista-encoder'" in message and f"version {first}" in message
+    assert "'score'" in message and "not moved" in message
+    assert champion_version(client) == str(first)
+
+
+class RegistryDown(mlflow.exceptions.MlflowException):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("failing", "error"),
+    [
+        ("get_registered_model", RegistryDown("503 from the tracking server")),
+        ("get_model_version", OSError("connection reset")),
+        ("get_model_version_by_alias", RegistryDown("503 from the tracking server")),
+        ("set_model_version_tag", OSError("connection reset")),
+        ("set_registered_model_alias", RegistryDown("503 from the tracking server")),
+    ],
+)
+def test_a_failing_registry_refuses_to_promote(registry, monkeypatch, failing, error):
+    client, new_candidate = registry
+    first = new_candidate()
+    client.set_registered_model_alias("sista-encoder", "champion", first)
+    client.set_model_version_tag("sista-encoder", first, "score", "0.70")
+    new_candidate()
+
+    def fail(*args, **kwargs):
+        raise error
+
+    # The real client against the real store, with one call failing the way a server does.
+    failing_client = type("FailingClient", (mlflow.MlflowClient,), {failing: fail})
+    monkeypatch.setattr(mlflow, "MlflowClient", failing_client)
+    with pytest.raises(PromotionRefused, match=r"'sista-encoder': the registry failed") as refused:
+        promote_if_better(Params(), 0.99)
+    assert refused.value.__cause__ is error
+    assert champion_version(client) == str(first)
+
+
+def test_a_refused_promotion_fails_the_stage_with_its_message(monkeypatch, capsys):
+    import components.publish as publish
+
+    def refuse(*args):
+        raise PromotionRefused("registered model 'sista-encoder' version 3: no score")
+
+    monkeypatch.setattr(publish, "stage_main", refuse)
+    with pytest.raises(SystemExit) as exit_:
+        publish.main([])
+    assert exit_.value.code == 1
+    assert (
+        capsys.readouterr().err == "publish: registered model 'sista-encoder' version 3: no score\n"
+    )

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -148,3 +149,71 @@ def test_sia_and_intra_under_bfloat16_autocast_equal_float32():
     assert mixed[0]["loss"].dtype == torch.float32
     assert torch.allclose(mixed[0]["loss"], full[0]["loss"], atol=1e-6)
     assert torch.allclose(mixed[1], full[1], atol=1e-6)
+
+
+# --- soft mode and the intra-modal term against numpy, written from docs/method.md ---------
+
+
+def numpy_softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def numpy_cosine(a, b):
+    a = a / np.linalg.norm(a, axis=-1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=-1, keepdims=True)
+    return a @ b.T
+
+
+@pytest.fixture
+def uneven_batch():
+    """Images and reports that are not each other's copies (z != z^T), and report
+    similarities with no structure shared with the images."""
+    rng = np.random.default_rng(7)
+    img, txt, semantics = rng.normal(size=(5, 6)), rng.normal(size=(5, 6)), rng.normal(size=(5, 4))
+    return img, txt, numpy_cosine(semantics, semantics)
+
+
+def test_soft_mode_equals_the_equations_by_hand(uneven_batch):
+    img, txt, r = uneven_batch
+    tau, sigma, alpha = 0.2, 0.05, 0.3
+    z = numpy_cosine(img, txt) / tau
+    # Anchor i's target, image or report: (1 - alpha) onehot(i) + alpha softmax_j(R_ij / sigma).
+    targets = (1 - alpha) * np.eye(5) + alpha * numpy_softmax(r / sigma)
+    image_to_text = -(targets * np.log(numpy_softmax(z))).sum(1).mean()
+    text_to_image = -(targets * np.log(numpy_softmax(z.T))).sum(1).mean()
+    by_hand = (image_to_text + text_to_image) / 2
+    actual = sia_loss(
+        *(torch.from_numpy(x).float() for x in (img, txt, r)),
+        mode="soft",
+        temperature=tau,
+        sigma=sigma,
+        alpha=alpha,
+    )
+    assert actual.item() == pytest.approx(by_hand, rel=1e-5)
+
+
+def numpy_intra(img, r, tau, sigma, reverse=False):
+    """Mean over i of KL(softmax_{j!=i}(R_ij / sigma) || softmax_{j!=i}(cos(u_i, u_j) / tau)),
+    or with ``reverse`` the KL the other way round."""
+    cos, rows = numpy_cosine(img, img), []
+    for i in range(len(img)):
+        others = [j for j in range(len(img)) if j != i]
+        p = numpy_softmax(r[i, others] / sigma)  # the reports' distribution: the target
+        q = numpy_softmax(cos[i, others] / tau)
+        p, q = (q, p) if reverse else (p, q)
+        rows.append((p * np.log(p / q)).sum())
+    return float(np.mean(rows))
+
+
+def test_intra_loss_equals_the_kl_by_hand_in_its_direction(uneven_batch):
+    img, _, r = uneven_batch
+    tau, sigma = 0.2, 0.05
+    by_hand = numpy_intra(img, r, tau, sigma)
+    # The case tells the two directions of the KL, and the two temperatures, apart.
+    assert abs(numpy_intra(img, r, tau, sigma, reverse=True) - by_hand) > 0.05
+    assert abs(numpy_intra(img, r, sigma, tau) - by_hand) > 0.05
+    actual = intra_loss(
+        torch.from_numpy(img).float(), torch.from_numpy(r).float(), temperature=tau, sigma=sigma
+    )
+    assert actual.item() == pytest.approx(by_hand, rel=1e-5)

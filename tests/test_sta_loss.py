@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -33,6 +34,24 @@ def test_topk_keeps_exactly_k_patches_per_word():
     words, mask, patches = make_batch()
     _, attention = sta_loss(words, mask, patches, sparse="topk", topk=3, return_attention=True)
     assert ((attention[mask] > 0).sum(-1) == 3).all()
+
+
+def test_topk_attention_is_a_softmax_over_the_k_largest_scores_by_hand():
+    """The word-to-patch attention of ``sparse: topk`` against numpy: the kept weights are
+    renormalised to sum to 1, not the full softmax's values cut to k entries."""
+    words, word_mask, patches = make_batch(seed=5, batch=3, words=3, patches=10, dim=8)
+    word_mask[:] = True
+    options = dict(sparse="topk", topk=3, temperature_attn=0.5, return_attention=True)
+    _, attention = sta_loss(words, word_mask, patches, **options)
+    w = words.numpy() / np.linalg.norm(words.numpy(), axis=-1, keepdims=True)
+    p = patches.numpy() / np.linalg.norm(patches.numpy(), axis=-1, keepdims=True)
+    expected = np.zeros((3, 3, 10))
+    for i in range(3):
+        for k in range(3):
+            scores = w[i, k] @ p[i].T / 0.5
+            top = np.argsort(scores)[-3:]
+            expected[i, k, top] = np.exp(scores[top]) / np.exp(scores[top]).sum()
+    np.testing.assert_allclose(attention.numpy(), expected, atol=1e-6)
 
 
 def test_entmax15_is_sparse_and_normalised():

@@ -248,3 +248,68 @@ def test_cli_explain_names_a_missing_path(saved_model, tmp_path, capsys, missing
     error = capsys.readouterr().err
     assert error.count("\n") == 1
     assert str(image_path if missing == "image" else model) in error
+
+
+def test_localisation_rate_counts_hits_and_misses_of_hand_made_maps(monkeypatch):
+    """Stand-in phantoms (the mask: the top-left 2 x 2 patches of a 4 x 4 grid, a quarter of
+    the image) and stand-in attention maps whose hits and misses are known."""
+    import sista_core.explain as explain
+
+    mask = np.zeros((8, 8), bool)
+    mask[:4, :4] = True
+
+    def grid(weights):  # {(row, column): weight} on the 4 x 4 patches, 0 elsewhere
+        attention = torch.zeros(4, 4)
+        for patch, weight in weights.items():
+            attention[patch] = weight
+        return attention
+
+    bump = torch.full((4, 4), 1 / 16)
+    bump[2, 2] += 0.01  # near uniform, peak outside: mass 0.25 / 1.01, under the chance 0.25
+    maps = iter(
+        [
+            grid({(0, 0): 1.0}),  # Pneumothorax: all inside; mass hit, majority, pointing hit
+            grid({(3, 3): 1.0}),  # Nodule: all outside; misses
+            grid({(0, 0): 0.4, (3, 3): 0.6}),  # Mass: mass 0.4 > 0.25 a hit; peak outside
+            torch.zeros(4, 4),  # Consolidation: points nowhere; misses
+            bump,  # Lung Opacity: misses
+            # image 5 (Pneumothorax) draws nothing: left out
+            grid({(1, 1): 0.6, (2, 3): 0.4}),  # Nodule: mass 0.6 hit, majority, pointing hit
+        ]
+    )
+
+    def render(findings, seed, size):
+        drawn = {} if seed == 5 else {findings[0].observation: mask}
+        finding = Finding(findings[0].observation, side="left")
+        return SimpleNamespace(
+            image=np.zeros((size, size), np.uint8), masks=drawn, findings=[finding]
+        )
+
+    def word_attention(model, image, report):
+        words = report.rstrip(".").lower().split()
+        return words, next(maps).expand(len(words), 4, 4)
+
+    monkeypatch.setattr(explain, "render", render)
+    monkeypatch.setattr(explain, "word_attention", word_attention)
+    model = SimpleNamespace(image_encoder=SimpleNamespace(config=SimpleNamespace(img_size=8)))
+    result = explain.localisation_rate(model, num_images=7)
+    masses = [1.0, 0.0, 0.4, 0.0, 0.25 / 1.01, 0.6]
+    assert result["num_images"] == 6
+    assert result["rate"] == pytest.approx(3 / 6)
+    assert result["majority_rate"] == pytest.approx(2 / 6)
+    assert result["pointing_game"] == pytest.approx(2 / 6)
+    assert result["mean_mass_in_mask"] == pytest.approx(sum(masses) / 6)
+    assert result["mean_uniform_mass"] == pytest.approx(0.25)
+    assert result["uniform_pointing"] == pytest.approx(0.25)
+    assert result["uniform_majority_rate"] == 0.0
+    per_finding = {
+        name: (found["num_images"], found["rate"], found["pointing_game"])
+        for name, found in result["per_finding"].items()
+    }
+    assert per_finding == {
+        "Pneumothorax": (1, 1.0, 1.0),
+        "Nodule": (2, 0.5, 0.5),
+        "Mass": (1, 1.0, 0.0),
+        "Consolidation": (1, 0.0, 0.0),
+        "Lung Opacity": (1, 0.0, 0.0),
+    }
