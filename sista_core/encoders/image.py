@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError, load_into, load_state_dict_file
+from .pretrained_weights import TIMM_NAMES as OFFLINE_PRETRAINED
+from .pretrained_weights import load_efficientnet_lite0
 
 
 @dataclass(frozen=True)
@@ -28,11 +30,18 @@ class ImageEncoderConfig:
 
 
 def _create_backbone(name: str, pretrained: bool, img_size: int) -> nn.Module:
-    """timm model without classifier; passes ``img_size`` to the families that take it (ViT)."""
+    """timm model without classifier; passes ``img_size`` to the families that take it (ViT).
+    ``pretrained``: EfficientNet-Lite0's ImageNet weights from their installed package
+    (offline, with their own normalisation), timm's hub download for any other name."""
+    offline = pretrained and name in OFFLINE_PRETRAINED
+    from_hub = pretrained and not offline
     try:
-        return timm.create_model(name, pretrained=pretrained, num_classes=0, img_size=img_size)
+        backbone = timm.create_model(name, pretrained=from_hub, num_classes=0, img_size=img_size)
     except TypeError:  # CNNs take any input size and reject the keyword
-        return timm.create_model(name, pretrained=pretrained, num_classes=0)
+        backbone = timm.create_model(name, pretrained=from_hub, num_classes=0)
+    if offline:
+        load_efficientnet_lite0(backbone, include_classifier=False)
+    return backbone
 
 
 class ImageEncoder(nn.Module):
@@ -128,7 +137,12 @@ class ImageEncoder(nn.Module):
     def from_config(cls, config: ImageEncoderConfig | dict) -> ImageEncoder:
         if isinstance(config, dict):
             config = ImageEncoderConfig(**config)
-        return cls(config.name, pretrained=False, img_size=config.img_size)
+        encoder = cls(config.name, pretrained=False, img_size=config.img_size)
+        # The normalisation it was trained with (pretrained weights bring their own).
+        encoder.config = config
+        encoder._mean.copy_(torch.tensor(config.mean).view(1, -1, 1, 1))
+        encoder._std.copy_(torch.tensor(config.std).view(1, -1, 1, 1))
+        return encoder
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> ImageEncoder:
