@@ -11,6 +11,9 @@ absolute times do not. The header names the machine and the library versions.
     phase (``bench.pretrain_scaling``);
   - similarity cache: block-wise top-k time and peak memory at N = 10k, 50k, 200k against
     the dense N x N matrix, and MiniLM throughput on 2,000 real reports (``bench.similarity``);
+  - scale: ingest, reports, similarity and a short pre-training epoch at 2,000 and 20,000
+    images of a MIMIC-CXR-JPG layout on S3, throughput and per-process peak RSS side by
+    side (``bench.scale``, about 25 minutes);
   - end to end: per-stage wall time of the last ``dvc repro``, read from the stages'
     ``_stage.json`` (not re-run here: the pipeline takes longer than the whole benchmark).
 
@@ -35,7 +38,7 @@ from typing import Any
 
 import torch
 
-from bench import data_loading, gpu_pretrain, losses, pretrain_scaling, similarity
+from bench import data_loading, gpu_pretrain, losses, pretrain_scaling, scale, similarity
 from components.stage import STAGES
 
 RESULTS_DIR = Path("bench/results")  # each benchmark's own JSON, as when run alone
@@ -295,6 +298,47 @@ def stage_times(data_root: Path) -> Section:
     }
 
 
+def run_scale(quick: bool, out: Path) -> Section:
+    argv = ["--sizes", "100,300", "--pretrain-steps", "2"] if quick else []
+    return scale_section(scale.main([*argv, "--out", str(out)]))
+
+
+def scale_section(report: dict[str, Any]) -> Section:
+    """The scale benchmark's table from its JSON (``bench/results/scale.json``)."""
+    small, large = report["sizes"]
+    cells = []
+    for row in report["rows"]:
+        low, high = row["small"], row["large"]
+        cells.append(
+            [
+                row["stage"],
+                row["what"],
+                "-" if low is None else f"{low:,.1f}",
+                "-" if high is None else f"{high:,.1f}",
+                _ratio(high / low if low and high else None),
+            ]
+        )
+    return {
+        "title": f"Scale: ingest to a short pre-training epoch at {small:,} and {large:,} images",
+        "columns": [
+            "stage",
+            "figure",
+            f"{small:,} images (baseline)",
+            f"{large:,} images",
+            "ratio",
+        ],
+        "rows": cells,
+        "notes": [
+            f"A MIMIC-CXR-JPG layout on moto's S3 server: PHANTOM JPEGs at {report['image_px']} px "
+            "(64 distinct pictures, one file per image), real Open-I reports, the official "
+            "tables; stage folders on S3 too. Each stage as `python -m pipeline.launch STAGE`; "
+            "peak RSS is each process's VmHWM (the largest process of each kind), so memory "
+            "should keep a ratio near 1 while throughput holds (bench/scale.py)."
+        ],
+        "data": report,
+    }
+
+
 def gpu_section(quick: bool, out: Path) -> Section:
     """ViT-B/16 224 px pre-training samples/s on a GPU (fp32 vs the GPU path), where this
     machine has one; otherwise a note saying how to run it where one is."""
@@ -337,6 +381,7 @@ BENCHMARKS: dict[str, Callable[[bool, Path], Section]] = {
     "pretrain_scaling": run_pretrain,
     "similarity": run_similarity,
     "gpu": gpu_section,
+    "scale": run_scale,
 }
 
 

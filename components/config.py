@@ -265,6 +265,8 @@ class OptimSection(Section):
     warmup_fraction: Annotated[float, Field(ge=0, lt=1)] | None = None  # set: replaces steps
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(32, ge=2)  # per worker
+    # Cut every epoch after this many steps: smoke runs and benchmarks, not training.
+    max_steps_per_epoch: int | None = Field(None, ge=1)
 
 
 class GPUSection(Section):

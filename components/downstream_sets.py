@@ -75,6 +75,8 @@ class OfficialSplits(DatasetAdapter):
     def __init__(self, parts: dict[str, DatasetAdapter]) -> None:
         self.parts = parts
         self.name = next(iter(parts.values())).name
+        listed = {pattern for part in parts.values() for pattern in part.listing_files}
+        self.listing_files = tuple(sorted(listed))
 
     def records(self) -> Iterator[RecordRef]:
         for split, adapter in self.parts.items():
@@ -188,7 +190,7 @@ class SetPlan:
 
 
 def plan_set(name: str, spec: SetSection, config: IngestSection) -> SetPlan:
-    """The plan of set ``name``; its path is the local copy (``local_sources``)."""
+    """The plan of set ``name``; its path is the local copy (``remote_sources.mirrored``)."""
     root = Path(spec.path) if spec.path else None
     if isinstance(spec, PhantomSetSection):
         kind = PHANTOM_ADAPTERS[spec.adapter]

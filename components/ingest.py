@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from collections import Counter
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
+from tqdm import tqdm
 
 from sista_core.datasets import (
     DatasetAdapter,
@@ -38,9 +39,10 @@ from sista_core.reports.sections import extract_sections
 
 from .config import PRETRAIN_SET, IngestSection, Params
 from .downstream_sets import SetLabels, SetPlan, Split, plan_sets
+from .remote_sources import RemoteSource, mirrored, prepare
 from .runtime import ensure_ray, on_this_node
 from .stage import stage_main
-from .stage_storage import local_sources, stage_output
+from .stage_storage import stage_output
 from .tracking import stage_run
 
 RECORDS_PER_TASK = 64  # per-record work is milliseconds: amortise Ray's per-task overhead
@@ -131,74 +133,95 @@ def _screen(refs: list[RecordRef], dataset: str, result: IngestResult) -> list[R
     return usable
 
 
-def _load_batch(
+def load_records(
     adapter: DatasetAdapter,
     refs: list[RecordRef],
     image_size: int,
     with_targets: bool,
     set_labels: SetLabels | None,
-):
-    """Ray Data batch function: load, check and resize records; failures become rows too.
+    remote: RemoteSource | None = None,
+) -> dict[str, np.ndarray]:
+    """One ingest task: load, check and resize ``refs`` (their files fetched from
+    ``remote`` first when the dataset is on S3); failures become rows too.
     ``with_targets``: also the mask and boxes, mapped onto the resized image;
     ``set_labels``: a downstream set's labels (its own names and order)."""
+    if remote is not None:
+        with remote.fetched(adapter, refs) as (local_adapter, local_refs, folder):
+            loaded = load_records(local_adapter, local_refs, image_size, with_targets, set_labels)
+        loaded["detail"] = np.array([remote.named(d, folder) for d in loaded["detail"]], object)
+        return loaded
     width = len(set_labels.names) if set_labels else 0
+    images, ok, reasons, details, labels, reports = [], [], [], [], [], []
+    masks, boxes, own_labels = [], [], []
+    for ref in refs:
+        vector = np.full(len(OBSERVATIONS), np.nan, dtype=np.float32)
+        mask = np.zeros((image_size, image_size), bool)
+        record_boxes = np.zeros((0, 4), np.float32)
+        try:
+            sample = adapter.load(ref)
+            image = resize_uint8(sample.image, image_size)
+            if with_targets and sample.boxes is not None:
+                record_boxes = resize_boxes(sample.boxes, sample.image.shape, image_size)
+            if with_targets and sample.mask is not None:
+                mask = resize_mask(sample.mask, image_size)
+            elif with_targets:  # boxes only: their union is the segmentation target
+                mask = boxes_mask(record_boxes, image_size)
+            for name, value in sample.labels.items():
+                if name in OBSERVATIONS:
+                    vector[OBSERVATIONS.index(name)] = value
+            own = set_labels.vector(sample) if set_labels else np.zeros(0, np.float32)
+            problem = report_problem(sample.report)
+            if problem:
+                raise RecordError(ref.record_id, problem)
+            images.append(image)
+            ok.append(True)
+            reasons.append("")
+            details.append("")
+            reports.append(sample.report or "")
+            own_labels.append(own)
+        except RecordError as error:
+            images.append(np.zeros((image_size, image_size), np.uint8))
+            ok.append(False)
+            reasons.append(error.reason)
+            details.append(error.detail[:300])
+            reports.append("")
+            own_labels.append(np.zeros(width, np.float32))
+        labels.append(vector)
+        masks.append(mask)
+        boxes.append(record_boxes.ravel().tolist())
+    targets = {}
+    if with_targets:
+        targets = {"mask": np.stack(masks), "boxes": np.array(boxes, dtype=object)}
+    return {
+        **targets,
+        "image": np.stack(images),
+        "ok": np.array(ok),
+        "reason": np.array(reasons, dtype=object),
+        "detail": np.array(details, dtype=object),
+        "labels": np.stack(labels),
+        "report": np.array(reports, dtype=object),
+        "set_labels": np.stack(own_labels).reshape(len(own_labels), width),
+    }
 
-    def load(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images, ok, reasons, details, labels, reports = [], [], [], [], [], []
-        masks, boxes, own_labels = [], [], []
-        for position in batch["position"]:
-            ref = refs[int(position)]
-            vector = np.full(len(OBSERVATIONS), np.nan, dtype=np.float32)
-            mask = np.zeros((image_size, image_size), bool)
-            record_boxes = np.zeros((0, 4), np.float32)
-            try:
-                sample = adapter.load(ref)
-                image = resize_uint8(sample.image, image_size)
-                if with_targets and sample.boxes is not None:
-                    record_boxes = resize_boxes(sample.boxes, sample.image.shape, image_size)
-                if with_targets and sample.mask is not None:
-                    mask = resize_mask(sample.mask, image_size)
-                elif with_targets:  # boxes only: their union is the segmentation target
-                    mask = boxes_mask(record_boxes, image_size)
-                for name, value in sample.labels.items():
-                    if name in OBSERVATIONS:
-                        vector[OBSERVATIONS.index(name)] = value
-                own = set_labels.vector(sample) if set_labels else np.zeros(0, np.float32)
-                problem = report_problem(sample.report)
-                if problem:
-                    raise RecordError(ref.record_id, problem)
-                images.append(image)
-                ok.append(True)
-                reasons.append("")
-                details.append("")
-                reports.append(sample.report or "")
-                own_labels.append(own)
-            except RecordError as error:
-                images.append(np.zeros((image_size, image_size), np.uint8))
-                ok.append(False)
-                reasons.append(error.reason)
-                details.append(error.detail[:300])
-                reports.append("")
-                own_labels.append(np.zeros(width, np.float32))
-            labels.append(vector)
-            masks.append(mask)
-            boxes.append(record_boxes.ravel().tolist())
-        targets = {}
-        if with_targets:
-            targets = {"mask": np.stack(masks), "boxes": np.array(boxes, dtype=object)}
-        return {
-            **targets,
-            "position": batch["position"],
-            "image": np.stack(images),
-            "ok": np.array(ok),
-            "reason": np.array(reasons, dtype=object),
-            "detail": np.array(details, dtype=object),
-            "labels": np.stack(labels),
-            "report": np.array(reports, dtype=object),
-            "set_labels": np.stack(own_labels).reshape(len(own_labels), width),
-        }
 
-    return load
+def loaded_blocks(
+    kept: deque[tuple[RecordRef, Split]],
+    load: Callable[[list[RecordRef]], Any],
+    in_flight: int,
+) -> Iterator[tuple[list[tuple[RecordRef, Split]], dict[str, np.ndarray]]]:
+    """Blocks of the records in ``kept`` (consumed as they are sent: a loaded record's
+    reference is let go) with their loaded arrays, in order, at most ``in_flight`` Ray tasks
+    ahead of the reader: the driver holds a few blocks of pixels, never the dataset's."""
+    pending: deque[tuple[list[tuple[RecordRef, Split]], Any]] = deque()
+    while kept:
+        block = [kept.popleft() for _ in range(min(RECORDS_PER_TASK, len(kept)))]
+        pending.append((block, load([ref for ref, _ in block])))
+        if len(pending) >= in_flight:
+            done, future = pending.popleft()
+            yield done, ray.get(future)
+    while pending:
+        done, future = pending.popleft()
+        yield done, ray.get(future)
 
 
 class ShardWriter:
@@ -248,34 +271,40 @@ def ingest_dataset(
     with_targets: bool = False,
     set_labels: SetLabels | None = None,
     local_files: bool = False,
+    remote: RemoteSource | None = None,
 ) -> IngestResult:
     """Read the records of ``adapter`` that ``assign`` keeps (each with its split) into shards
     under ``out/shards``; returns the rows. ``local_files``: the adapter reads files on this
-    node's disk, so its Ray tasks run here (another node of a cluster has no such files)."""
+    node's disk, so its Ray tasks run here (another node of a cluster has no such files);
+    ``remote``: the files are on S3, each task fetches its records' own, on any node."""
     result = IngestResult()
     usable = _screen(list(adapter.records()), dataset, result)
     # A broken listing is quarantined by its load, whatever the protocol would do with it.
     broken = [ref for ref in usable if ROW_ERROR in ref.meta]
-    kept = assign([ref for ref in usable if ROW_ERROR not in ref.meta])
+    kept = deque(assign([ref for ref in usable if ROW_ERROR not in ref.meta]))
     kept += [(ref, "train") for ref in broken]
-    refs = [ref for ref, _ in kept]
-    split_of = {ref.record_id: split for ref, split in kept}
+    del usable, broken
+    total = len(kept)
     (out / "shards").mkdir(exist_ok=True)
     writer = ShardWriter(out / "shards", dataset, config.shard_size)
 
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True  # same input, byte-identical shards
-    items = [{"position": i} for i in range(len(refs))]
-    blocks = max(1, min(len(items) // RECORDS_PER_TASK, 256))
-    loaded = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-        _load_batch(adapter, refs, config.image_size, with_targets, set_labels),
-        batch_size=None,
-        batch_format="numpy",
-        **(on_this_node() if local_files else {}),
+    task = ray.remote(load_records).options(
+        num_cpus=1, **(on_this_node() if local_files and remote is None else {})
     )
-    for batch in loaded.iter_batches(batch_size=256, batch_format="numpy"):
-        for row in range(len(batch["position"])):
-            ref = refs[int(batch["position"][row])]
+    adapter_ref = ray.put(adapter)  # stored once, not once per task
+    in_flight = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+    def load(block: list[RecordRef]) -> Any:
+        return task.remote(adapter_ref, block, config.image_size, with_targets, set_labels, remote)
+
+    for block, batch in tqdm(
+        loaded_blocks(kept, load, in_flight),
+        desc=f"ingest {dataset}",
+        total=-(-total // RECORDS_PER_TASK),
+        unit="block",
+        disable=None,
+    ):
+        for row, (ref, split) in enumerate(block):
             if not batch["ok"][row]:
                 result.quarantine_rows.append(
                     {
@@ -286,7 +315,6 @@ def ingest_dataset(
                     }
                 )
                 continue
-            split = split_of[ref.record_id]
             mask = batch["mask"][row] if with_targets else None
             shard, index = writer.add(split, batch["image"][row], mask)
             manifest_row = {
@@ -412,9 +440,15 @@ def set_description(plan: SetPlan, rows: list[dict[str, Any]]) -> dict[str, Any]
 
 
 def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any]:
-    config = local_sources(params)  # datasets on S3: read from a local copy
+    config = mirrored(params)  # datasets on S3: listed from a local copy of their tables
     ensure_ray(params)
     plans = plan_sets(config)
+    source = build_pretrain_source(config)
+    pretrain_remote = prepare(params, params.ingest.source_path, source)
+    remotes = {
+        name: prepare(params, params.ingest.downstream.sets[name].path, plan.adapter)
+        for name, plan in plans.items()
+    }
     with (
         stage_run(params, "ingest", logged={"ingest": params.ingest.model_dump()}) as mlflow_run,
         stage_output(params, "ingest", {"mlflow_run_id": mlflow_run.info.run_id}) as (out, extra),
@@ -431,10 +465,9 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
             counts[f"{dataset}_quarantined"] = len(result.quarantine_rows)
 
         pretrain = pretrain_splits(config.pretrain.val_fraction, config.seed)
-        source = build_pretrain_source(config)
         local = config.source != "embedded"
         pretrain_rows = ingest_dataset(
-            source, PRETRAIN_SET, config, out, pretrain, local_files=local
+            source, PRETRAIN_SET, config, out, pretrain, local_files=local, remote=pretrain_remote
         )
         add(PRETRAIN_SET, pretrain_rows)
         for name, plan in plans.items():
@@ -447,6 +480,7 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
                 with_targets=plan.with_targets,
                 set_labels=plan.labels,
                 local_files=plan.file_backed,
+                remote=remotes[name],
             )
             add(name, result)
         _write_table(combined.manifest_rows, out / "manifest.parquet")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import tempfile
 import time
@@ -161,6 +162,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return tensor.pin_memory().to(device, non_blocking=True) if on_gpu else tensor
 
     steps_per_epoch = data.steps_per_epoch(config["batch_size"], world_size)
+    if config.get("max_steps_per_epoch"):
+        steps_per_epoch = min(steps_per_epoch, config["max_steps_per_epoch"])
     if steps_per_epoch == 0:
         raise ValueError(
             f"{len(data)} training pairs are fewer than one global batch "
@@ -184,7 +187,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(state["epoch"], config["epochs"]):
         sums: dict[str, float] = {}
         tick = time.perf_counter()
-        for batch in data.batches(epoch, rank, world_size, config["batch_size"], config["seed"]):
+        batches = data.batches(epoch, rank, world_size, config["batch_size"], config["seed"])
+        for batch in itertools.islice(batches, steps_per_epoch):
             warmup = config["warmup_steps"]
             if config.get("warmup_fraction") is not None:  # a share of all steps (MGCA: 40 %)
                 warmup = round(config["warmup_fraction"] * total_steps)
@@ -351,6 +355,7 @@ def build_trainer(
             "warmup_steps": section.optim.warmup_steps,
             "warmup_fraction": section.optim.warmup_fraction,
             "epochs": section.optim.epochs,
+            "max_steps_per_epoch": section.optim.max_steps_per_epoch,
             "batch_size": section.optim.batch_size,
             "threads_per_worker": max(1, int(section.cpus_per_worker)),
             "gpu": section.gpu.model_dump(),

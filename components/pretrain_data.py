@@ -12,13 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from sista_core.findings import OBSERVATIONS
 
 from .ingest import ShardImages
-
-TOKEN_COLUMNS = ("input_ids", "word_index", "word_mask", "words_text")
+from .reports import TOKEN_COLUMNS, TOKENS_FILE, read_token_table
 
 
 @dataclass
@@ -36,9 +37,54 @@ def label_semantics(labels) -> np.ndarray:
     return np.where(labels == -1, 0.5, np.nan_to_num(labels, nan=0.0))
 
 
+class TokenRecords:
+    """The stored tokens of some reports: ``rows`` of the reports stage's memory-mapped
+    token table. ``[i]`` builds record i's dict for ``collate_tokens``, with its frozen text
+    states when attached; nothing else is held, so a worker's memory grows with the batch,
+    not with the number of reports."""
+
+    def __init__(self, table: pa.Table, rows: np.ndarray) -> None:
+        self.columns = {name: table.column(name) for name in TOKEN_COLUMNS}
+        self.rows = rows
+        self.states: np.ndarray | None = None  # (all tokens, hidden), memory-mapped
+        self.state_spans: np.ndarray | None = None  # (records, 2): each record's rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int | slice) -> dict | list[dict]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(len(self))[index]]
+        row = int(self.rows[index])
+        record = {name: column[row].as_py() for name, column in self.columns.items()}
+        if self.states is not None:
+            start, stop = self.state_spans[index]
+            record["frozen_states"] = self.states[start:stop]
+        return record
+
+
+class SemanticRows:
+    """Rows of a memory-mapped (N, d) array in a split's order, read as float32 on demand."""
+
+    def __init__(self, array: np.ndarray, rows: np.ndarray) -> None:
+        self.array, self.rows = array, rows
+        self.shape = (len(rows), array.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index) -> np.ndarray:
+        rows = self.rows[index]
+        order = np.argsort(rows, kind="stable")  # a forward read through the file
+        values = np.empty((len(rows), self.shape[1]), np.float32)
+        values[order] = self.array[rows[order]]
+        return values
+
+
 class PretrainData:
-    """One split of the pre-training pairs: tokens and semantics in memory, images read per
-    batch from the memory-mapped shards.
+    """One split of the pre-training pairs: images, tokens and report semantics read per
+    batch (memory-mapped shards and embeddings, Arrow token columns), so a worker's memory
+    does not grow with the number of pairs.
 
     ``frozen_text_layers``: the pre-training text encoder's frozen layers (its
     ``freeze_layers``). Where the similarity stage kept the states after exactly those
@@ -55,19 +101,26 @@ class PretrainData:
         frozen_text_layers: int = 0,
     ):
         root = Path(data_root)
-        manifest = pq.read_table(root / "ingest" / "manifest.parquet").to_pylist()
-        rows = [r for r in manifest if r["dataset"] == "pretrain" and r["split"] == split]
-        reports = {
-            r["record_id"]: r
-            for r in pq.read_table(root / "reports" / "reports.parquet").to_pylist()
-        }
-        rows = [r for r in rows if r["record_id"] in reports]
-        self.record_ids = [r["record_id"] for r in rows]
-        self.tokens = [{c: reports[i][c] for c in TOKEN_COLUMNS} for i in self.record_ids]
-        self.texts = [reports[i]["text"] for i in self.record_ids]
-        self.semantics = self._semantics(root, semantics, reports)
-        self.images = ShardImages(root / "ingest", rows)
+        rows = pq.read_table(
+            root / "ingest" / "manifest.parquet",
+            columns=["record_id", "shard", "index"],
+            filters=[("dataset", "=", "pretrain"), ("split", "=", split)],
+        )
+        reports = read_token_table(root / "reports" / TOKENS_FILE)
+        position = {record_id: i for i, record_id in enumerate(reports["record_id"].to_pylist())}
+        kept = [r for r in rows.to_pylist() if r["record_id"] in position]
+        self.record_ids = [r["record_id"] for r in kept]
+        report_rows = np.array([position[i] for i in self.record_ids], np.int64)
+        self.tokens = TokenRecords(reports, report_rows)
+        self.semantics = self._semantics(root, semantics, reports, report_rows)
+        self.images = ShardImages(root / "ingest", kept)
         self.has_text_states = self._attach_text_states(root, text_encoder, frozen_text_layers)
+
+    def _similarity_rows(self, root: Path) -> np.ndarray:
+        """Each record's row in the similarity stage's arrays."""
+        ids = (root / "similarity" / "record_ids.txt").read_text().split()
+        position = {record_id: i for i, record_id in enumerate(ids)}
+        return np.array([position[i] for i in self.record_ids], np.int64)
 
     def _attach_text_states(self, root: Path, encoder: str | None, layers: int) -> bool:
         folder = root / "similarity" / "text_states"
@@ -76,29 +129,30 @@ class PretrainData:
         meta = json.loads((folder / "states.json").read_text())
         if meta != {"frozen_layers": layers, "encoder": encoder}:
             return False  # made for another encoder or depth: recompute them per step
-        ids = (root / "similarity" / "record_ids.txt").read_text().split()
-        position = {record_id: i for i, record_id in enumerate(ids)}
+        rows = self._similarity_rows(root)
         offsets = np.load(folder / "offsets.npy")
-        states = np.load(folder / "states.npy", mmap_mode="r")
-        for record_id, tokens in zip(self.record_ids, self.tokens, strict=True):
-            i = position[record_id]
-            tokens["frozen_states"] = states[offsets[i] : offsets[i + 1]]
-            if len(tokens["frozen_states"]) != len(tokens["input_ids"]):
-                raise ValueError(
-                    f"{folder}: record {record_id} has {len(tokens['frozen_states'])} token "
-                    f"states for {len(tokens['input_ids'])} tokens; re-run the similarity stage"
-                )
+        spans = np.stack([offsets[rows], offsets[rows + 1]], axis=1)
+        lengths = pc.list_value_length(self.tokens.columns["input_ids"]).to_numpy()
+        lengths = lengths[self.tokens.rows]
+        wrong = np.flatnonzero(spans[:, 1] - spans[:, 0] != lengths)
+        if len(wrong):
+            i = int(wrong[0])
+            raise ValueError(
+                f"{folder}: record {self.record_ids[i]} has {spans[i, 1] - spans[i, 0]} token "
+                f"states for {lengths[i]} tokens; re-run the similarity stage"
+            )
+        self.tokens.states = np.load(folder / "states.npy", mmap_mode="r")
+        self.tokens.state_spans = spans
         return True
 
-    def _semantics(self, root: Path, kind: str, reports: dict[str, dict]) -> np.ndarray:
-        if kind == "labels":
-            vectors = label_semantics([reports[i]["labels"] for i in self.record_ids])
-            assert vectors.shape[1] == len(OBSERVATIONS)
-            return vectors
-        ids = (root / "similarity" / "record_ids.txt").read_text().split()
-        position = {record_id: i for i, record_id in enumerate(ids)}
-        embeddings = np.load(root / "similarity" / "embeddings.npy")
-        return embeddings[[position[i] for i in self.record_ids]].astype(np.float32)
+    def _semantics(
+        self, root: Path, kind: str, reports: pa.Table, rows: np.ndarray
+    ) -> np.ndarray | SemanticRows:
+        if kind == "labels":  # 14 numbers a report: small enough to hold
+            labels = reports["labels"].take(pa.array(rows)).to_pylist()
+            return label_semantics(labels).reshape(-1, len(OBSERVATIONS))
+        embeddings = np.load(root / "similarity" / "embeddings.npy", mmap_mode="r")
+        return SemanticRows(embeddings, self._similarity_rows(root))
 
     def __len__(self) -> int:
         return len(self.record_ids)

@@ -57,6 +57,23 @@ def process_reports(
     return processed
 
 
+TOKEN_COLUMNS = ("input_ids", "word_index", "word_mask", "words_text")
+TOKENS_FILE = "tokens.arrow"
+
+
+def write_token_table(reports: pa.Table, path: Path) -> None:
+    """What pre-training reads of each report (its tokens and labels) as an uncompressed
+    Arrow file: workers memory-map it, so their memory does not grow with the reports."""
+    table = reports.select(["record_id", *TOKEN_COLUMNS, "labels"])
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def read_token_table(path: Path) -> pa.Table:
+    """The table of :func:`write_token_table`, memory-mapped (nothing is read until used)."""
+    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+
+
 def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any]:
     manifest = pq.read_table(stage_dir(params, "ingest") / "manifest.parquet")
     rows = [row for row in manifest.to_pylist() if row["dataset"] == "pretrain"]
@@ -67,9 +84,9 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
         stage_output(params, "reports", {"mlflow_run_id": mlflow_run.info.run_id}) as (out, extra),
     ):
         processed = process_reports(rows, tokenizer_path, params.reports.max_length)
-        pq.write_table(
-            pa.Table.from_pylist(processed), Path(out) / "reports.parquet", compression="zstd"
-        )
+        table = pa.Table.from_pylist(processed)
+        pq.write_table(table, Path(out) / "reports.parquet", compression="zstd")
+        write_token_table(table, Path(out) / TOKENS_FILE)
         positives = {
             name: sum(1 for row in processed if row["labels"][i] == 1.0)
             for i, name in enumerate(OBSERVATIONS)

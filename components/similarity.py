@@ -101,11 +101,47 @@ def state_layers(params: Params) -> int:
     return text.freeze_layers if shares_tokens(params) and text.freeze_layers != 0 else 0
 
 
+class TextStatesWriter:
+    """``text_states/``: ``states.npy`` (all tokens, Dt) float32 in record order, ``offsets.npy``
+    (N + 1) and ``states.json`` saying which encoder and layers made them (layers 0: none
+    kept). Each report's states are written at their place as they arrive, through the file
+    (not a memory map), so the stage never holds them together."""
+
+    def __init__(self, folder: Path, token_counts: list[int], layers: int, params: Params):
+        folder.mkdir()
+        self.folder, self.layers = folder, layers
+        self.offsets = np.cumsum([0, *token_counts]) if layers else None
+        self.data_start: int | None = None  # byte offset of the array in states.npy
+        self.width = 0
+        meta = {"frozen_layers": layers, "encoder": params.similarity.encoder}
+        (folder / "states.json").write_text(json.dumps(meta))
+        if layers:
+            np.save(folder / "offsets.npy", self.offsets)
+
+    def write(self, position: int, states: np.ndarray) -> None:
+        states = np.ascontiguousarray(states, np.float32)
+        path = self.folder / "states.npy"
+        if self.data_start is None:
+            self.width = states.shape[1]
+            header = np.lib.format.open_memmap(
+                path, mode="w+", dtype=np.float32, shape=(int(self.offsets[-1]), self.width)
+            )
+            self.data_start = header.offset
+            del header
+        start, stop = self.offsets[position], self.offsets[position + 1]
+        if len(states) != stop - start:
+            raise ValueError(f"report {position}: {len(states)} states for {stop - start} tokens")
+        with open(path, "r+b") as handle:
+            handle.seek(self.data_start + int(start) * self.width * 4)
+            handle.write(states.tobytes())
+
+
 def embed_reports(
-    reports: list[dict[str, Any]], params: Params
-) -> tuple[np.ndarray, list[np.ndarray] | None]:
-    """(N, D) float16 L2-normalised sentence embeddings, in input order, and with
-    ``state_layers(params)`` > 0 each report's (T_i, Dt) frozen-layer states.
+    reports: list[dict[str, Any]], params: Params, states: TextStatesWriter | None = None
+) -> np.ndarray:
+    """(N, D) float16 L2-normalised sentence embeddings, in input order; with
+    ``state_layers(params)`` > 0 each report's (T_i, Dt) frozen-layer states go to ``states``
+    as their batch arrives.
 
     Batches are cut from the reports sorted by length, so each pads to little more than its
     own texts: 1.7x the texts/s of file order (``bench.similarity``), same embeddings.
@@ -126,28 +162,16 @@ def embed_reports(
         num_cpus=1,
         batch_format="numpy",
     )
-    batches = list(embedded.iter_batches(batch_size=None, batch_format="numpy"))
-    order = np.argsort(np.concatenate([b["position"] for b in batches]))
-    vectors = np.concatenate([b["embedding"] for b in batches])[order]
-    if not layers:
-        return vectors, None
-    # A batch of equal lengths arrives as one (n, T, Dt) tensor, a ragged one as n arrays.
-    states = [np.asarray(s) for b in batches for s in b["states"]]
-    return vectors, [states[i] for i in order]
-
-
-def write_text_states(
-    folder: Path, states: list[np.ndarray] | None, layers: int, params: Params
-) -> None:
-    """``states.npy`` (all tokens, Dt) float32 in record order, ``offsets.npy`` (N + 1) and
-    ``states.json`` saying which encoder and layers made them (layers 0: none kept)."""
-    folder.mkdir()
-    meta = {"frozen_layers": layers, "encoder": params.similarity.encoder}
-    if states is not None:
-        offsets = np.cumsum([0] + [len(s) for s in states])
-        np.save(folder / "offsets.npy", offsets)
-        np.save(folder / "states.npy", np.concatenate(states).astype(np.float32))
-    (folder / "states.json").write_text(json.dumps(meta))
+    vectors: np.ndarray | None = None
+    for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
+        if vectors is None:
+            vectors = np.empty((len(reports), batch["embedding"].shape[1]), np.float16)
+        vectors[batch["position"]] = batch["embedding"]
+        if layers and states is not None:
+            # A batch of equal lengths arrives as one (n, T, Dt) tensor, a ragged one as n arrays.
+            for position, report_states in zip(batch["position"], batch["states"], strict=True):
+                states.write(int(position), np.asarray(report_states))
+    return vectors if vectors is not None else np.zeros((0, 0), np.float16)
 
 
 def findings_key(labels: list[float]) -> tuple[int, ...]:
@@ -213,9 +237,11 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
         stage_run(params, "similarity", logged={"similarity": config.model_dump()}) as run_,
         stage_output(params, "similarity", {"mlflow_run_id": run_.info.run_id}) as (out, extra),
     ):
-        embeddings, states = embed_reports(reports, params)
+        layers = state_layers(params)
+        counts = [len(r["input_ids"]) for r in reports]
+        states = TextStatesWriter(out / TEXT_STATES, counts, layers, params)
+        embeddings = embed_reports(reports, params, states)
         np.save(out / "embeddings.npy", embeddings)
-        write_text_states(out / TEXT_STATES, states, state_layers(params), params)
         ids = [r["record_id"] for r in reports]
         (out / "record_ids.txt").write_text("\n".join(ids) + "\n")
 

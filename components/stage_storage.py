@@ -20,7 +20,7 @@ from typing import Any
 
 from . import storage
 from .artifacts import MANIFEST, atomic_output_dir, content_hashes
-from .config import IngestSection, Params, StorageSection
+from .config import Params, StorageSection
 
 # The output folders each stage reads (dvc.yaml's data deps); pretrain's are also read by
 # every Ray Train worker, on whichever node it runs.
@@ -169,38 +169,6 @@ def stage_output(
     ):
         yield out, extra
     push(params.storage, folder)
-
-
-def local_sources(params: Params) -> IngestSection:
-    """The ingest section with every dataset given as ``s3://...`` replaced by a local
-    copy below ``<local_dir>/sources/`` (the adapters read files); a copy is downloaded
-    again only when an object below the prefix was added, removed or changed."""
-    config = params.ingest
-    sets = {
-        name: spec.model_copy(update={"path": _local_source(params.storage, spec.path)})
-        for name, spec in config.downstream.sets.items()
-    }
-    return config.model_copy(
-        update={
-            "source_path": _local_source(params.storage, config.source_path),
-            "downstream": config.downstream.model_copy(update={"sets": sets}),
-        }
-    )
-
-
-def _local_source(section: StorageSection, path: str | None) -> str | None:
-    if not path or not storage.is_s3(path):
-        return path
-    settings = settings_for(section)
-    bucket, key = storage.split_s3(path)
-    target = data_root(section) / "sources" / bucket / key.strip("/")
-    listing = json.dumps(storage.object_versions(path, settings=settings), sort_keys=True)
-    stamp = target.parent / f".{target.name}.objects.json"
-    if target.is_dir() and stamp.is_file() and stamp.read_text() == listing:
-        return str(target)
-    storage.download_dir(path, target, settings=settings)
-    stamp.write_text(listing)
-    return str(target)
 
 
 def ray_storage(params: Params, name: str) -> dict[str, Any]:

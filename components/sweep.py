@@ -90,7 +90,8 @@ def trial_section(params: Params, overrides: dict[str, float]) -> PretrainSectio
 def training_steps(params: Params, section: PretrainSection) -> int:
     """Optimizer steps of one trial, as the training loop counts them."""
     pairs = PretrainData(data_root(params.storage), "train", section.semantics)
-    return section.optim.epochs * pairs.steps_per_epoch(section.optim.batch_size, section.workers)
+    per_epoch = pairs.steps_per_epoch(section.optim.batch_size, section.workers)
+    return section.optim.epochs * min(per_epoch, section.optim.max_steps_per_epoch or per_epoch)
 
 
 def validation_signal(params: Params) -> ValidationSignal:
@@ -247,7 +248,7 @@ def results_markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str
 
 def check_inputs(params: Params) -> None:
     root = data_root(params.storage)
-    needed = ["ingest/manifest.parquet", "reports/reports.parquet", "similarity/embeddings.npy"]
+    needed = ["ingest/manifest.parquet", "reports/tokens.arrow", "similarity/embeddings.npy"]
     missing = [path for path in needed if not (root / path).exists()]
     if missing:
         raise SystemExit(

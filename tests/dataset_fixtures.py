@@ -30,6 +30,7 @@ from sista_core.assets import (
     xrv_data_file,
 )
 from sista_core.datasets import DatasetAdapter, RecordError, Sample
+from sista_core.datasets.mimic_cxr import METADATA_COLUMNS as MIMIC_METADATA_COLUMNS
 
 FIXTURE_SIDE = 256  # JPEG fixtures are real radiographs shrunk to this longest side
 KAGGLE_SIDE = 1024  # RSNA and SIIM DICOMs are 1024 x 1024, 8-bit MONOCHROME2
@@ -240,20 +241,6 @@ MIMIC_LABEL_COLUMNS = [
     "Pneumonia",
     "Pneumothorax",
     "Support Devices",
-]
-MIMIC_METADATA_COLUMNS = [
-    "dicom_id",
-    "subject_id",
-    "study_id",
-    "PerformedProcedureStepDescription",
-    "ViewPosition",
-    "Rows",
-    "Columns",
-    "StudyDate",
-    "StudyTime",
-    "ProcedureCodeSequence_CodeMeaning",
-    "ViewCodeSequence_CodeMeaning",
-    "PatientOrientationCodeSequence_CodeMeaning",
 ]
 MIMIC_REPORT = """                                 FINAL REPORT
  EXAMINATION:  CHEST (PA AND LAT)
@@ -546,3 +533,81 @@ def build_object_cxr(root: Path) -> Layout:
     layout.notes["sizes"] = sizes
     layout.notes["annotations"] = annotations
     return layout
+
+
+# --- MIMIC-CXR-JPG with one record of every problem ingest quarantines ------------------
+
+# study case -> (what the image is, what the report is, expected quarantine reason or None)
+MIMIC_CASES = {
+    "good-1": ("good", MIMIC_REPORT, None),
+    "good-2": ("good", MIMIC_REPORT, None),
+    "good-3": ("good", "FINDINGS: Small left effusion.\nIMPRESSION: Effusion.", None),
+    "good-4": ("good", MIMIC_REPORT, None),
+    "truncated": ("truncated_image", MIMIC_REPORT, "truncated_image"),
+    "zero-byte": ("zero_byte_file", MIMIC_REPORT, "zero_byte_file"),
+    "missing": ("missing_file", MIMIC_REPORT, "missing_file"),
+    "tiny": ("image_too_small", MIMIC_REPORT, "image_too_small"),
+    "empty-report": ("good", "   \n", "empty_report"),
+    "non-utf8": ("good", b"FINDINGS: \xff\xfe effusion \x81", "non_utf8_report"),
+    "deid-only": ("good", "FINDINGS: ___ ___.\nIMPRESSION: XXXX.", "report_only_deid"),
+    "xxxx-only": ("good", "XXXX XXXX XXXX.", "report_only_deid"),  # Open-I's placeholder
+}
+
+
+def build_mimic_with_every_problem(root):
+    metadata, splits, expected = [], [], {}
+    for number, (case, (image, report, reason)) in enumerate(MIMIC_CASES.items()):
+        subject, study, dicom_id = f"1{number:07d}", f"5{number:07d}", f"{case}-dicom"
+        folder = root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}"
+        folder.mkdir(parents=True)
+        write_jpeg_case(folder / f"{dicom_id}.jpg", image, number)
+        report_path = folder.with_suffix(".txt")
+        if isinstance(report, bytes):
+            report_path.write_bytes(report)
+        else:
+            report_path.write_text(report)
+        metadata.append(
+            [
+                dicom_id,
+                subject,
+                study,
+                "CHEST",
+                "PA",
+                "2544",
+                "3056",
+                "21800506",
+                "213014.531",
+                "CHEST",
+                "postero-anterior",
+                "Erect",
+            ]
+        )
+        splits.append([dicom_id, study, subject, "train"])
+        expected[dicom_id] = reason
+    # the same dicom id listed twice: the second copy is a duplicate
+    metadata.append(list(metadata[0]))
+    splits.append(list(splits[0]))
+    # a metadata row with missing columns
+    metadata.append(["short-row-dicom", "19999999", "59999999"])
+    expected["short-row-dicom"] = "bad_row"
+    write_csv(root / "mimic-cxr-2.0.0-metadata.csv.gz", MIMIC_METADATA_COLUMNS, metadata, True)
+    write_csv(
+        root / "mimic-cxr-2.0.0-split.csv.gz",
+        ["dicom_id", "study_id", "subject_id", "split"],
+        splits,
+        True,
+    )
+    write_csv(root / "mimic-cxr-2.0.0-chexpert.csv.gz", MIMIC_LABEL_COLUMNS, [], True)
+    return expected
+
+
+def check_counts_add_up(result, expected: dict[str, str | None], duplicates: int = 0):
+    quarantined = {row["record_id"]: row["reason"] for row in result.quarantine_rows}
+    kept = [row["record_id"] for row in result.manifest_rows]
+    for record_id, reason in expected.items():
+        if reason is None:
+            assert record_id in kept, record_id
+        else:
+            assert quarantined.get(record_id) == reason, (record_id, quarantined.get(record_id))
+    assert len(kept) == len(set(kept)) == sum(r is None for r in expected.values())
+    assert len(kept) + len(result.quarantine_rows) == len(expected) + duplicates

@@ -8,14 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray
-from dataset_fixtures import (
-    MIMIC_LABEL_COLUMNS,
-    MIMIC_METADATA_COLUMNS,
-    MIMIC_REPORT,
-    build_rsna,
-    write_csv,
-    write_jpeg_case,
-)
+from dataset_fixtures import build_mimic_with_every_problem, build_rsna, check_counts_add_up
 
 from components.artifacts import read_manifest
 from components.config import IngestSection, Params
@@ -31,87 +24,12 @@ from sista_core.datasets import MimicCxrJpg, RsnaPneumonia
 from sista_core.datasets.embedded_tasks import PhantomPneumothoraxSegmentation
 from sista_core.datasets.images import resize_boxes, resize_mask
 
-# study case -> (what the image is, what the report is, expected quarantine reason or None)
-MIMIC_CASES = {
-    "good-1": ("good", MIMIC_REPORT, None),
-    "good-2": ("good", MIMIC_REPORT, None),
-    "good-3": ("good", "FINDINGS: Small left effusion.\nIMPRESSION: Effusion.", None),
-    "good-4": ("good", MIMIC_REPORT, None),
-    "truncated": ("truncated_image", MIMIC_REPORT, "truncated_image"),
-    "zero-byte": ("zero_byte_file", MIMIC_REPORT, "zero_byte_file"),
-    "missing": ("missing_file", MIMIC_REPORT, "missing_file"),
-    "tiny": ("image_too_small", MIMIC_REPORT, "image_too_small"),
-    "empty-report": ("good", "   \n", "empty_report"),
-    "non-utf8": ("good", b"FINDINGS: \xff\xfe effusion \x81", "non_utf8_report"),
-    "deid-only": ("good", "FINDINGS: ___ ___.\nIMPRESSION: XXXX.", "report_only_deid"),
-    "xxxx-only": ("good", "XXXX XXXX XXXX.", "report_only_deid"),  # Open-I's placeholder
-}
-
-
-def build_mimic_with_every_problem(root):
-    metadata, splits, expected = [], [], {}
-    for number, (case, (image, report, reason)) in enumerate(MIMIC_CASES.items()):
-        subject, study, dicom_id = f"1{number:07d}", f"5{number:07d}", f"{case}-dicom"
-        folder = root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}"
-        folder.mkdir(parents=True)
-        write_jpeg_case(folder / f"{dicom_id}.jpg", image, number)
-        report_path = folder.with_suffix(".txt")
-        if isinstance(report, bytes):
-            report_path.write_bytes(report)
-        else:
-            report_path.write_text(report)
-        metadata.append(
-            [
-                dicom_id,
-                subject,
-                study,
-                "CHEST",
-                "PA",
-                "2544",
-                "3056",
-                "21800506",
-                "213014.531",
-                "CHEST",
-                "postero-anterior",
-                "Erect",
-            ]
-        )
-        splits.append([dicom_id, study, subject, "train"])
-        expected[dicom_id] = reason
-    # the same dicom id listed twice: the second copy is a duplicate
-    metadata.append(list(metadata[0]))
-    splits.append(list(splits[0]))
-    # a metadata row with missing columns
-    metadata.append(["short-row-dicom", "19999999", "59999999"])
-    expected["short-row-dicom"] = "bad_row"
-    write_csv(root / "mimic-cxr-2.0.0-metadata.csv.gz", MIMIC_METADATA_COLUMNS, metadata, True)
-    write_csv(
-        root / "mimic-cxr-2.0.0-split.csv.gz",
-        ["dicom_id", "study_id", "subject_id", "split"],
-        splits,
-        True,
-    )
-    write_csv(root / "mimic-cxr-2.0.0-chexpert.csv.gz", MIMIC_LABEL_COLUMNS, [], True)
-    return expected
-
 
 @pytest.fixture(scope="module")
 def local_ray():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
-
-
-def check_counts_add_up(result, expected: dict[str, str | None], duplicates: int = 0):
-    quarantined = {row["record_id"]: row["reason"] for row in result.quarantine_rows}
-    kept = [row["record_id"] for row in result.manifest_rows]
-    for record_id, reason in expected.items():
-        if reason is None:
-            assert record_id in kept, record_id
-        else:
-            assert quarantined.get(record_id) == reason, (record_id, quarantined.get(record_id))
-    assert len(kept) == len(set(kept)) == sum(r is None for r in expected.values())
-    assert len(kept) + len(result.quarantine_rows) == len(expected) + duplicates
 
 
 def test_every_broken_mimic_record_is_quarantined_with_its_reason(tmp_path, local_ray):

@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from components.pretrain_data import PretrainData
+from components.reports import TOKENS_FILE, write_token_table
 from sista_core.findings import OBSERVATIONS
 
 RECORDS = 24  # pre-training train records; a few more rows that must be left out
@@ -73,7 +74,7 @@ def data_root(tmp_path_factory):
         }
         for n in rng.permutation(with_report).tolist()
     ]
-    pq.write_table(pa.Table.from_pylist(reports), root / "reports/reports.parquet")
+    write_token_table(pa.Table.from_pylist(reports), root / "reports" / TOKENS_FILE)
     ids = rng.permutation(numbers).tolist()
     (root / "similarity/record_ids.txt").write_text("\n".join(record_id(n) for n in ids) + "\n")
     embeddings = np.zeros((len(ids), 64), np.float16)

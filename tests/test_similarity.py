@@ -247,3 +247,21 @@ def test_a_zero_semantics_row_is_similar_to_nothing():
 
     quality = flag_quality(torch.zeros(3, 4), ["x", "x", "y"], [0.5])
     assert quality["0.5"]["flagged_fraction"] == 0.0 and quality["0.5"]["recall"] == 0.0
+
+
+def test_text_states_written_as_they_arrive_read_back_in_record_order(tmp_path):
+    from components.config import Params
+    from components.similarity import TextStatesWriter
+
+    rng = np.random.default_rng(0)
+    counts = [3, 1, 4, 2]
+    states = [rng.standard_normal((n, 5)).astype(np.float32) for n in counts]
+    writer = TextStatesWriter(tmp_path / "text_states", counts, 2, Params())
+    for position in (2, 0, 3, 1):  # batches arrive sorted by length, not in record order
+        writer.write(position, states[position])
+    offsets = np.load(tmp_path / "text_states" / "offsets.npy")
+    stored = np.load(tmp_path / "text_states" / "states.npy")
+    for position, expected in enumerate(states):
+        np.testing.assert_array_equal(stored[offsets[position] : offsets[position + 1]], expected)
+    with pytest.raises(ValueError, match="report 1: 2 states for 1 tokens"):
+        writer.write(1, states[3])

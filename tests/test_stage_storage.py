@@ -10,11 +10,12 @@ import pyarrow.fs
 import pytest
 import yaml
 
-from components import stage_storage, storage
+from components import remote_sources, stage_storage, storage
 from components.artifacts import MANIFEST, content_hashes
 from components.config import Params
 from components.stage import stage_main
 from components.stage_storage import StageOutputMissing
+from sista_core.datasets import SiimPneumothorax
 
 
 @pytest.fixture
@@ -173,27 +174,24 @@ def test_a_stage_whose_local_input_is_missing_names_the_missing_stage(tmp_path, 
     assert "stage 'evaluate' has not completed" in stderr and "Traceback" not in stderr
 
 
-def test_a_dataset_on_s3_is_read_from_a_local_copy_refreshed_when_it_changes(
+def test_a_dataset_whose_listing_reads_every_file_is_copied_whole_and_refreshed(
     s3_params, tmp_path, monkeypatch
 ):
-    source = f"s3://sista/datasets-{uuid.uuid4().hex[:6]}/openi"
-    storage.write_bytes(f"{source}/ecgen-radiology/1.xml", b"<report/>")
-    storage.write_bytes(f"{source}/images/CXR1_1_IM-0001-3001.png", b"png")
-    params = s3_params.model_copy(
-        update={
-            "ingest": s3_params.ingest.model_copy(update={"source": "openi", "source_path": source})
-        }
-    )
-    local = stage_storage.local_sources(params)
+    # SIIM's listing reads each DICOM's header: the whole prefix is copied, and read here.
+    source = f"s3://sista/datasets-{uuid.uuid4().hex[:6]}/siim"
+    storage.write_bytes(f"{source}/train-rle.csv", b"ImageId, EncodedPixels\n")
+    storage.write_bytes(f"{source}/dicom-images-train/1/2/3.dcm", b"dicom")
+    params = s3_params
     copy = tmp_path / "copy" / "sources" / source[len("s3://") :]
-    assert local.source_path == str(copy)
-    assert (copy / "ecgen-radiology" / "1.xml").read_bytes() == b"<report/>"
-    assert all(spec.path is None for spec in local.downstream.sets.values())  # phantoms
+    assert remote_sources.mirror_path(params.storage, source) == str(copy)
+    adapter = SiimPneumothorax(copy)
+    assert remote_sources.prepare(params, source, adapter) is None  # files local: read here
+    assert (copy / "dicom-images-train" / "1" / "2" / "3.dcm").read_bytes() == b"dicom"
 
     real_download = storage.download_dir
     monkeypatch.setattr(storage, "download_dir", lambda *_, **__: pytest.fail("copied again"))
-    stage_storage.local_sources(params)  # unchanged on S3: the copy is used as it is
-    storage.write_bytes(f"{source}/ecgen-radiology/1.xml", b"<report>edited</report>")
+    remote_sources.prepare(params, source, adapter)  # unchanged on S3: the copy is used
+    storage.write_bytes(f"{source}/train-rle.csv", b"ImageId, EncodedPixels\n3, -1\n")
     monkeypatch.setattr(storage, "download_dir", real_download)
-    stage_storage.local_sources(params)
-    assert (copy / "ecgen-radiology" / "1.xml").read_bytes() == b"<report>edited</report>"
+    remote_sources.prepare(params, source, adapter)
+    assert (copy / "train-rle.csv").read_bytes().endswith(b"3, -1\n")

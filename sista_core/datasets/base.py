@@ -3,6 +3,7 @@ source format, all yielding the same sample shape)."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,23 @@ class RecordRef:
     patient_id: str
     image_path: Path | None = None
     meta: dict = field(default_factory=dict)
+
+    def files(self) -> list[Path]:
+        """The files ``load`` reads for this record: its image and any path in ``meta``."""
+        paths = [self.image_path, *self.meta.values()]
+        return [path for path in paths if isinstance(path, Path)]
+
+    def relocated(self, old_root: Path, new_root: Path) -> RecordRef:
+        """The same record with its files below ``old_root`` read below ``new_root``."""
+        meta = {key: _moved(value, old_root, new_root) for key, value in self.meta.items()}
+        image_path = _moved(self.image_path, old_root, new_root)
+        return RecordRef(self.record_id, self.patient_id, image_path, meta)
+
+
+def _moved(value, old_root: Path, new_root: Path):
+    if isinstance(value, Path) and value.is_relative_to(old_root):
+        return new_root / value.relative_to(old_root)
+    return value
 
 
 @dataclass
@@ -57,12 +75,34 @@ class DatasetAdapter:
     reads one record and raises ``RecordError`` when it cannot be used."""
 
     name: str = "dataset"
+    listing_files: tuple[str, ...] = ("**",)
+    """The files ``records()`` reads, as patterns relative to the dataset's root (``*.csv``:
+    the tables at the top; ``**``: everything). A remote copy of the dataset needs these
+    before listing; the other files are fetched record by record, for ``load``."""
 
     def records(self) -> Iterator[RecordRef]:
         raise NotImplementedError
 
     def load(self, ref: RecordRef) -> Sample:
         raise NotImplementedError
+
+    def relocated(self, old_root: Path, new_root: Path) -> DatasetAdapter:
+        """This adapter reading a copy of its files moved from ``old_root`` to ``new_root``
+        (paired with :meth:`RecordRef.relocated`): every path attribute below ``old_root``
+        is moved, in nested adapters too."""
+        moved = copy.copy(self)
+        for key, value in vars(self).items():
+            if isinstance(value, DatasetAdapter):
+                value = value.relocated(old_root, new_root)
+            elif isinstance(value, dict):
+                value = {
+                    k: v.relocated(old_root, new_root)
+                    if isinstance(v, DatasetAdapter)
+                    else _moved(v, old_root, new_root)
+                    for k, v in value.items()
+                }
+            setattr(moved, key, _moved(value, old_root, new_root))
+        return moved
 
     def __iter__(self) -> Iterator[Sample]:
         for ref in self.records():

@@ -43,6 +43,7 @@ class CheXpert(DatasetAdapter):
     """
 
     name = "chexpert"
+    listing_files = ("*.csv",)
 
     def __init__(
         self,

@@ -33,6 +33,7 @@ class Covidx(DatasetAdapter):
     """
 
     name = "covidx"
+    listing_files = ("*.txt",)
 
     def __init__(
         self,

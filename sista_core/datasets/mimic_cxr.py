@@ -24,6 +24,21 @@ from .tables import (
 METADATA_CSV = "mimic-cxr-2.0.0-metadata.csv.gz"
 SPLIT_CSV = "mimic-cxr-2.0.0-split.csv.gz"
 LABEL_CSV = "mimic-cxr-2.0.0-{labeler}.csv.gz"
+# The metadata table's header (the adapter reads dicom_id, subject_id, study_id, ViewPosition).
+METADATA_COLUMNS = [
+    "dicom_id",
+    "subject_id",
+    "study_id",
+    "PerformedProcedureStepDescription",
+    "ViewPosition",
+    "Rows",
+    "Columns",
+    "StudyDate",
+    "StudyTime",
+    "ProcedureCodeSequence_CodeMeaning",
+    "ViewCodeSequence_CodeMeaning",
+    "PatientOrientationCodeSequence_CodeMeaning",
+]
 FRONTAL_VIEWS = ("PA", "AP")
 
 
@@ -56,6 +71,7 @@ class MimicCxrJpg(DatasetAdapter):
     """
 
     name = "mimic_cxr"
+    listing_files = ("*.csv", "*.csv.gz")
 
     def __init__(
         self,

@@ -88,6 +88,7 @@ class ObjectCxr(DatasetAdapter):
     """
 
     name = "object_cxr"
+    listing_files = ("*.csv",)
 
     def __init__(self, root: Path, split: str = "train", min_size: int = MIN_IMAGE_SIDE) -> None:
         self.root = Path(root)

@@ -22,6 +22,7 @@ class OpenIDataset(DatasetAdapter):
     """Open-I image-report pairs; labels come from the rule-based report labeler."""
 
     name = "openi"
+    listing_files = ()
 
     def __init__(
         self,

@@ -53,6 +53,7 @@ class RsnaPneumonia(DatasetAdapter):
     """
 
     name = "rsna_pneumonia"
+    listing_files = ("*.csv",)
 
     def __init__(
         self,
