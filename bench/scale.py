@@ -55,6 +55,21 @@ from sista_core.reports import label_report, read_openi_reports
 
 STAGES = ("ingest", "reports", "similarity", "pretrain")
 ROOT = Path(__file__).resolve().parents[1]
+# Ray's own processes (daemons, agents, Ray Data's and Ray Train's bookkeeping actors):
+# measured like the others, summarised in one line of the table.
+RAY_INTERNALS = (
+    "ray daemons",
+    "ray worker (idle)",
+    "ray::ActorLocationTracker",
+    "ray::DashboardAgent",
+    "ray::DatasetManager",
+    "ray::PlacementGroupCleaner",
+    "ray::PreemptionWatcher",
+    "ray::RuntimeEnvAgent",
+    "ray::SynchronizationActor",
+    "ray::_AutoscalingCoordinatorActor",
+    "ray::_StatsActor",
+)
 DISTINCT_IMAGES = 64  # rendered once, then reused: decoding cost is per file, not per picture
 
 
@@ -119,12 +134,14 @@ def write_mimic_layout(uri: str, images: int, image_px: int) -> dict[str, Any]:
 
 
 class PeakMemory:
-    """The peak RSS (VmHWM) of a process and every process below it, polled in a thread;
-    each process is named by its Ray task or actor when it has one."""
+    """The peak memory of a process and every process below it, polled in a thread: VmHWM
+    (the kernel's high-water mark of its resident set, which also counts the shared pages it
+    maps: Ray's object store, memory-mapped files) and the largest RssAnon seen (its private
+    memory). Each process is named by its Ray task or actor when it has one."""
 
     def __init__(self, pid: int, interval_s: float = 0.2) -> None:
         self.root, self.interval = pid, interval_s
-        self.peaks: dict[int, int] = {}
+        self.peaks: dict[int, dict[str, int]] = {}
         self.names: dict[int, str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -143,13 +160,12 @@ class PeakMemory:
                     name = self._name(process)
                 except (OSError, psutil.Error):
                     continue
-                peaks = [
-                    int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM")
-                ]
-                if not peaks:  # a zombie: its memory is gone
+                fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+                if "VmHWM" not in fields:  # a zombie: its memory is gone
                     continue
-                peak = peaks[0]
-                self.peaks[process.pid] = max(self.peaks.get(process.pid, 0), peak)
+                peak = self.peaks.setdefault(process.pid, {"rss": 0, "private": 0})
+                peak["rss"] = max(peak["rss"], int(fields["VmHWM"].split()[0]))
+                peak["private"] = max(peak["private"], int(fields["RssAnon"].split()[0]))
                 if name != "ray worker (idle)" or process.pid not in self.names:
                     self.names[process.pid] = name
             self._stop.wait(self.interval)
@@ -164,14 +180,16 @@ class PeakMemory:
             return "ray worker (idle)" if task == "IDLE" else f"ray::{task}"
         return "ray daemons"  # gcs_server, raylet, dashboard, log monitor, agents
 
-    def stop(self) -> dict[str, float]:
-        """Peak RSS in MB per process name (the largest process of each name)."""
+    def stop(self) -> dict[str, dict[str, float]]:
+        """Per process name (the largest process of each name): peak RSS and peak private
+        memory in MB."""
         self._stop.set()
         self._thread.join()
-        by_name: dict[str, float] = {}
+        by_name: dict[str, dict[str, float]] = {}
         for pid, peak in self.peaks.items():
-            name = self.names.get(pid, "ray daemons")
-            by_name[name] = max(by_name.get(name, 0.0), peak / 1024)
+            entry = by_name.setdefault(self.names.get(pid, "ray daemons"), {})
+            for kind, kilobytes in peak.items():
+                entry[kind] = max(entry.get(kind, 0.0), kilobytes / 1024)
         return dict(sorted(by_name.items()))
 
 
@@ -214,7 +232,7 @@ def run_stage(work: Path, stage: str, env: dict[str, str], log: Path) -> dict[st
     seconds = time.perf_counter() - started
     if code:
         raise SystemExit(f"stage {stage} failed ({code}): see {log}")
-    return {"seconds": seconds, "peak_rss_mb": peaks}
+    return {"seconds": seconds, "peak_memory_mb": peaks}
 
 
 def measure(size: int, image_px: int, steps: int, server: S3Server, keep: Path | None) -> dict:
@@ -242,7 +260,7 @@ def measure(size: int, image_px: int, steps: int, server: S3Server, keep: Path |
             stages[stage] = run_stage(work, stage, env, work / "stages.log")
             print(
                 f"[scale] {size:,}: {stage} {stages[stage]['seconds']:.0f} s, peak RSS "
-                f"{max(stages[stage]['peak_rss_mb'].values()):.0f} MB",
+                f"{max(p['rss'] for p in stages[stage]['peak_memory_mb'].values()):.0f} MB",
                 file=sys.stderr,
                 flush=True,
             )
@@ -273,16 +291,19 @@ def compare(small: dict, large: dict, steps: int, batch: int) -> list[dict[str, 
                 "large_s": b["seconds"],
             }
         )
-        for name in sorted(set(a["peak_rss_mb"]) | set(b["peak_rss_mb"])):
-            low, high = a["peak_rss_mb"].get(name), b["peak_rss_mb"].get(name)
-            rows.append(
-                {
-                    "stage": stage,
-                    "what": f"peak RSS MB: {name}",
-                    "small": low,
-                    "large": high,
-                }
-            )
+        for name in sorted(set(a["peak_memory_mb"]) | set(b["peak_memory_mb"])):
+            for kind, label in (("rss", "peak RSS MB"), ("private", "peak private MB")):
+                low = a["peak_memory_mb"].get(name, {}).get(kind)
+                high = b["peak_memory_mb"].get(name, {}).get(kind)
+                rows.append(
+                    {
+                        "stage": stage,
+                        "what": f"{label}: {name}",
+                        "small": low,
+                        "large": high,
+                        "ray_internal": name in RAY_INTERNALS,
+                    }
+                )
     return rows
 
 

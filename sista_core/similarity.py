@@ -531,6 +531,9 @@ def _histogram_mean(histogram: torch.Tensor, bin_edges: torch.Tensor) -> float:
     return float((histogram.double() * centres.double()).sum() / total) if total else math.nan
 
 
+FLAG_BLOCK_PAIRS = 1 << 22  # pairs compared at once by flag_quality (a few tens of MB)
+
+
 def flag_quality(
     semantics: torch.Tensor,
     truth: Sequence[object],
@@ -543,8 +546,10 @@ def flag_quality(
     when their keys are equal (e.g. the same labeler findings). Per δ: ``precision`` (share of
     flagged pairs that are equal), ``recall`` (share of equal pairs flagged; NaN when none is)
     and ``flagged_fraction`` (share of all pairs flagged: the expected in-batch flag rate).
-    ``equal_fraction`` is the share of equal pairs. Exact, in blocks of ``block_size`` rows."""
+    ``equal_fraction`` is the share of equal pairs. Exact, in blocks of at most
+    ``block_size`` rows and ``FLAG_BLOCK_PAIRS`` pairs: memory does not grow with N."""
     count = semantics.shape[0]
+    block_size = max(1, min(block_size, FLAG_BLOCK_PAIRS // max(count, 1)))
     if count != len(truth):
         raise ValueError(f"{count} semantics rows but {len(truth)} truth keys")
     codes = {key: code for code, key in enumerate(dict.fromkeys(truth))}
