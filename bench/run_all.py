@@ -13,7 +13,7 @@ absolute times do not. The header names the machine and the library versions.
     the dense N x N matrix, and MiniLM throughput on 2,000 real reports (``bench.similarity``);
   - scale: ingest, reports, similarity and a short pre-training epoch at 2,000 and 20,000
     images of a MIMIC-CXR-JPG layout on S3, throughput and per-process peak RSS side by
-    side (``bench.scale``, about 25 minutes);
+    side (``bench.scale``, about 20 minutes);
   - end to end: per-stage wall time of the last ``dvc repro``, read from the stages'
     ``_stage.json`` (not re-run here: the pipeline takes longer than the whole benchmark).
 
