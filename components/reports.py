@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
@@ -26,14 +27,38 @@ from .stage import stage_dir, stage_main
 from .stage_storage import stage_output
 from .tracking import stage_run
 
+REPORTS_PER_CHUNK = 4096  # processed and written together: memory does not grow with N
+REPORT_SCHEMA = pa.schema(
+    [
+        ("record_id", pa.string()),
+        ("patient_id", pa.string()),
+        ("split", pa.string()),
+        ("findings", pa.string()),
+        ("impression", pa.string()),
+        ("section_source", pa.string()),
+        ("text", pa.string()),
+        ("labels", pa.list_(pa.float64())),
+        ("findings_detail", pa.string()),
+        ("input_ids", pa.list_(pa.int64())),
+        ("word_index", pa.list_(pa.int64())),
+        ("word_mask", pa.list_(pa.bool_())),
+        ("words_text", pa.list_(pa.string())),
+    ]
+)
+
 
 def process_reports(
-    rows: list[dict[str, Any]], tokenizer_path: str, max_length: int, batch_size: int = 256
+    rows: list[dict[str, Any]], tokenizer_path: str | Any, max_length: int, batch_size: int = 256
 ) -> list[dict[str, Any]]:
-    """One output row per report: sections, cleaned text, label vector, findings, tokens."""
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)  # no model weights needed
+    """One output row per report: sections, cleaned text, label vector, findings, tokens.
+    ``tokenizer_path``: a tokenizer's folder, or the tokenizer itself."""
+    tokenizer = (
+        AutoTokenizer.from_pretrained(tokenizer_path)  # no model weights needed
+        if isinstance(tokenizer_path, str)
+        else tokenizer_path
+    )
     processed = []
-    for start in tqdm(range(0, len(rows), batch_size), desc="reports", unit="batch"):
+    for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         sections = [extract_sections(row["report"]) for row in chunk]
         texts = [s.text for s in sections]
@@ -61,10 +86,13 @@ TOKEN_COLUMNS = ("input_ids", "word_index", "word_mask", "words_text")
 TOKENS_FILE = "tokens.arrow"
 
 
+TOKEN_TABLE_COLUMNS = ("record_id", *TOKEN_COLUMNS, "labels")
+
+
 def write_token_table(reports: pa.Table, path: Path) -> None:
     """What pre-training reads of each report (its tokens and labels) as an uncompressed
     Arrow file: workers memory-map it, so their memory does not grow with the reports."""
-    table = reports.select(["record_id", *TOKEN_COLUMNS, "labels"])
+    table = reports.select(list(TOKEN_TABLE_COLUMNS))
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
 
@@ -75,26 +103,37 @@ def read_token_table(path: Path) -> pa.Table:
 
 
 def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any]:
-    manifest = pq.read_table(stage_dir(params, "ingest") / "manifest.parquet")
-    rows = [row for row in manifest.to_pylist() if row["dataset"] == "pretrain"]
+    manifest = pq.read_table(
+        stage_dir(params, "ingest") / "manifest.parquet",
+        columns=["record_id", "patient_id", "split", "report"],
+        filters=[("dataset", "=", "pretrain")],
+    )
     tokenizer_path = params.pretrain.text.name_or_path or str(default_text_encoder_path())
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    tokens_schema = pa.schema([REPORT_SCHEMA.field(name) for name in TOKEN_TABLE_COLUMNS])
     logged = {"reports": params.reports.model_dump(), "tokenizer": tokenizer_path}
     with (
         stage_run(params, "reports", logged=logged) as mlflow_run,
         stage_output(params, "reports", {"mlflow_run_id": mlflow_run.info.run_id}) as (out, extra),
+        pq.ParquetWriter(Path(out) / "reports.parquet", REPORT_SCHEMA, compression="zstd") as table,
+        pa.OSFile(str(Path(out) / TOKENS_FILE), "wb") as sink,
+        pa.ipc.new_file(sink, tokens_schema) as tokens,
     ):
-        processed = process_reports(rows, tokenizer_path, params.reports.max_length)
-        table = pa.Table.from_pylist(processed)
-        pq.write_table(table, Path(out) / "reports.parquet", compression="zstd")
-        write_token_table(table, Path(out) / TOKENS_FILE)
-        positives = {
-            name: sum(1 for row in processed if row["labels"][i] == 1.0)
-            for i, name in enumerate(OBSERVATIONS)
-        }
+        counts = np.zeros(len(OBSERVATIONS), np.int64)
+        for start in tqdm(
+            range(0, manifest.num_rows, REPORTS_PER_CHUNK), desc="reports", unit="chunk"
+        ):
+            rows = manifest.slice(start, REPORTS_PER_CHUNK).to_pylist()
+            processed = process_reports(rows, tokenizer, params.reports.max_length)
+            chunk = pa.Table.from_pylist(processed, schema=REPORT_SCHEMA)
+            table.write_table(chunk)
+            tokens.write_table(chunk.select(list(TOKEN_TABLE_COLUMNS)))
+            counts += (np.array([row["labels"] for row in processed]) == 1.0).sum(0).astype(int)
+        positives = {name: int(counts[i]) for i, name in enumerate(OBSERVATIONS)}
         extra["label_positives"] = positives
         (Path(out) / "label_counts.json").write_text(json.dumps(positives, indent=2))
-        mlflow.log_metrics({"reports": float(len(processed))})
-    return {"reports": len(processed)}
+        mlflow.log_metrics({"reports": float(manifest.num_rows)})
+    return {"reports": manifest.num_rows}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
