@@ -14,6 +14,7 @@ between the sizes says what grows with the dataset: time should, memory should n
 
     python -m bench.scale                          # 2,000 and 20,000 images
     python -m bench.scale --sizes 200,2000 --pretrain-steps 3
+    python -m bench.scale --stages ingest          # ingest alone at both sizes
 """
 
 from __future__ import annotations
@@ -235,7 +236,14 @@ def run_stage(work: Path, stage: str, env: dict[str, str], log: Path) -> dict[st
     return {"seconds": seconds, "peak_memory_mb": peaks}
 
 
-def measure(size: int, image_px: int, steps: int, server: S3Server, keep: Path | None) -> dict:
+def measure(
+    size: int,
+    image_px: int,
+    steps: int,
+    server: S3Server,
+    keep: Path | None,
+    stages_run: tuple[str, ...] = STAGES,
+) -> dict:
     work = Path(tempfile.mkdtemp(prefix=f"sista-scale-{size}-"))
     run = hashlib.sha1(f"{size}-{time.time()}".encode()).hexdigest()[:8]
     source = f"s3://sista/scale-{run}/mimic-cxr-jpg/2.0.0"
@@ -256,7 +264,7 @@ def measure(size: int, image_px: int, steps: int, server: S3Server, keep: Path |
         )
         bench_params(work, source, f"s3://sista/scale-{run}/stages", steps)
         stages = {}
-        for stage in STAGES:
+        for stage in stages_run:
             stages[stage] = run_stage(work, stage, env, work / "stages.log")
             print(
                 f"[scale] {size:,}: {stage} {stages[stage]['seconds']:.0f} s, peak RSS "
@@ -275,7 +283,7 @@ def measure(size: int, image_px: int, steps: int, server: S3Server, keep: Path |
 def compare(small: dict, large: dict, steps: int, batch: int) -> list[dict[str, Any]]:
     """One row per (stage, process): figures at both sizes and large / small."""
     rows = []
-    for stage in STAGES:
+    for stage in small["stages"]:
         a, b = small["stages"][stage], large["stages"][stage]
         done = {
             size: steps * batch if stage == "pretrain" else size
@@ -313,7 +321,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--image-px", type=int, default=512)
     parser.add_argument("--pretrain-steps", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("bench/results/scale.json"))
+    parser.add_argument(
+        "--stages", default=",".join(STAGES), help="the first stages to run (comma list)"
+    )
     args = parser.parse_args(argv)
+    stages_run = tuple(args.stages.split(","))
+    if stages_run != STAGES[: len(stages_run)]:
+        parser.error(f"--stages: a prefix of {','.join(STAGES)} (each reads the one before)")
     sizes = [int(s) for s in args.sizes.split(",")]
     if len(sizes) != 2:
         parser.error("--sizes takes two image counts")
@@ -321,7 +335,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     batch = yaml.safe_load((ROOT / "params.yaml").read_text())["pretrain"]["optim"]["batch_size"]
     with S3Server(buckets=("sista",)) as server:
         results = [
-            measure(n, args.image_px, args.pretrain_steps, server, args.out.parent) for n in sizes
+            measure(n, args.image_px, args.pretrain_steps, server, args.out.parent, stages_run)
+            for n in sizes
         ]
     rows = compare(*results, args.pretrain_steps, batch)
     report = {"sizes": sizes, "image_px": args.image_px, "runs": results, "rows": rows}

@@ -238,9 +238,11 @@ class ShardWriter:
         buffer = self.buffers.setdefault(split, [])
         shard = f"{self.dataset}-{split}-{self.counts[split] // self.shard_size:05d}.npy"
         position = len(buffer)
-        buffer.append(image)
+        # Copies: a view would keep its whole loaded block in Ray's object store until this
+        # split's shard fills (a small split's shard: most of the dataset's blocks).
+        buffer.append(np.array(image))
         if mask is not None:
-            self.mask_buffers.setdefault(split, []).append(mask)
+            self.mask_buffers.setdefault(split, []).append(np.array(mask))
         self.counts[split] += 1
         if len(buffer) == self.shard_size:
             self._flush(split)
