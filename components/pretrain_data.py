@@ -74,11 +74,11 @@ class SemanticRows:
         return len(self.rows)
 
     def __getitem__(self, index) -> np.ndarray:
-        rows = self.rows[index]
+        rows = np.atleast_1d(self.rows[index])
         order = np.argsort(rows, kind="stable")  # a forward read through the file
         values = np.empty((len(rows), self.shape[1]), np.float32)
         values[order] = self.array[rows[order]]
-        return values
+        return values if np.ndim(self.rows[index]) else values[0]
 
 
 class PretrainData:

@@ -104,3 +104,20 @@ def test_bad_records_raise_with_a_reason(dataset, record_id, reason):
     with pytest.raises(RecordError) as error:
         dataset.load(ref)
     assert (error.value.record_id, error.value.reason) == (record_id, reason)
+
+
+def test_an_oversized_report_file_is_quarantined_unread_and_the_rest_listed(tmp_path):
+    from sista_core.reports.openi import MAX_REPORT_XML_BYTES
+
+    reports = tmp_path / "ecgen-radiology"
+    reports.mkdir()
+    with tarfile.open(xrv_data_file(OPENI_REPORTS)) as archive:
+        xml = archive.extractfile(archive.getmember("ecgen-radiology/1.xml")).read()
+    (reports / "1.xml").write_bytes(xml)
+    (reports / "2.xml").write_bytes(b"<eCitation>" + b" " * MAX_REPORT_XML_BYTES + b"</eCitation>")
+    dataset = OpenIDataset(tmp_path / "png", reports=reports)
+    refs = list(dataset.records())
+    assert [r.patient_id for r in refs[1:]] == ["CXR1", "CXR1"]  # report 1's two images
+    with pytest.raises(RecordError) as error:
+        dataset.load(refs[0])
+    assert (error.value.record_id, error.value.reason) == ("2.xml", "report_too_large")

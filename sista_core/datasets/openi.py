@@ -33,10 +33,13 @@ class OpenIDataset(DatasetAdapter):
         """``images``: folder of ``<image id>.png``; ``reports``: folder of XML files or the
         tgz archive (default: the archive torchxrayvision ships)."""
         self.images = Path(images)
-        self.reports = read_openi_reports(reports)
+        self.too_large: list[tuple[str, int]] = []  # report files left unread: quarantined
+        self.reports = read_openi_reports(reports, self.too_large)
         self.min_size = min_size
 
     def records(self) -> Iterator[RecordRef]:
+        for name, size in self.too_large:
+            yield broken_ref(name, name, "report_too_large", f"{name}: {size} bytes")
         for report in self.reports:
             for image_id in report.image_ids:
                 try:

@@ -60,19 +60,35 @@ def parse_openi_xml(xml: bytes | str) -> OpenIReport:
     )
 
 
-def read_openi_reports(path: Path | str | None = None) -> list[OpenIReport]:
+MAX_REPORT_XML_BYTES = 256 * 1024
+"""An Open-I report's XML is a few kilobytes; a file far larger is not one (left unread)."""
+
+
+def read_openi_reports(
+    path: Path | str | None = None, too_large: list[tuple[str, int]] | None = None
+) -> list[OpenIReport]:
     """All reports of an Open-I archive (default: the one torchxrayvision ships), or of a
-    folder of its XML files, in report-number order (CXR1, CXR2, ...)."""
+    folder of its XML files, in report-number order (CXR1, CXR2, ...). Files over
+    ``MAX_REPORT_XML_BYTES`` are not read: their (name, size) go to ``too_large``."""
     path = Path(path) if path is not None else xrv_data_file(OPENI_REPORTS)
+    skipped = too_large if too_large is not None else []
+    reports = []
     if path.is_dir():
-        reports = [parse_openi_xml(xml.read_bytes()) for xml in path.rglob("*.xml")]
+        for xml in sorted(path.rglob("*.xml")):
+            size = xml.stat().st_size
+            if size > MAX_REPORT_XML_BYTES:
+                skipped.append((xml.name, size))
+            else:
+                reports.append(parse_openi_xml(xml.read_bytes()))
     else:
         with tarfile.open(path, "r:*") as archive:
-            reports = [
-                parse_openi_xml(archive.extractfile(member).read())
-                for member in archive
-                if member.isfile() and member.name.endswith(".xml")
-            ]
+            for member in archive:
+                if not (member.isfile() and member.name.endswith(".xml")):
+                    continue
+                if member.size > MAX_REPORT_XML_BYTES:
+                    skipped.append((Path(member.name).name, member.size))
+                else:
+                    reports.append(parse_openi_xml(archive.extractfile(member).read()))
     return sorted(reports, key=_report_number)
 
 
