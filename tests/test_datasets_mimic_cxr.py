@@ -76,3 +76,18 @@ def test_reports_may_live_under_another_root(layout, tmp_path):
 def test_unknown_uncertainty_policy_is_refused(layout):
     with pytest.raises(ValueError, match="uncertain policy"):
         MimicCxrJpg(layout.root, uncertain="maybe")
+
+
+def test_a_report_file_over_the_cap_is_never_read(layout, tmp_path):
+    import shutil
+
+    from sista_core.datasets.mimic_cxr import MAX_REPORT_BYTES
+
+    reports = tmp_path / "reports"
+    shutil.copytree(layout.root / "files", reports / "files")
+    adapter = MimicCxrJpg(layout.root, reports_root=reports)
+    ref = next(r for r in adapter.records() if r.record_id == layout.notes["labelled_study"])
+    ref.meta["report_path"].write_bytes(b"FINDINGS: " + b"x" * MAX_REPORT_BYTES)
+    samples, reasons = load_all(adapter)
+    assert reasons[ref.record_id] == "report_too_large"
+    assert set(samples) == layout.good - {ref.record_id}  # the others load as before
