@@ -111,10 +111,53 @@ def patient_fractions(val_fraction: float, test_fraction: float, seed: int) -> A
     return assign
 
 
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("record_id", pa.string()),
+        ("patient_id", pa.string()),
+        ("dataset", pa.string()),
+        ("split", pa.string()),
+        ("shard", pa.string()),
+        ("index", pa.int64()),
+        ("report", pa.string()),
+        ("boxes", pa.list_(pa.float64())),  # x0, y0, x1, y1 per box, flattened
+        ("labels", pa.list_(pa.float64())),  # a downstream set's own labels
+        *((name, pa.float64()) for name in OBSERVATIONS),
+    ]
+)
+ROWS_PER_PART = 1024  # manifest rows turned columnar together: a few bytes a field, not objects
+
+
 @dataclass
 class IngestResult:
-    manifest_rows: list[dict[str, Any]] = field(default_factory=list)
+    """The manifest rows (held as Arrow tables) and the quarantined records of a dataset."""
+
+    manifest_parts: list[pa.Table] = field(default_factory=list)
     quarantine_rows: list[dict[str, Any]] = field(default_factory=list)
+    pending: list[dict[str, Any]] = field(default_factory=list)
+
+    def add_row(self, row: dict[str, Any]) -> None:
+        self.pending.append(row)
+        if len(self.pending) >= ROWS_PER_PART:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.manifest_parts.append(pa.Table.from_pylist(self.pending, MANIFEST_SCHEMA))
+            self.pending = []
+
+    def manifest(self) -> pa.Table:
+        self.flush()
+        return pa.concat_tables([MANIFEST_SCHEMA.empty_table(), *self.manifest_parts])
+
+    @property
+    def kept(self) -> int:
+        return sum(part.num_rows for part in self.manifest_parts) + len(self.pending)
+
+    @property
+    def manifest_rows(self) -> list[dict[str, Any]]:
+        """The rows as dicts (a downstream set's, or a test's: small)."""
+        return self.manifest().to_pylist()
 
 
 def _screen(refs: list[RecordRef], dataset: str, result: IngestResult) -> list[RecordRef]:
@@ -332,8 +375,9 @@ def ingest_dataset(
                 "labels": batch["set_labels"][row].tolist() if set_labels else None,
             }
             manifest_row.update(zip(OBSERVATIONS, batch["labels"][row].tolist(), strict=True))
-            result.manifest_rows.append(manifest_row)
+            result.add_row(manifest_row)
     writer.close()
+    result.flush()
     return result
 
 
@@ -457,14 +501,17 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
     ):
         combined = IngestResult()
         counts: dict[str, int] = {}
+        set_rows: dict[str, list[dict[str, Any]]] = {}  # downstream sets' rows (small)
 
         def add(dataset: str, result: IngestResult) -> None:
-            total = len(result.manifest_rows) + len(result.quarantine_rows)
+            total = result.kept + len(result.quarantine_rows)
             _check_quarantine(result, dataset, total, config.max_quarantine_fraction)
-            combined.manifest_rows += result.manifest_rows
+            combined.manifest_parts += result.manifest_parts
             combined.quarantine_rows += result.quarantine_rows
-            counts[f"{dataset}_kept"] = len(result.manifest_rows)
+            counts[f"{dataset}_kept"] = result.kept
             counts[f"{dataset}_quarantined"] = len(result.quarantine_rows)
+            if dataset != PRETRAIN_SET:
+                set_rows[dataset] = result.manifest_rows
 
         pretrain = pretrain_splits(config.pretrain.val_fraction, config.seed)
         local = config.source != "embedded"
@@ -485,12 +532,12 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
                 remote=remotes[name],
             )
             add(name, result)
-        _write_table(combined.manifest_rows, out / "manifest.parquet")
+        pq.write_table(combined.manifest(), out / "manifest.parquet", compression="zstd")
         _write_table(combined.quarantine_rows, out / "quarantine.parquet", QUARANTINE_SCHEMA)
         counts["subset_files"] = sum(
-            write_subsets(combined.manifest_rows, config, out / "subsets", name) for name in plans
+            write_subsets(set_rows[name], config, out / "subsets", name) for name in plans
         )
-        sets = {name: set_description(plan, combined.manifest_rows) for name, plan in plans.items()}
+        sets = {name: set_description(plan, set_rows[name]) for name, plan in plans.items()}
         (out / "sets.json").write_text(json.dumps(sets, indent=1))
         reasons = Counter(row["reason"] for row in combined.quarantine_rows)
         extra["counts"] = counts
