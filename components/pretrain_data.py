@@ -110,6 +110,7 @@ class PretrainData:
         position = {record_id: i for i, record_id in enumerate(reports["record_id"].to_pylist())}
         kept = [r for r in rows.to_pylist() if r["record_id"] in position]
         self.record_ids = [r["record_id"] for r in kept]
+        self._rows_in_similarity: np.ndarray | None = None
         report_rows = np.array([position[i] for i in self.record_ids], np.int64)
         self.tokens = TokenRecords(reports, report_rows)
         self.semantics = self._semantics(root, semantics, reports, report_rows)
@@ -117,10 +118,13 @@ class PretrainData:
         self.has_text_states = self._attach_text_states(root, text_encoder, frozen_text_layers)
 
     def _similarity_rows(self, root: Path) -> np.ndarray:
-        """Each record's row in the similarity stage's arrays."""
-        ids = (root / "similarity" / "record_ids.txt").read_text().split()
-        position = {record_id: i for i, record_id in enumerate(ids)}
-        return np.array([position[i] for i in self.record_ids], np.int64)
+        """Each record's row in the similarity stage's arrays (read once, for the
+        embeddings and the text states alike)."""
+        if self._rows_in_similarity is None:
+            ids = (root / "similarity" / "record_ids.txt").read_text().split()
+            position = {record_id: i for i, record_id in enumerate(ids)}
+            self._rows_in_similarity = np.array([position[i] for i in self.record_ids], np.int64)
+        return self._rows_in_similarity
 
     def _attach_text_states(self, root: Path, encoder: str | None, layers: int) -> bool:
         folder = root / "similarity" / "text_states"

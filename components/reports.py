@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -89,16 +91,22 @@ TOKENS_FILE = "tokens.arrow"
 TOKEN_TABLE_COLUMNS = ("record_id", *TOKEN_COLUMNS, "labels")
 
 
-def write_token_table(reports: pa.Table, path: Path) -> None:
+TOKENS_SCHEMA = pa.schema([REPORT_SCHEMA.field(name) for name in TOKEN_TABLE_COLUMNS])
+
+
+@contextmanager
+def token_table_writer(path: Path) -> Iterator[Callable[[pa.Table], None]]:
     """What pre-training reads of each report (its tokens and labels) as an uncompressed
-    Arrow file: workers memory-map it, so their memory does not grow with the reports."""
-    table = reports.select(list(TOKEN_TABLE_COLUMNS))
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
+    Arrow file: workers memory-map it, so their memory does not grow with the reports.
+    Yields ``write(reports)``, which takes tables of the reports stage's rows."""
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, TOKENS_SCHEMA) as writer:
+        yield lambda reports: writer.write_table(
+            reports.select(list(TOKEN_TABLE_COLUMNS)).cast(TOKENS_SCHEMA)
+        )
 
 
 def read_token_table(path: Path) -> pa.Table:
-    """The table of :func:`write_token_table`, memory-mapped (nothing is read until used)."""
+    """The table of :func:`token_table_writer`, memory-mapped (nothing is read until used)."""
     return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
 
 
@@ -110,14 +118,12 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
     )
     tokenizer_path = params.pretrain.text.name_or_path or str(default_text_encoder_path())
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    tokens_schema = pa.schema([REPORT_SCHEMA.field(name) for name in TOKEN_TABLE_COLUMNS])
     logged = {"reports": params.reports.model_dump(), "tokenizer": tokenizer_path}
     with (
         stage_run(params, "reports", logged=logged) as mlflow_run,
         stage_output(params, "reports", {"mlflow_run_id": mlflow_run.info.run_id}) as (out, extra),
         pq.ParquetWriter(Path(out) / "reports.parquet", REPORT_SCHEMA, compression="zstd") as table,
-        pa.OSFile(str(Path(out) / TOKENS_FILE), "wb") as sink,
-        pa.ipc.new_file(sink, tokens_schema) as tokens,
+        token_table_writer(Path(out) / TOKENS_FILE) as write_tokens,
     ):
         counts = np.zeros(len(OBSERVATIONS), np.int64)
         for start in tqdm(
@@ -127,7 +133,7 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
             processed = process_reports(rows, tokenizer, params.reports.max_length)
             chunk = pa.Table.from_pylist(processed, schema=REPORT_SCHEMA)
             table.write_table(chunk)
-            tokens.write_table(chunk.select(list(TOKEN_TABLE_COLUMNS)))
+            write_tokens(chunk)
             counts += (np.array([row["labels"] for row in processed]) == 1.0).sum(0).astype(int)
         positives = {name: int(counts[i]) for i, name in enumerate(OBSERVATIONS)}
         extra["label_positives"] = positives

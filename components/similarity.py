@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import matplotlib
 
@@ -113,6 +113,7 @@ class TextStatesWriter:
         self.offsets = np.cumsum([0, *token_counts]) if layers else None
         self.data_start: int | None = None  # byte offset of the array in states.npy
         self.width = 0
+        self.handle: BinaryIO | None = None  # states.npy, open from the first write
         meta = {"frozen_layers": layers, "encoder": params.similarity.encoder}
         (folder / "states.json").write_text(json.dumps(meta))
         if layers:
@@ -128,12 +129,19 @@ class TextStatesWriter:
             )
             self.data_start = header.offset
             del header
+            self.handle = open(path, "r+b")  # noqa: SIM115 (closed by close())
         start, stop = self.offsets[position], self.offsets[position + 1]
         if len(states) != stop - start:
             raise ValueError(f"report {position}: {len(states)} states for {stop - start} tokens")
-        with open(path, "r+b") as handle:
-            handle.seek(self.data_start + int(start) * self.width * 4)
-            handle.write(states.tobytes())
+        self.handle.seek(self.data_start + int(start) * self.width * 4)
+        self.handle.write(states.tobytes())
+
+    def __enter__(self) -> TextStatesWriter:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.handle is not None:
+            self.handle.close()
 
 
 def embed_reports(
@@ -239,8 +247,8 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
     ):
         layers = state_layers(params)
         counts = [len(r["input_ids"]) for r in reports]
-        states = TextStatesWriter(out / TEXT_STATES, counts, layers, params)
-        embeddings = embed_reports(reports, params, states)
+        with TextStatesWriter(out / TEXT_STATES, counts, layers, params) as states:
+            embeddings = embed_reports(reports, params, states)
         np.save(out / "embeddings.npy", embeddings)
         ids = [r["record_id"] for r in reports]
         (out / "record_ids.txt").write_text("\n".join(ids) + "\n")

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from components.pretrain_data import PretrainData
-from components.reports import TOKENS_FILE, write_token_table
+from components.reports import TOKENS_FILE, token_table_writer
 from sista_core.findings import OBSERVATIONS
 
 RECORDS = 24  # pre-training train records; a few more rows that must be left out
@@ -74,7 +74,8 @@ def data_root(tmp_path_factory):
         }
         for n in rng.permutation(with_report).tolist()
     ]
-    write_token_table(pa.Table.from_pylist(reports), root / "reports" / TOKENS_FILE)
+    with token_table_writer(root / "reports" / TOKENS_FILE) as write_tokens:
+        write_tokens(pa.Table.from_pylist(reports))
     ids = rng.permutation(numbers).tolist()
     (root / "similarity/record_ids.txt").write_text("\n".join(record_id(n) for n in ids) + "\n")
     embeddings = np.zeros((len(ids), 64), np.float16)

@@ -256,12 +256,15 @@ def test_text_states_written_as_they_arrive_read_back_in_record_order(tmp_path):
     rng = np.random.default_rng(0)
     counts = [3, 1, 4, 2]
     states = [rng.standard_normal((n, 5)).astype(np.float32) for n in counts]
-    writer = TextStatesWriter(tmp_path / "text_states", counts, 2, Params())
-    for position in (2, 0, 3, 1):  # batches arrive sorted by length, not in record order
-        writer.write(position, states[position])
+    with TextStatesWriter(tmp_path / "text_states", counts, 2, Params()) as writer:
+        for position in (2, 0, 3, 1):  # batches arrive sorted by length, not in record order
+            writer.write(position, states[position])
     offsets = np.load(tmp_path / "text_states" / "offsets.npy")
     stored = np.load(tmp_path / "text_states" / "states.npy")
     for position, expected in enumerate(states):
         np.testing.assert_array_equal(stored[offsets[position] : offsets[position + 1]], expected)
-    with pytest.raises(ValueError, match="report 1: 2 states for 1 tokens"):
+    with (
+        TextStatesWriter(tmp_path / "again", counts, 2, Params()) as writer,
+        pytest.raises(ValueError, match="report 1: 2 states for 1 tokens"),
+    ):
         writer.write(1, states[3])
