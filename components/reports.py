@@ -88,7 +88,9 @@ TOKEN_COLUMNS = ("input_ids", "word_index", "word_mask", "words_text")
 TOKENS_FILE = "tokens.arrow"
 
 
-TOKEN_TABLE_COLUMNS = ("record_id", *TOKEN_COLUMNS, "labels")
+# The text too: the similarity stage tokenises it for its own encoder when that is not
+# pre-training's text model.
+TOKEN_TABLE_COLUMNS = ("record_id", *TOKEN_COLUMNS, "labels", "text")
 
 
 TOKENS_SCHEMA = pa.schema([REPORT_SCHEMA.field(name) for name in TOKEN_TABLE_COLUMNS])
@@ -96,8 +98,9 @@ TOKENS_SCHEMA = pa.schema([REPORT_SCHEMA.field(name) for name in TOKEN_TABLE_COL
 
 @contextmanager
 def token_table_writer(path: Path) -> Iterator[Callable[[pa.Table], None]]:
-    """What pre-training reads of each report (its tokens and labels) as an uncompressed
-    Arrow file: workers memory-map it, so their memory does not grow with the reports.
+    """What pre-training and the similarity stage read of each report (its tokens, labels
+    and text) as an uncompressed Arrow file: they memory-map it, so their memory does not
+    grow with the reports.
     Yields ``write(reports)``, which takes tables of the reports stage's rows."""
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, TOKENS_SCHEMA) as writer:
         yield lambda reports: writer.write_table(

@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
@@ -36,6 +37,7 @@ from sista_core.similarity import (  # noqa: E402
 
 from .config import Params  # noqa: E402
 from .pretrain_data import TOKEN_COLUMNS, label_semantics  # noqa: E402
+from .reports import TOKENS_FILE, read_token_table  # noqa: E402
 from .runtime import ensure_ray  # noqa: E402
 from .stage import stage_dir, stage_main  # noqa: E402
 from .stage_storage import stage_output  # noqa: E402
@@ -145,24 +147,31 @@ class TextStatesWriter:
 
 
 def embed_reports(
-    reports: list[dict[str, Any]], params: Params, states: TextStatesWriter | None = None
+    reports: pa.Table, params: Params, out: Path, states: TextStatesWriter | None = None
 ) -> np.ndarray:
-    """(N, D) float16 L2-normalised sentence embeddings, in input order; with
+    """``out`` (``embeddings.npy``): the (N, D) float16 L2-normalised sentence embeddings of
+    the token table ``reports``, in its order, returned memory-mapped; with
     ``state_layers(params)`` > 0 each report's (T_i, Dt) frozen-layer states go to ``states``
     as their batch arrives.
 
     Batches are cut from the reports sorted by length, so each pads to little more than its
-    own texts: 1.7x the texts/s of file order (``bench.similarity``), same embeddings.
+    own texts: 1.7x the texts/s of file order (``bench.similarity``), same embeddings. Each
+    batch is its own Arrow block in the object store: an actor holds one batch, whatever the
+    number of reports, and the driver holds none as Python objects.
     """
     config = params.similarity
     layers = state_layers(params)
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
-    by_length = sorted(range(len(reports)), key=lambda i: len(reports[i]["input_ids"]))
+    lengths = pc.list_value_length(reports.column("input_ids")).to_numpy()
+    by_length = np.argsort(lengths, kind="stable")
     own_tokens = not shares_tokens(params)
-    columns = ("text",) if own_tokens else TOKEN_COLUMNS
-    items = [{"position": i, **{c: reports[i][c] for c in columns}} for i in by_length]
-    embedded = ray.data.from_items(items).map_batches(
+    source = reports.select(["text"] if own_tokens else list(TOKEN_COLUMNS))
+    blocks = []
+    for start in range(0, len(by_length), config.batch_size):
+        rows = pa.array(by_length[start : start + config.batch_size])
+        blocks.append(ray.put(source.take(rows).append_column("position", rows)))
+    embedded = ray.data.from_arrow_refs(blocks).map_batches(
         SentenceEmbedder,
         fn_constructor_args=(config.encoder, params.reports.max_length, layers, own_tokens),
         batch_size=config.batch_size,
@@ -173,13 +182,17 @@ def embed_reports(
     vectors: np.ndarray | None = None
     for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
         if vectors is None:
-            vectors = np.empty((len(reports), batch["embedding"].shape[1]), np.float16)
+            shape = (len(by_length), batch["embedding"].shape[1])
+            vectors = np.lib.format.open_memmap(out, mode="w+", dtype=np.float16, shape=shape)
         vectors[batch["position"]] = batch["embedding"]
         if layers and states is not None:
             # A batch of equal lengths arrives as one (n, T, Dt) tensor, a ragged one as n arrays.
             for position, report_states in zip(batch["position"], batch["states"], strict=True):
                 states.write(int(position), np.asarray(report_states))
-    return vectors if vectors is not None else np.zeros((0, 0), np.float16)
+    if vectors is None:
+        raise ValueError("no reports to embed")
+    vectors.flush()
+    return vectors
 
 
 def findings_key(labels: list[float]) -> tuple[int, ...]:
@@ -189,7 +202,7 @@ def findings_key(labels: list[float]) -> tuple[int, ...]:
 
 
 def semantics_quality(
-    embeddings: np.ndarray, labels: list[list[float]], thresholds: list[float], seed: int
+    embeddings: np.ndarray, labels: np.ndarray, thresholds: list[float], seed: int
 ) -> dict[str, dict]:
     """``flag_quality`` of each ``pretrain.semantics`` source against labeler-equal findings,
     over every pair of (at most 20,000 seeded) reports."""
@@ -234,44 +247,48 @@ def plot_statistics(stats: dict[str, Any], threshold: float, source: str, path: 
     plt.close(figure)
 
 
+def neighbour_table(ids: pa.Array, indices: torch.Tensor, sims: torch.Tensor) -> pa.Table:
+    """``topk.parquet``: each report's id, its k neighbours' ids and their similarities,
+    built as Arrow columns (not N*k Python objects)."""
+    k = indices.shape[1]
+    offsets = pa.array(np.arange(0, len(ids) * k + 1, k, dtype=np.int32))
+    neighbours = ids.take(pa.array(indices.reshape(-1).numpy()))
+    return pa.table(
+        {
+            "record_id": ids,
+            "neighbour_ids": pa.ListArray.from_arrays(offsets, neighbours),
+            "similarity": pa.ListArray.from_arrays(offsets, pa.array(sims.reshape(-1).numpy())),
+        }
+    )
+
+
 def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any]:
     config = params.similarity
-    reports = pq.read_table(
-        stage_dir(params, "reports") / "reports.parquet",
-        columns=["record_id", "text", "labels", *TOKEN_COLUMNS],
-    ).to_pylist()
+    reports = read_token_table(stage_dir(params, "reports") / TOKENS_FILE)
     ensure_ray(params)
     with (
         stage_run(params, "similarity", logged={"similarity": config.model_dump()}) as run_,
         stage_output(params, "similarity", {"mlflow_run_id": run_.info.run_id}) as (out, extra),
     ):
         layers = state_layers(params)
-        counts = [len(r["input_ids"]) for r in reports]
+        counts = pc.list_value_length(reports.column("input_ids")).to_numpy().tolist()
         with TextStatesWriter(out / TEXT_STATES, counts, layers, params) as states:
-            embeddings = embed_reports(reports, params, states)
-        np.save(out / "embeddings.npy", embeddings)
-        ids = [r["record_id"] for r in reports]
-        (out / "record_ids.txt").write_text("\n".join(ids) + "\n")
+            embeddings = embed_reports(reports, params, out / "embeddings.npy", states)
+        ids = reports.column("record_id").combine_chunks()
+        with open(out / "record_ids.txt", "w") as listing:
+            listing.writelines(f"{record_id}\n" for record_id in ids.to_pylist())
 
-        vectors = torch.from_numpy(embeddings)
+        vectors = torch.from_numpy(np.asarray(embeddings))
         k = min(config.top_k, len(ids) - 1)
         indices, sims = topk_neighbours(vectors, k, block_size=config.block_size)
-        pq.write_table(
-            pa.table(
-                {
-                    "record_id": ids,
-                    "neighbour_ids": [[ids[j] for j in row] for row in indices.tolist()],
-                    "similarity": sims.numpy().tolist(),
-                }
-            ),
-            out / "topk.parquet",
-            compression="zstd",
-        )
+        neighbours = neighbour_table(ids, indices, sims)
+        pq.write_table(neighbours, out / "topk.parquet", compression="zstd")
         threshold, source = params.pretrain.sia.threshold, params.pretrain.semantics
         levels = sorted({*config.thresholds, float(threshold)})
-        labels = [r["labels"] for r in reports]
+        labels = reports.column("labels").combine_chunks()
+        labels = labels.flatten().to_numpy(zero_copy_only=False).reshape(len(labels), -1)
         # The distribution and in-batch rates of the semantics pre-training will compare.
-        semantics = vectors if source == "embedding" else label_semantics(np.array(labels))
+        semantics = vectors if source == "embedding" else label_semantics(labels)
         global_batch = params.pretrain.optim.batch_size * params.pretrain.workers
         stats = similarity_statistics(
             F.normalize(torch.as_tensor(semantics, dtype=torch.float32), dim=1),

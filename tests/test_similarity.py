@@ -268,3 +268,24 @@ def test_text_states_written_as_they_arrive_read_back_in_record_order(tmp_path):
         pytest.raises(ValueError, match="report 1: 2 states for 1 tokens"),
     ):
         writer.write(1, states[3])
+
+
+def test_neighbour_table_names_each_reports_neighbours_in_rank_order():
+    import pyarrow as pa
+
+    from components.similarity import neighbour_table
+
+    ids = pa.array(["a", "b", "c", "d"])
+    indices = torch.tensor([[1, 2], [0, 3], [3, 0], [2, 1]])
+    sims = torch.tensor([[0.9, 0.5], [0.9, 0.1], [0.8, 0.5], [0.8, 0.2]])
+    table = neighbour_table(ids, indices, sims)
+    assert table.column("record_id").to_pylist() == ["a", "b", "c", "d"]
+    assert table.column("neighbour_ids").to_pylist() == [
+        ["b", "c"],
+        ["a", "d"],
+        ["d", "a"],
+        ["c", "b"],
+    ]
+    np.testing.assert_allclose(
+        np.array(table.column("similarity").to_pylist()), sims.numpy(), rtol=0, atol=0
+    )
