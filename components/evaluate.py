@@ -6,7 +6,9 @@ detection: head, mAP) are cells of task x set x init x label fraction x seed, fo
 per init); every Tune trial then trains a head on cached features, so a cell costs seconds,
 not a model start-up. The language tasks (zero-shot classification from prompts,
 image-report retrieval) need no labels: one score per set and init with a text encoder.
-Every set's table says whether its images are real or phantoms.
+Every set's table says whether its images are real or phantoms. ``ablation.json``: per
+(task, set, label fraction), each init's difference to SISTA with a paired-bootstrap interval
+over the test images (components/paired_bootstrap.py).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from .config import LANGUAGE_TASKS, PRETRAIN_SET, TRAINED_TASKS, Params  # noqa:
 from .evaluation_cells import examples_path, features_path, load_encoder  # noqa: E402
 from .evaluation_trial import evaluation_cell  # noqa: E402
 from .ingest import read_shard_images, read_shard_masks, row_boxes, subset_file_name  # noqa: E402
+from .paired_bootstrap import ablation  # noqa: E402
 from .runtime import ensure_ray, on_this_node, this_node_resource  # noqa: E402
 from .stage import stage_dir, stage_main  # noqa: E402
 from .stage_storage import data_root, ray_storage, stage_output  # noqa: E402
@@ -536,6 +539,11 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
             with timed("heat maps", seconds):
                 metrics["heatmap_localisation"] = heat_map_figures(params, figures)
         (out / "cells.json").write_text(json.dumps(cells, indent=1))
+        # Which differences to SISTA exceed noise, from the cells' saved test outputs (in
+        # the work folder, removed below); publish renders it as ablation.md.
+        with timed("paired bootstrap", seconds):
+            differences = ablation(cells, sets, work)
+        (out / "ablation.json").write_text(json.dumps(differences, indent=1))
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         tracked = out / "headline"
         tracked.mkdir()

@@ -5,7 +5,8 @@ the whole evaluate stage's.
 Every cell trains a head on features the evaluate stage cached for its initialisation (the
 encoder is frozen), on the training subset that ingest saved, and scores it on the test
 split: a linear probe (AUROC; accuracy for a single-label set), a segmentation decoder (Dice)
-or a detection head (mAP).
+or a detection head (mAP). Probe and segmentation cells also save their per-test-image
+outputs, which the stage's paired bootstrap rescores (components/paired_bootstrap.py).
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ import torch
 from ray import tune
 
 from sista_core.heads.detection import predict_boxes, train_detector
-from sista_core.heads.metrics import detection_map, dice_score
+from sista_core.heads.metrics import detection_map, dice_score, per_image_dice
 from sista_core.heads.segmentation import best_threshold, predict_probabilities, train_segmenter
 from sista_core.probe import accuracy, macro_auroc, standardise, train_linear_probe
+
+from .paired_bootstrap import cell_outputs_path
 
 if TYPE_CHECKING:  # timm, imported only where an encoder is built (fine-tuning, random init)
     from sista_core.encoders import ImageEncoder
@@ -105,6 +108,7 @@ def classification_cell(config: dict[str, Any], work: Path, split: dict) -> dict
     )
     with torch.no_grad():
         logits = probe(test_x)
+    save_test_outputs(config, work, test, logits=logits.cpu().numpy())
     if config["single_label"]:
         return {"accuracy": accuracy(logits, labels[test])}
     auroc, per_label = macro_auroc(logits.cpu(), labels[test].cpu())
@@ -156,7 +160,12 @@ def segmentation_cell(config: dict[str, Any], work: Path, split: dict) -> dict[s
     # Over the test images that have the finding: on the negatives an empty prediction
     # scores 1 (SIIM's convention), so a head that never fires would look good on all.
     positive = masks[test].flatten(1).any(1)
-    return {"dice": dice_score(predicted[positive], masks[test][positive]), "threshold": threshold}
+    dice = per_image_dice(predicted[positive], masks[test][positive])
+    # NaN marks the test images the Dice leaves out, for the bootstrap's resamples.
+    per_image = np.full(len(test), np.nan, np.float32)
+    per_image[positive.numpy()] = dice.numpy()
+    save_test_outputs(config, work, test, per_image_dice=per_image)
+    return {"dice": float(dice.mean()), "threshold": threshold}
 
 
 def detection_cell(config: dict[str, Any], work: Path, split: dict) -> dict[str, Any]:
@@ -202,6 +211,18 @@ def detection_cell(config: dict[str, Any], work: Path, split: dict) -> dict[str,
             },
         )
     return detection_map(predicted, targets)
+
+
+def save_test_outputs(
+    config: dict[str, Any], work: Path, test: list[int], **outputs: np.ndarray
+) -> None:
+    """What the cell's metric needs per test image (a row per image of ``test``), so that
+    evaluate's paired bootstrap (components/paired_bootstrap.py) rescores it on resamples
+    of the test images; a few kB per cell, beside the other work files."""
+    path = cell_outputs_path(
+        work, config["task"], config["set"], config["init"], config["fraction"], config["seed"]
+    )
+    np.savez(path, test_index=np.asarray(test, np.int64), **outputs)
 
 
 def detector_functions(name: str) -> tuple[Any, Any]:

@@ -1,4 +1,5 @@
-"""Stage ``publish``: the results table, and promotion of the candidate encoder.
+"""Stage ``publish``: the results table, the table of which differences to SISTA exceed noise
+(``ablation.md``, from evaluate's paired bootstrap), and promotion of the candidate encoder.
 
 The candidate (``sista-encoder@candidate``, registered by pretrain) takes the ``champion``
 alias only when it beats the current champion on ``publish.metric``: strictly higher, or
@@ -145,6 +146,61 @@ def _language_table(by_metric: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+ABLATION_METRICS = {
+    "auroc": "macro AUROC",
+    "accuracy": "accuracy",
+    "dice": "Dice, images with the finding",
+}
+
+
+def ablation_markdown(ablation: dict[str, Any]) -> str:
+    """evaluate's ``ablation.json`` as one table: a row per (task, set, label fraction, init)
+    with the init's mean difference to the reference over seeds, its 95 % paired-bootstrap
+    interval, and whether the interval excludes 0."""
+    reference, low, high = ablation["reference"], *ablation["interval_percentiles"]
+    lines = [
+        f"### Differences to {reference} beyond noise (paired bootstrap over test images)\n",
+        f"init − {reference}: the mean over seeds of the two inits' difference in the metric on "
+        f"the same test images; interval: the {low:g}–{high:g} percentiles of that mean over "
+        f"{ablation['samples']} resamples of the test images (seed {ablation['seed']}), each "
+        f"resample shared by both inits and every seed. ▲ / ▼ beyond noise: the interval "
+        f"excludes 0 (the init scores above / below {reference}); within noise: it contains 0.\n",
+        f"| task · set | metric | labels | init | init − {reference} | {high - low:g} % interval "
+        "| beyond noise? |",
+        "|---" * 7 + "|",
+    ]
+    for row in ablation["rows"]:
+        where = f"{row['task']} · {row['set']} ({IMAGES_NOTE[row['images']]})"
+        metric = ABLATION_METRICS.get(row["metric"], row["metric"])
+        interval = f"[{_signed(row['low'])}, {_signed(row['high'])}]"
+        lines.append(
+            f"| {where} | {metric} | {100 * float(row['fraction']):g} % | {row['init']} "
+            f"| {_signed(row['difference'])} | {interval} | {_noise_mark(row)} |"
+        )
+    if not ablation["rows"]:
+        lines.append(f"| no init was compared with {reference} | | | | | | |")
+    lines.append("")
+    for left in ablation["left_out"]:
+        lines.append(f"Not bootstrapped: {left['task']} · {left['set']} ({left['why']}).\n")
+    if any(row["images"] == "phantom" for row in ablation["rows"]):
+        lines.append(PHANTOM_FOOTNOTE + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def _signed(value: float) -> str:
+    return f"{value:+.3f}" if math.isfinite(value) else "undefined"
+
+
+def _noise_mark(row: dict[str, Any]) -> str:
+    if not (math.isfinite(row["low"]) and math.isfinite(row["high"])):
+        return "undefined"
+    if row["low"] > 0:
+        return "▲ beyond noise"
+    if row["high"] < 0:
+        return "▼ beyond noise"
+    return "within noise"
+
+
 class PromotionRefused(RuntimeError):
     """The candidate cannot be compared with the champion: no alias moves."""
 
@@ -212,6 +268,7 @@ def promote_if_better(params: Params, score: float) -> dict[str, Any]:
 
 def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any]:
     evaluation = json.loads((stage_dir(params, "evaluate") / "metrics.json").read_text())
+    ablation = json.loads((stage_dir(params, "evaluate") / "ablation.json").read_text())
     with (
         stage_run(params, "publish", logged={"publish": params.publish.model_dump()}) as run_,
         stage_output(params, "publish", {"mlflow_run_id": run_.info.run_id}) as (out, extra),
@@ -220,11 +277,13 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
         score = metric_value(evaluation, params.publish_metric())
         decision = promote_if_better(params, score)
         Path(out / "results.md").write_text(table)
+        Path(out / "ablation.md").write_text(ablation_markdown(ablation))
         # The tracked metric is the candidate's score alone (the full table is evaluate's).
         Path(out / "results.json").write_text(json.dumps({"candidate_score": score}, indent=1))
         Path(out / "registry.json").write_text(json.dumps(decision, indent=2, sort_keys=True))
         mlflow.log_metric("candidate_score", score)
         mlflow.log_artifact(str(out / "results.md"))
+        mlflow.log_artifact(str(out / "ablation.md"))
         extra["registry"] = decision
     print(table)
     verdict = (

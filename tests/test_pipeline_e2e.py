@@ -33,7 +33,9 @@ def test_every_declared_output_exists(pipeline_run):
         "evaluate/figures/examples_detection_phantom_opacity.png",
         "evaluate/figures/heatmap_pneumothorax.png",
         "evaluate/features/sista.phantom_classification.npy",
+        "evaluate/ablation.json",
         "publish/results.md",
+        "publish/ablation.md",
         "publish/results.json",
         "publish/registry.json",
     ] + [
@@ -51,6 +53,37 @@ def test_every_declared_output_exists(pipeline_run):
     assert not missing
     for stage in ("ingest", "reports", "similarity", "evaluate", "publish"):
         assert (data / stage / "_stage.json").exists(), stage
+
+
+def test_the_similarity_cache_lines_up_with_the_reports(pipeline_run, text_encoder):
+    """Embedded in batches sorted by length, stored in the reports' order: row i is report
+    i's embedding, its neighbours are the nearest rows, its states span its own tokens."""
+    import numpy as np
+    import pyarrow as pa
+    import torch
+    import torch.nn.functional as F
+
+    folder, _ = pipeline_run
+    data = folder / "data"
+    reports = pq.read_table(data / "reports" / "reports.parquet")
+    ids = (data / "similarity" / "record_ids.txt").read_text().split()
+    assert ids == reports.column("record_id").to_pylist()
+    embeddings = np.load(data / "similarity" / "embeddings.npy").astype(np.float32)
+    chosen = [0, len(ids) // 2, len(ids) - 1]
+    text = [reports.column("text")[i].as_py() for i in chosen]
+    encoder = type(text_encoder)(max_length=48).eval()  # the CI profile's length
+    with torch.inference_mode():
+        direct = F.normalize(encoder.encode(text)["global"], dim=-1).numpy()
+    np.testing.assert_allclose(embeddings[chosen], direct, atol=3e-3)
+    topk = pq.read_table(data / "similarity" / "topk.parquet")
+    assert topk.column("record_id").to_pylist() == ids
+    nearest = topk.column("neighbour_ids")[0].as_py()[0]
+    similarity = embeddings @ embeddings[0]
+    # Identical reports tie: the nearest is any row of the highest similarity.
+    assert similarity[ids.index(nearest)] == pytest.approx(similarity[1:].max(), abs=1e-3)
+    offsets = np.load(data / "similarity" / "text_states" / "offsets.npy")
+    lengths = pa.compute.list_value_length(reports.column("input_ids")).to_numpy()
+    np.testing.assert_array_equal(np.diff(offsets), lengths)
 
 
 def test_every_evaluation_cell_has_a_metric(pipeline_run):

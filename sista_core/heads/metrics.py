@@ -13,7 +13,14 @@ RSNA_IOU_THRESHOLDS = [round(0.40 + 0.05 * step, 2) for step in range(8)]
 
 
 def dice_score(pred_masks: torch.Tensor, target_masks: torch.Tensor) -> float:
-    """Mean over images of 2|P ∩ T| / (|P| + |T|) for binary masks (N, H, W).
+    """Mean over images of 2|P ∩ T| / (|P| + |T|) for binary masks (N, H, W): the mean of
+    :func:`per_image_dice`."""
+    return float(per_image_dice(pred_masks, target_masks).mean())
+
+
+def per_image_dice(pred_masks: torch.Tensor, target_masks: torch.Tensor) -> torch.Tensor:
+    """Each image's 2|P ∩ T| / (|P| + |T|), (N,), for binary masks (N, H, W): what a paired
+    bootstrap over test images (components/paired_bootstrap.py) averages on a resample.
 
     An image with an empty prediction and an empty target scores 1 (SIIM-ACR's convention:
     nothing found where there is nothing is right). torchmetrics leaves that case undefined
@@ -27,7 +34,7 @@ def dice_score(pred_masks: torch.Tensor, target_masks: torch.Tensor) -> float:
         average="none",
         input_format="one-hot",
     )[:, 0]
-    return float(per_image.nan_to_num(nan=1.0).mean())
+    return per_image.nan_to_num(nan=1.0)
 
 
 def detection_map(
