@@ -258,8 +258,21 @@ class LossSection(Section):
     intra_weight: Annotated[float, Field(ge=0)] = 0.5
 
 
+# SISTAModel's parts with parameters, the keys of ``optim.lr_scales``.
+ModelPart = Literal[
+    "image_encoder",
+    "text_encoder",
+    "image_global_proj",
+    "text_global_proj",
+    "image_local_proj",
+    "text_local_proj",
+]
+
+
 class OptimSection(Section):
     lr: PositiveFloat = 3e-4
+    # Learning-rate multipliers per model part (the others: 1), e.g. {text_encoder: 0.1}.
+    lr_scales: dict[ModelPart, PositiveFloat] = {}
     weight_decay: Annotated[float, Field(ge=0)] = 0.05
     warmup_steps: int = Field(20, ge=0)
     warmup_fraction: Annotated[float, Field(ge=0, lt=1)] | None = None  # set: replaces steps

@@ -83,6 +83,20 @@ def load_training_state(
     return json.loads((folder / STATE_FILE).read_text())
 
 
+def parameter_groups(model: SISTAModel, lr_scales: dict[str, float]) -> list[dict[str, Any]]:
+    """The trainable parameters in one optimiser group per model part named in
+    ``lr_scales`` (a top-level submodule such as ``text_encoder``), each with its
+    learning-rate multiplier ``lr_scale``, and one group of the rest at 1."""
+    groups: dict[str, list[torch.nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            part = name.split(".")[0]
+            groups.setdefault(part if part in lr_scales else "", []).append(parameter)
+    return [
+        {"params": params, "lr_scale": lr_scales.get(part, 1.0)} for part, params in groups.items()
+    ]
+
+
 def retrieval_recall(
     model: SISTAModel, data: PretrainData, ks=(1, 5, 10), batch_size: int = 64
 ) -> dict[str, float]:
@@ -136,7 +150,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     data = PretrainData(data_root, "train", config["semantics"], **config["text_states"])
     model = SISTAModel(SISTAConfig.from_dict(config["model"]))
     optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
+        parameter_groups(model, config["lr_scales"]),
         lr=config["lr"],
         weight_decay=config["weight_decay"],
     )
@@ -194,7 +208,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 warmup = round(config["warmup_fraction"] * total_steps)
             lr = cosine_with_warmup(state["step"], total_steps, warmup, config["lr"])
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_scale"]
             # uint8 pixels cross to the device (a quarter of the float bytes), then normalise.
             images = core.image_encoder.normalize(to_device(torch.from_numpy(batch.images)))
             tokens = collate_tokens(batch.tokens, pad_id).to(device, non_blocking=on_gpu)
@@ -351,6 +365,7 @@ def build_trainer(
             "model": section.model_config_for("sista").to_dict(),
             "seed": section.seed,
             "lr": section.optim.lr,
+            "lr_scales": dict(section.optim.lr_scales),
             "weight_decay": section.optim.weight_decay,
             "warmup_steps": section.optim.warmup_steps,
             "warmup_fraction": section.optim.warmup_fraction,

@@ -39,6 +39,10 @@ def test_shipped_parameter_files_validate(profile):
         ),
         ({"ingest": {"source": "mimic_cxr"}}, "ingest.source_path is required"),
         ({"pretrain": {"sia": {"mode": "elimnate"}}}, "pretrain.sia.mode"),
+        (
+            {"pretrain": {"optim": {"lr_scales": {"text_encodr": 0.1}}}},
+            "pretrain.optim.lr_scales.text_encodr",
+        ),
     ],
 )
 def test_a_bad_value_fails_naming_the_key(tmp_path, data, message):
@@ -101,3 +105,29 @@ def test_a_loss_weight_reruns_pretrain_and_no_stage_before_it(key):
 
     assert holds("pretrain")
     assert not any(holds(stage) for stage in ("ingest", "reports", "similarity"))
+
+
+def test_lr_scales_name_the_model_parts_and_group_their_parameters():
+    from typing import get_args
+
+    from components.config import ModelPart
+    from components.pretrain import parameter_groups
+    from sista_core import SISTAModel
+    from sista_core.config import SISTAConfig
+
+    config = SISTAConfig.from_dict(
+        {"image": {"name": "vit_tiny_patch16_224", "img_size": 32}, "embed_dim": 16}
+    )
+    model = SISTAModel(config)
+    with_parameters = {n for n, m in model.named_children() if any(True for _ in m.parameters())}
+    assert set(get_args(ModelPart)) == with_parameters
+
+    groups = parameter_groups(model, {"text_encoder": 0.1, "image_global_proj": 2.0})
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sum(len(g["params"]) for g in groups) == len(trainable)
+    scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            part = name.split(".")[0]
+            expected = {"text_encoder": 0.1, "image_global_proj": 2.0}.get(part, 1.0)
+            assert scale_of[id(parameter)] == expected, name
