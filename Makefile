@@ -14,7 +14,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export HF_HUB_OFFLINE := 1
 
 # `make help` lists the targets: each one's `## ` comment.
-.PHONY: help venv repro test test-fast test-system gpu-check test-cluster bench profile lint mlflow-ui mlflow-server cluster-demo clean sweep kubeflow image infra-check
+.PHONY: help venv repro test test-fast test-system gpu-check test-cluster mutation bench profile lint mlflow-ui mlflow-server cluster-demo clean sweep kubeflow image infra-check
 
 help:  ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -55,6 +55,27 @@ test-system: venv  ## whole systems: Ray cluster, S3 + MLflow servers, sweep, Ku
 
 test-cluster: venv  ## only the multi-node Ray cluster tests (part of test-system)
 	$(BIN)/python -m pytest -m cluster
+
+# Mutation testing (docs/testing.md, "Mutation testing"; not part of CI): mutmut mutates the
+# modules that carry the scientific claim ([tool.mutmut] in pyproject.toml) in a copy under
+# mutants/ and runs, for each mutant, the fast tier's tests that reach its function. Of
+# evaluate.py, ingest.py and publish.py only the functions named here are mutated. The
+# survivors, with the justification of each equivalent one (docs/mutation-survivors.md), go
+# to bench/results/mutation.md. MUTATION_JOBS: mutants tested side by side.
+MUTATION_JOBS ?= 2
+MUTATION_TARGETS := 'sista_core.losses.*' 'sista_core.probe.*' 'sista_core.datasets.splits.*' \
+  'components.evaluation_cells.*' 'components.pretrain_data.*' \
+  'components.evaluate.x_summarise__mutmut_*' 'components.evaluate.x_metric_names__mutmut_*' \
+  'components.ingest.x_write_subsets__mutmut_*' \
+  'components.publish.x_metric_value__mutmut_*' 'components.publish.x_should_promote__mutmut_*' \
+  'components.publish.x_current_champion__mutmut_*' \
+  'components.publish.x_promote_if_better__mutmut_*'
+mutation: venv  ## mutation testing of the claim's modules: bench/results/mutation.md
+	@mkdir -p mutants; start=$$(date +%s); \
+	$(BIN)/mutmut run --max-children $(MUTATION_JOBS) $(MUTATION_TARGETS) > mutants/run.log 2>&1 \
+	  || { tail -c 3000 mutants/run.log; exit 1; }; \
+	$(BIN)/python tests/mutation_report.py --seconds $$(( $$(date +%s) - start )) \
+	  --jobs $(MUTATION_JOBS) --out bench/results/mutation.md $(MUTATION_TARGETS)
 
 bench: venv  ## benchmarks, ratios against a baseline in the same run
 	$(BIN)/python -m bench.run_all

@@ -99,10 +99,11 @@ def _worker(rank: int, port: int, batch: dict, results) -> None:
 @pytest.fixture(scope="module")
 def two_workers() -> tuple[dict, dict]:
     batch = global_batch()
-    results = mp.Manager().dict()
     store = rendezvous_store()
-    mp.spawn(_worker, args=(store.port, batch, results), nprocs=WORLD_SIZE)
-    return batch, dict(results)
+    with mp.Manager() as manager:  # its server process stops with the block
+        results = manager.dict()
+        mp.spawn(_worker, args=(store.port, batch, results), nprocs=WORLD_SIZE)
+        return batch, dict(results)
 
 
 def test_workers_gather_the_global_batch_in_rank_order(two_workers):

@@ -80,3 +80,11 @@ def test_one_seed_gives_a_zero_std_and_n_one():
         "std": 0.0,
         "n": 1,
     }
+
+
+def test_a_set_is_multi_label_unless_it_says_otherwise():
+    from components.evaluate import metric_names
+
+    assert metric_names("classification") == ("auroc",)
+    assert metric_names("classification", single_label=True) == ("accuracy",)
+    assert metric_names("segmentation", single_label=True) == ("dice",)

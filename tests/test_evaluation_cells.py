@@ -242,3 +242,31 @@ def test_the_detection_cell_scores_the_test_images(tmp_path, monkeypatch):
     # Precision 1 up to recall 1/2, nothing beyond, at every IoU threshold: COCO's 101-point
     # interpolated AP is 51/101 (recall 0, 0.01, ..., 0.50). The training rows would give 1.
     assert found == pytest.approx({"map_40_75": 51 / 101, "map_50": 51 / 101})
+
+
+def test_a_tune_trial_runs_its_grid_cell_on_the_saved_subset_and_reports_its_size(
+    tmp_path, monkeypatch
+):
+    """run_cell, the body of Tune's trainable: the grid's (task, set) merged into the trial's
+    config, the set's split read from the work folder, the metrics reported with the size of
+    the subset the cell trained on."""
+    import components.evaluation_cells as cells
+
+    split = {"test": [9], "val": [], "subsets": {"0.1/2": [0, 1, 2], "1/2": list(range(9))}}
+    (tmp_path / "chest.split.json").write_text(json.dumps(split))
+    calls, reports, threads = [], [], []
+
+    def classification(config, work, read_split):
+        calls.append((config, work, read_split))
+        return {"auroc": 0.7}
+
+    monkeypatch.setitem(cells.CELLS, "classification", classification)
+    monkeypatch.setattr(cells.tune, "report", reports.append)
+    monkeypatch.setattr(cells.torch, "set_num_threads", threads.append)
+    trial = {"threads": 3, "features_dir": str(tmp_path), "fraction": 0.1, "seed": 2}
+    cells.run_cell({**trial, "cell": {"task": "classification", "set": "chest"}})
+    assert threads == [3] and reports == [{"auroc": 0.7, "train_size": 3}]
+    [(config, work, read_split)] = calls
+    assert config["task"] == "classification" and config["set"] == "chest"
+    assert config["fraction"] == 0.1 and config["seed"] == 2
+    assert work == tmp_path and read_split == split

@@ -156,3 +156,69 @@ def test_a_resumed_epoch_yields_the_batches_it_had_left(data_root):
     whole = [b.record_ids for b in data.batches(3, 1, 2, 4, seed=7)]
     resumed = [b.record_ids for b in data.batches(3, 1, 2, 4, seed=7, skip=1)]
     assert resumed == whole[1:]
+
+
+def test_single_rows_slices_and_dtypes_read_like_the_batches(data_root):
+    data = PretrainData(data_root, "train")
+    n = number(data.record_ids[5])
+    row = data.semantics[5]  # one row: a (64,) vector, float32 like a batch's
+    assert row.shape == (64,) and row.dtype == np.float32 and round(float(row[-1]) * 64) == n
+    rows = data.semantics[np.array([7, 2, 5])]
+    assert rows.shape == (3, 64) and rows.dtype == np.float32
+    assert [round(float(v) * 64) for v in rows[:, -1]] == [
+        number(data.record_ids[i]) for i in (7, 2, 5)
+    ]
+    assert data.tokens[1:3] == [data.tokens[1], data.tokens[2]]
+    assert data.tokens[1]["input_ids"] == [101, number(data.record_ids[1]), 102]
+
+
+def with_text_states(data_root, tmp_path, meta, lengths=None):
+    """A copy of the stage outputs whose similarity stage kept frozen text states: record n's
+    token t has the state [n, t] (rows in the similarity stage's order)."""
+    import json
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(data_root, root)  # makes tmp_path too
+    ids = (root / "similarity/record_ids.txt").read_text().split()
+    lengths = lengths or {}
+    states = [[number(r), t] for r in ids for t in range(lengths.get(number(r), 3))]
+    offsets = np.cumsum([0] + [lengths.get(number(r), 3) for r in ids])
+    folder = root / "similarity/text_states"
+    folder.mkdir()
+    np.save(folder / "states.npy", np.array(states, np.float32))
+    np.save(folder / "offsets.npy", offsets)
+    (folder / "states.json").write_text(json.dumps(meta))
+    return root
+
+
+def test_frozen_text_states_line_up_with_their_records(data_root, tmp_path):
+    root = with_text_states(data_root, tmp_path, {"frozen_layers": 2, "encoder": "bert"})
+    data = PretrainData(root, "train", text_encoder="bert", frozen_text_layers=2)
+    assert data.has_text_states
+    batch = next(data.batches(0, 0, 1, 8, seed=0))
+    for tokens, record in zip(batch.tokens, batch.record_ids, strict=True):
+        n = number(record)
+        np.testing.assert_array_equal(tokens["frozen_states"], [[n, 0], [n, 1], [n, 2]])
+    # States kept for another encoder or depth are not used: the encoder recomputes them.
+    for encoder, layers in (("bert", 3), ("roberta", 2), ("bert", 0)):
+        other = PretrainData(root, "train", text_encoder=encoder, frozen_text_layers=layers)
+        assert not other.has_text_states and "frozen_states" not in other.tokens[0]
+    # Label semantics read no embedding, and the states still find their records.
+    labels = PretrainData(root, "train", "labels", text_encoder="bert", frozen_text_layers=2)
+    n = number(labels.record_ids[4])
+    np.testing.assert_array_equal(labels.tokens[4]["frozen_states"], [[n, 0], [n, 1], [n, 2]])
+    # Without kept states the encoder runs all its layers.
+    assert not PretrainData(
+        data_root, "train", text_encoder="bert", frozen_text_layers=2
+    ).has_text_states
+    # By default the text encoder freezes nothing, whatever states the stage kept.
+    plain = with_text_states(data_root, tmp_path / "plain", {"frozen_layers": 1, "encoder": None})
+    assert not PretrainData(plain, "train").has_text_states
+
+
+def test_text_states_of_the_wrong_length_are_refused_naming_the_record(data_root, tmp_path):
+    meta = {"frozen_layers": 1, "encoder": "bert"}
+    root = with_text_states(data_root, tmp_path, meta, lengths={11: 4})
+    with pytest.raises(ValueError, match=r"record r011 has 4 token states for 3 tokens"):
+        PretrainData(root, "train", text_encoder="bert", frozen_text_layers=1)

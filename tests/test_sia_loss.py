@@ -6,6 +6,12 @@ import torch
 import torch.nn.functional as F
 
 from sista_core.losses import IntraLoss, SIALoss, false_negative_mask, intra_loss, sia_loss
+from sista_core.losses.distributed import (
+    distributed_world,
+    gather_no_grad,
+    gather_with_grad,
+    mean_over_workers,
+)
 
 
 def independent_symmetric_infonce(img, txt, temperature):
@@ -90,6 +96,39 @@ def test_positive_mode_counts_false_negatives_as_positives():
     by_hand = (2 * rows_01 - math.log(p_self)) / 3
     actual = sia_loss(img, txt, report_sim, temperature=1.0, threshold=0.9, mode="positive")
     assert actual.item() == pytest.approx(by_hand, abs=1e-6)
+
+
+def numpy_log_softmax_rows(x):
+    x = x - x.max(1, keepdims=True)
+    return x - np.log(np.exp(x).sum(1, keepdims=True))
+
+
+@pytest.mark.parametrize("mode", ["eliminate", "positive"])
+def test_a_chain_of_similar_reports_is_handled_pair_by_pair(mode):
+    """Similarity is not transitive: 0 ~ 1 and 1 ~ 2 but not 0 ~ 2, so report 1 has two false
+    negatives and reports 0 and 2 one each. Rows and columns then differ, which a loss that
+    summed or normalised along the wrong axis would show (a symmetric clique would not).
+    Written in numpy from docs/method.md, image rows and report columns, both directions."""
+    generator = torch.Generator().manual_seed(2)
+    img, txt = torch.randn(5, 6, generator=generator), torch.randn(5, 6, generator=generator)
+    report_sim = torch.eye(5)
+    report_sim[0, 1] = report_sim[1, 0] = report_sim[1, 2] = report_sim[2, 1] = 0.95
+    report_sim[0, 2] = report_sim[2, 0] = 0.5
+    unit = lambda x: x.numpy() / np.linalg.norm(x.numpy(), axis=1, keepdims=True)  # noqa: E731
+    logits = unit(img) @ unit(txt).T / 0.1
+    flagged = (report_sim.numpy() >= 0.9) & ~np.eye(5, dtype=bool)
+
+    def direction(scores, flags):
+        if mode == "eliminate":  # false negatives leave the denominator
+            kept = np.where(flags, -np.inf, scores)
+            return -np.mean([numpy_log_softmax_rows(kept)[i, i] for i in range(5)])
+        log_p = numpy_log_softmax_rows(scores)  # positives: self and the false negatives
+        own = [[i, *np.flatnonzero(flags[i])] for i in range(5)]
+        return np.mean([-np.mean(log_p[i, own[i]]) for i in range(5)])
+
+    by_hand = 0.5 * (direction(logits, flagged) + direction(logits.T, flagged.T))
+    found = sia_loss(img, txt, report_sim, temperature=0.1, threshold=0.9, mode=mode)
+    assert found.item() == pytest.approx(by_hand, rel=1e-5)
 
 
 def test_soft_mode_with_alpha_zero_is_plain_infonce(batch):
@@ -217,3 +256,148 @@ def test_intra_loss_equals_the_kl_by_hand_in_its_direction(uneven_batch):
         torch.from_numpy(img).float(), torch.from_numpy(r).float(), temperature=tau, sigma=sigma
     )
     assert actual.item() == pytest.approx(by_hand, rel=1e-5)
+    # docs/method.md's defaults: tau = 0.07, sigma = 0.1
+    default = intra_loss(torch.from_numpy(img).float(), torch.from_numpy(r).float())
+    assert default.item() == pytest.approx(numpy_intra(img, r, 0.07, 0.1), rel=1e-4)
+
+
+def test_the_intra_term_of_a_single_image_is_zero_with_a_gradient():
+    img = torch.randn(1, 4, requires_grad=True)
+    loss = intra_loss(img, torch.ones(1, 1))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(img.grad, torch.zeros(1, 4))
+
+
+@pytest.mark.parametrize("mode", ["eliminate", "positive", "soft", "none"])
+def test_the_modules_pass_their_options_and_report_the_share_of_flagged_pairs(mode):
+    """SIALoss and IntraLoss in one process: the functional losses (checked against the
+    equations above) with the module's options, on report similarities computed here in
+    numpy; the share of off-diagonal pairs at or above the threshold counted by hand."""
+    generator = torch.Generator().manual_seed(5)
+    img, txt = torch.randn(6, 8, generator=generator), torch.randn(6, 8, generator=generator)
+    semantics = torch.randn(6, 4, generator=generator)
+    semantics[3] = 2 * semantics[0]  # one pair of reports that say the same thing
+    semantics[5] = semantics[1] + 0.05 * semantics[2]  # and a near one
+    unit = semantics.numpy() / np.linalg.norm(semantics.numpy(), axis=1, keepdims=True)
+    cosine = torch.from_numpy(unit @ unit.T)
+    options = {"temperature": 0.2, "sigma": 0.4}
+    sia = SIALoss(threshold=0.95, mode=mode, alpha=0.3, gather_distributed=False, **options)
+    found = sia(img, txt, semantics)
+    expected = sia_loss(img, txt, cosine, threshold=0.95, mode=mode, alpha=0.3, **options)
+    assert torch.allclose(found["loss"], expected, atol=1e-6)
+    flagged = sum(cosine[i, j] >= 0.95 for i in range(6) for j in range(6) if i != j)
+    assert flagged == 4  # (0, 3), (1, 5) and their transposes
+    share = 0.0 if mode == "none" else 4 / 30
+    assert found["fraction_eliminated"].item() == pytest.approx(share)
+    intra = IntraLoss(gather_distributed=False, **options)(img, semantics)
+    assert torch.allclose(intra, intra_loss(img, cosine, **options), atol=1e-6)
+    # The modules' defaults are the functions' (docs/method.md's values).
+    default = SIALoss(mode=mode, gather_distributed=False)(img, txt, semantics)["loss"]
+    assert torch.allclose(default, sia_loss(img, txt, cosine, mode=mode), atol=1e-6)
+    intra_default = IntraLoss(gather_distributed=False)(img, semantics)
+    assert torch.allclose(intra_default, intra_loss(img, cosine), atol=1e-6)
+    with pytest.raises(ValueError, match="sia mode must be one of"):
+        SIALoss(mode="drop")
+
+
+def test_nothing_is_flagged_above_a_threshold_of_one_or_in_a_batch_of_one():
+    img, semantics = torch.randn(4, 8), torch.ones(4, 3)  # every pair says the same thing
+    assert SIALoss(threshold=0.99)(img, img, semantics)["fraction_eliminated"].item() == 1.0
+    assert SIALoss(threshold=1.01)(img, img, semantics)["fraction_eliminated"].item() == 0.0
+    one = SIALoss(threshold=0.5)(img[:1], img[:1], semantics[:1])["fraction_eliminated"]
+    assert one.item() == 0.0
+
+
+# --- the gather that puts SIA and the intra term over the global batch, in one process ----
+# (tests/test_distributed.py runs it with real gloo workers; mutmut cannot see into those)
+
+
+def test_gathering_is_the_identity_without_distributed():
+    x = torch.randn(3, 4, requires_grad=True)
+    assert gather_with_grad(x) is x and mean_over_workers(x) is x
+    assert distributed_world() == (0, 1)
+    kept = gather_no_grad(x)
+    assert torch.equal(kept, x) and not kept.requires_grad
+
+
+@pytest.fixture
+def rank_1_of_3(monkeypatch):
+    """This process as worker 1 of 3, in process: the collectives fill in the other workers'
+    tensors (known to the test), so the gather's code runs where its statistics are kept."""
+    import sista_core.losses.distributed as distributed
+
+    others = {0: torch.randn(2, 4), 2: torch.randn(2, 4)}
+
+    def all_gather(shards, x):
+        assert x.is_contiguous() and len(shards) == 3
+        for rank, shard in enumerate(shards):
+            shard.copy_(x if rank == 1 else others[rank])
+
+    def all_reduce(x):  # sum over workers, in place: the others hold 2x and 3x this value
+        x.mul_(1 + 2 + 3)
+
+    monkeypatch.setattr(distributed, "distributed_world", lambda: (1, 3))
+    monkeypatch.setattr(distributed.dist, "all_gather", all_gather)
+    monkeypatch.setattr(distributed.dist, "all_reduce", all_reduce)
+    return others
+
+
+def test_the_gather_backward_gives_the_shard_world_size_times_its_global_gradient(rank_1_of_3):
+    local = torch.randn(2, 4).t().contiguous().t().requires_grad_()  # a non-contiguous view
+    gathered = gather_with_grad(local)
+    expected = torch.cat([rank_1_of_3[0], local.detach(), rank_1_of_3[2]])
+    assert torch.equal(gathered, expected)
+    weights = torch.randn(6, 4)
+    (gathered * weights).sum().backward()
+    # d/d local of the global loss is weights[2:4]; the three workers' identical losses each
+    # contribute it, and the backward returns the sum without a collective: 3x.
+    assert torch.allclose(local.grad, 3 * weights[2:4])
+
+
+def test_gathering_without_gradient_and_the_logged_mean(rank_1_of_3):
+    local = torch.randn(2, 4, requires_grad=True)
+    gathered = gather_no_grad(local)
+    assert torch.equal(gathered, torch.cat([rank_1_of_3[0], local.detach(), rank_1_of_3[2]]))
+    assert not gathered.requires_grad
+    loss = torch.tensor(1.5, requires_grad=True)
+    logged = mean_over_workers(loss)
+    assert logged.item() == pytest.approx((1.5 + 3.0 + 4.5) / 3)  # workers 1.5, 3.0, 4.5
+    assert loss.item() == 1.5 and not logged.requires_grad  # the loss itself is left alone
+
+
+def test_the_modules_gather_the_global_batch_unless_told_not_to(rank_1_of_3):
+    generator = torch.Generator().manual_seed(7)
+    img, txt, semantics = (torch.randn(2, 4, generator=generator) for _ in range(3))
+
+    def gathered(local):  # the other workers' rows around this worker's, in rank order
+        return torch.cat([rank_1_of_3[0], local, rank_1_of_3[2]])
+
+    def cosine(x):
+        unit = x.numpy() / np.linalg.norm(x.numpy(), axis=1, keepdims=True)
+        return torch.from_numpy(unit @ unit.T)
+
+    sem = gathered(semantics)
+    found = SIALoss(threshold=0.5)(img, txt, semantics)["loss"]
+    expected = sia_loss(gathered(img), gathered(txt), cosine(sem), threshold=0.5)
+    assert torch.allclose(found, expected, atol=1e-6)
+    assert torch.allclose(IntraLoss()(img, semantics), intra_loss(gathered(img), cosine(sem)))
+    alone = SIALoss(threshold=0.5, gather_distributed=False)(img, txt, semantics)["loss"]
+    assert torch.allclose(alone, sia_loss(img, txt, cosine(semantics), threshold=0.5))
+    intra_alone = IntraLoss(gather_distributed=False)(img, semantics)
+    assert torch.allclose(intra_alone, intra_loss(img, cosine(semantics)))
+
+
+def test_a_pair_exactly_at_the_threshold_is_a_false_negative():
+    report_sim = torch.tensor([[1.0, 0.9, 0.5], [0.9, 1.0, 0.899], [0.5, 0.899, 1.0]])
+    flagged = false_negative_mask(report_sim, 0.9)  # R_ij >= threshold, j != i
+    assert flagged.tolist() == [[False, True, False], [True, False, False], [False] * 3]
+
+
+def test_the_intra_term_of_one_dimensional_embeddings_is_still_the_kl(uneven_batch):
+    img, _, r = uneven_batch
+    line = img[:, :1]  # one coordinate: cosines of +-1
+    by_hand = numpy_intra(line, r, 0.2, 0.05)
+    line_t, r_t = torch.from_numpy(line).float(), torch.from_numpy(r).float()
+    found = intra_loss(line_t, r_t, temperature=0.2, sigma=0.05)
+    assert found.item() == pytest.approx(by_hand, rel=1e-5)

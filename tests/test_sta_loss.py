@@ -117,3 +117,37 @@ def test_aligned_pairs_score_lower_than_misaligned():
 def test_unknown_sparse_kind_is_an_error():
     with pytest.raises(ValueError, match="sparse"):
         sta_loss(*make_batch(), sparse="sparsmax")
+
+
+def test_the_module_passes_its_options_and_counts_attended_patches_per_real_word():
+    from sista_core.losses import STALoss
+
+    words, mask, patches = make_batch(seed=3)
+    module = STALoss(temperature_attn=0.2, temperature_local=0.5, sparse="topk", topk=3)
+    found = module(words, mask, patches)
+    loss, attention = sta_loss(
+        words,
+        mask,
+        patches,
+        temperature_attn=0.2,
+        temperature_local=0.5,
+        sparse="topk",
+        topk=3,
+        return_attention=True,
+    )
+    assert torch.equal(found["loss"], loss) and torch.equal(found["attention"], attention)
+    # top-3: every real word attends to exactly 3 patches; counted by hand over real words
+    counts = [int((attention[b, w] > 0).sum()) for b, w in mask.nonzero().tolist()]
+    assert counts == [3] * int(mask.sum())
+    assert found["attention_nonzero_per_word"].item() == 3.0
+    sparse = STALoss(sparse="sparsemax")(words, mask, patches)
+    by_hand = np.mean([int((sparse["attention"][b, w] > 0).sum()) for b, w in mask.nonzero()])
+    assert sparse["attention_nonzero_per_word"].item() == pytest.approx(by_hand)
+    assert 1 <= by_hand < patches.shape[1]  # sparse, yet never empty
+    for kind in ("sparsemax", "topk"):  # the module's defaults are the function's
+        default = STALoss(sparse=kind)(words, mask, patches)["loss"]
+        assert torch.equal(default, sta_loss(words, mask, patches, sparse=kind))
+    no_words = STALoss()(words, torch.zeros_like(mask), patches)
+    assert no_words["attention_nonzero_per_word"].item() == 0.0
+    with pytest.raises(ValueError, match="sparse must be one of"):
+        STALoss(sparse="dense")
