@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -396,21 +397,40 @@ def language_summary(scores: dict[str, dict], sets: dict[str, dict], pretrain_im
     return table
 
 
-def headline(summary: dict) -> dict[str, dict[str, float]]:
-    """The tracked metrics (``dvc metrics show``): per (task, set), its first metric at each
-    label fraction, one value per init: ``<task>.<set>.<metric>@<pct>%`` -> init -> mean."""
-    files: dict[str, dict[str, float]] = {}
-    for task, by_set in summary.items():
-        if task not in TRAINED_TASKS + LANGUAGE_TASKS:
-            continue
+# A trained task's short name in the tracked headline (metrics/evaluate.json).
+TASK_CODES = {"classification": "cls", "segmentation": "seg", "detection": "det"}
+
+
+def headline(summary: dict, inits: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """The tracked metrics (``metrics/evaluate.json``, a column each in ``dvc exp show``): per
+    trained (task, set), its first metric at the smallest label fraction (1 %), one value per
+    init (``inits``' order): ``{"cls": {"sista": 0.61, "convirt": 0.58, ...}, ...}``. A task is
+    named by its code (cls, seg, det), followed by ``/<set>`` when it is scored on several
+    sets, less the name start they share (``seg/opacity`` for ``phantom_opacity`` beside
+    ``phantom_pneumothorax``): short column names. The full table is evaluate's metrics.json."""
+    tracked: dict[str, dict[str, float]] = {}
+    for task in TRAINED_TASKS:
+        by_set = summary.get(task, {})
+        shared = _shared_start(list(by_set))
         for dataset, block in by_set.items():
             metric = next(m for m in block if m != "images")
-            for init, by_fraction in block[metric].items():
-                for fraction, value in by_fraction.items():
-                    label = f"{100 * float(fraction):g}%" if fraction != NO_LABELS else "0-shot"
-                    name = f"{task}.{dataset}.{metric}@{label}"
-                    files.setdefault(name, {})[init] = round(value["mean"], 4)
-    return files
+            code = TASK_CODES.get(task, task)
+            by_init = block[metric]
+            order = [i for i in inits if i in by_init] if inits else list(by_init)
+            tracked[code if len(by_set) == 1 else f"{code}/{dataset[len(shared) :]}"] = {
+                init: round(by_init[init][min(by_init[init], key=float)]["mean"], 4)
+                for init in order
+            }
+    return tracked
+
+
+def _shared_start(names: list[str]) -> str:
+    """The start several names share, up to and with its last ``_``: ``phantom_`` for
+    ``phantom_opacity`` and ``phantom_pneumothorax``; ``""`` for ``rsna`` and ``rsna_detection``."""
+    if len(names) < 2:
+        return ""
+    common = os.path.commonprefix(names)
+    return common[: common.rfind("_") + 1]
 
 
 def heat_map_figures(params: Params, out: Path) -> dict[str, Any]:
@@ -545,10 +565,10 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
             differences = ablation(cells, sets, work)
         (out / "ablation.json").write_text(json.dumps(differences, indent=1))
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        tracked = out / "headline"
-        tracked.mkdir()
-        for name, values in headline(summary).items():
-            (tracked / f"{name}.json").write_text(json.dumps(values, indent=1, sort_keys=True))
+        # Exported by the launcher to metrics/evaluate.json, which git versions for DVC.
+        (out / "headline.json").write_text(
+            json.dumps(headline(summary, list(config.inits)), indent=1) + "\n"
+        )
         plot_fraction_curves(summary, figures / "scores_vs_fraction.png")
         for task, dataset in cells_of:
             if task != "classification":
@@ -576,7 +596,7 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
             mlflow.log_artifact(str(png))
         extra["summary"] = summary
         extra["phase_seconds"] = seconds
-    return headline(summary)
+    return headline(summary, list(config.inits))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -44,6 +44,9 @@ def stage_main(
         raise SystemExit(2) from None
     # Ray tasks and workers run in other folders: give them the same absolute paths.
     params = params.model_copy(update={"storage": absolute(params.storage)})
+    from .tracking import dvc_experiment_store  # MLflow: imported by stages, not by the CLI
+
+    params = dvc_experiment_store(params)  # a queued `dvc exp run`: the repository's MLflow
     try:
         pull(params.storage, input_folders(params, stage))
     except StorageError as error:

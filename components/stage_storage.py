@@ -6,6 +6,10 @@ against their manifests' content hashes) and pushes its own when complete, manif
 so no reader takes a half-uploaded folder for a complete one. Every node of a cluster pulls
 what it reads; Ray Train and Tune write checkpoints straight to S3 (:func:`ray_storage`).
 With a local ``storage.uri`` nothing is copied: the folder is read and written in place.
+
+The few small files DVC compares experiments by (``dvc exp show``, ``dvc metrics diff``,
+``dvc plots diff``) are exported from the stage folders into ``metrics/``, which git tracks
+(:func:`export_tracked`): dvc.yaml's ``cache: false`` metrics and plots.
 """
 
 from __future__ import annotations
@@ -21,6 +25,18 @@ from typing import Any
 from . import storage
 from .artifacts import MANIFEST, atomic_output_dir, content_hashes
 from .config import Params, StorageSection
+
+# Where the launcher exports the files git versions for DVC (relative to the folder `dvc repro`
+# runs in, the repository root): dvc.yaml's `cache: false` metrics and plots.
+TRACKED_DIR = Path("metrics")
+# metrics/pretrain.json: SISTA's last-epoch means of its loss terms and of the share of in-batch
+# negatives SIA flagged as false negatives (name there -> key of pretrain's metrics.json).
+PRETRAIN_HEADLINE = {
+    "loss_sia": "epoch_loss_sia",
+    "loss_sta": "epoch_loss_sta",
+    "loss_intra": "epoch_loss_intra",
+    "flag_rate": "epoch_fraction_negatives_eliminated",
+}
 
 # The output folders each stage reads (dvc.yaml's data deps); pretrain's are also read by
 # every Ray Train worker, on whichever node it runs.
@@ -182,3 +198,40 @@ def ray_storage(params: Params, name: str) -> dict[str, Any]:
         "storage_path": path,
         "storage_filesystem": storage.arrow_filesystem(settings_for(section)),
     }
+
+
+def export_tracked(
+    params: Params, stage: str, variant: str | None = None, root: Path = Path(".")
+) -> list[Path]:
+    """Copy what DVC versions in git from a completed stage's folder into ``root/metrics``:
+    evaluate's headline (``evaluate.json``); each pre-trained variant's loss history
+    (``history/<variant>.json``, one record a line) and SISTA's loss terms and flag rate
+    (``pretrain.json``). Run where `dvc repro` runs, after the stage (a job on a cluster
+    included). Returns the files written."""
+    data = data_root(params.storage)
+    written: dict[Path, str] = {}
+    if stage == "evaluate":
+        written[Path("evaluate.json")] = (data / "evaluate" / "headline.json").read_text()
+    elif stage == "pretrain":
+        for folder in output_folders(params, stage, variant):
+            name = folder.split("/")[-1]
+            history = json.loads((data / folder / "history.json").read_text())
+            lines = ",\n".join(json.dumps(record) for record in history)
+            written[Path("history") / f"{name}.json"] = f"[\n{lines}\n]\n"
+            if name == "sista":
+                metrics = json.loads((data / folder / "metrics.json").read_text())
+                terms = {
+                    key: round(metrics[source], 4)
+                    for key, source in PRETRAIN_HEADLINE.items()
+                    if isinstance(metrics.get(source), int | float)
+                }
+                written[Path("pretrain.json")] = json.dumps(terms, indent=1) + "\n"
+    paths = []
+    for relative, text in written.items():
+        path = root / TRACKED_DIR / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.tmp")
+        temporary.write_text(text)
+        temporary.replace(path)  # a reader never sees half a file
+        paths.append(path)
+    return paths

@@ -4,11 +4,18 @@ The store is ``MLFLOW_TRACKING_URI`` (a tracking server, ``http://host:5000``) o
 ``mlflow.tracking_uri`` (SQLite by default). Artifacts go to ``mlflow.artifact_root`` when it
 is a URI (``s3://bucket/prefix``: MLflow's boto3 honours ``MLFLOW_S3_ENDPOINT_URL`` /
 ``AWS_ENDPOINT_URL_S3``); with a server and a local root, the server's own artifact store.
+
+Inside `dvc exp run` every run is tagged with the DVC experiment's name and the params it
+changed (:func:`dvc_experiment_tags`), so MLflow's compare view lines up with `dvc exp show`;
+a queued experiment, run in a temporary copy of the repository, logs to the repository's own
+store (:func:`dvc_experiment_store`).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -16,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import yaml
 
 from .config import Params, tracking_uri
 from .secrets import redacted
@@ -31,6 +39,73 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+# What `dvc exp run` sets for a stage's command (dvc/env.py), in the workspace and in a queue.
+DVC_EXP_NAME, DVC_EXP_BASELINE_REV, DVC_ROOT = "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_ROOT"
+EXP_TAG, BASELINE_TAG, PARAM_TAG = "dvc_exp", "dvc_baseline", "dvc_param."
+
+
+def dvc_experiment_tags(params_file: str | Path = "params.yaml") -> dict[str, str]:
+    """A run's tags inside `dvc exp run`: the experiment's name (``dvc_exp``), its baseline
+    commit (``dvc_baseline``) and, per ``params_file`` key whose value differs from the
+    baseline commit's, ``dvc_param.<key>``: the experiment's value. None outside one."""
+    name = os.environ.get(DVC_EXP_NAME)
+    if not name:
+        return {}
+    tags = {EXP_TAG: name}
+    baseline = os.environ.get(DVC_EXP_BASELINE_REV)
+    if baseline:
+        tags[BASELINE_TAG] = baseline
+        changed = changed_params(baseline, Path(params_file))
+        tags.update({f"{PARAM_TAG}{key}": value for key, value in changed.items()})
+    return tags
+
+
+def changed_params(baseline: str, params_file: Path) -> dict[str, str]:
+    """``params_file``'s keys whose value differs from the one in git commit ``baseline``,
+    with the current value as text (``removed`` for a key no longer there); empty when git
+    cannot show the baseline's file."""
+    try:
+        shown = subprocess.run(
+            ["git", "show", f"{baseline}:./{params_file.as_posix()}"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    before = flatten(yaml.safe_load(shown.stdout) or {})
+    after = flatten(yaml.safe_load(params_file.read_text()) or {})
+    changed = {}
+    for key in sorted(set(before) | set(after)):
+        if key not in after:
+            changed[key] = "removed"
+        elif before.get(key, object()) != after[key]:
+            value = after[key]
+            text = value if isinstance(value, str) else json.dumps(value)
+            changed[key] = redacted(key, text)[:5000]
+    return changed
+
+
+def dvc_experiment_store(params: Params) -> Params:
+    """A queued `dvc exp run` runs the stages in a temporary copy of the repository
+    (``<repository>/.dvc/tmp/exps/...``) that DVC deletes afterwards; ``DVC_ROOT`` names the
+    repository. There a relative SQLite store and artifact folder become the repository's
+    own, so the experiment's runs land with every other run (``MLFLOW_TRACKING_URI``, a
+    server, still wins). Elsewhere ``params`` come back unchanged."""
+    root = os.environ.get(DVC_ROOT)
+    if not root or not Path.cwd().resolve().is_relative_to(Path(root).resolve() / ".dvc" / "tmp"):
+        return params
+    section, update = params.mlflow, {}
+    prefix = "sqlite:///"
+    store = section.tracking_uri.removeprefix(prefix)
+    if section.tracking_uri.startswith(prefix) and not store.startswith("/"):
+        update["tracking_uri"] = prefix + str(Path(root) / store)
+    if "://" not in section.artifact_root and not Path(section.artifact_root).is_absolute():
+        update["artifact_root"] = str(Path(root) / section.artifact_root)
+    return params.model_copy(update={"mlflow": section.model_copy(update=update)})
 
 
 def experiment_for(params: Params, stage: str) -> str:
@@ -55,9 +130,13 @@ def experiment_for(params: Params, stage: str) -> str:
 def stage_run(
     params: Params, stage: str, run_name: str | None = None, logged: Mapping[str, Any] | None = None
 ) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run in the stage's experiment with ``logged`` (the resolved config) as params."""
+    """An MLflow run in the stage's experiment with ``logged`` (the resolved config) as params,
+    tagged with the DVC experiment it belongs to, if any."""
     experiment_for(params, stage)
     with mlflow.start_run(run_name=run_name or stage) as run:
+        tags = dvc_experiment_tags()
+        if tags:
+            mlflow.set_tags(tags)
         if logged:
             items = list(flatten(logged).items())
             for start in range(0, len(items), 100):  # MLflow's batch limit

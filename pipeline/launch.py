@@ -6,7 +6,9 @@ A submitted job carries only its parameters (a working_dir holding the resolved
 ``params.yaml``: local paths made absolute) and the non-secret environment the stage needs
 (endpoints, MLflow server); the code and credentials are the cluster's own. With
 ``storage.uri: s3://...`` the launcher then pulls the stage's output into ``storage.local_dir``,
-so DVC finds it where dvc.yaml says.
+so DVC finds it where dvc.yaml says. When DVC runs the launcher (``DVC_STAGE`` set), it then
+exports the small files git versions for DVC into ``metrics/`` (components.stage_storage), for
+a stage run here or on a cluster alike.
 
     python -m pipeline.launch ingest
     python -m pipeline.launch pretrain --variant convirt
@@ -31,7 +33,14 @@ from components.config import ConfigError, Params, load_params, tracking_uri
 from components.preflight import check_resources
 from components.secrets import redacted
 from components.stage import JOBS
-from components.stage_storage import absolute, check_access, on_s3, output_folders, pull
+from components.stage_storage import (
+    absolute,
+    check_access,
+    export_tracked,
+    on_s3,
+    output_folders,
+    pull,
+)
 from components.storage import StorageError
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -154,12 +163,23 @@ def launch(stage: str, params_path: str, stage_args: list[str]) -> int:
             except StorageError as error:
                 print(f"the job succeeded but its output could not be pulled: {error}")
                 return 1
+        if code == 0:
+            export_for_dvc(params, stage, stage_args)
         return code
     # No address: a local Ray instance. A bare GCS address (head:6379) is what Ray sets inside
     # a running job (a KubeRay RayJob's entrypoint): the stage attaches to that cluster.
     module = importlib.import_module(f"components.{stage}")
     module.main(["--params", params_path, *stage_args])
+    export_for_dvc(params, stage, stage_args)
     return 0
+
+
+def export_for_dvc(params: Params, stage: str, stage_args: list[str]) -> None:
+    """Under `dvc repro` or `dvc exp run` (DVC sets ``DVC_STAGE`` for a stage's command), copy
+    the stage's tracked metrics and plots into ``metrics/`` next to dvc.yaml. Anywhere else (a
+    Kubeflow step, a RayJob, ``sista run``) nothing is written outside the stage folders."""
+    if os.environ.get("DVC_STAGE"):
+        export_tracked(params, stage, _variant(stage_args))
 
 
 def _variant(stage_args: list[str]) -> str | None:

@@ -151,7 +151,7 @@ def test_dvc_push_then_pull_restores_every_output_from_the_s3_remote(s3_pipeline
     for stage in ("ingest", "reports"):  # whole-folder outs: the manifest comes back too
         manifest = json.loads((folder / "data" / stage / MANIFEST).read_text())
         assert content_hashes(folder / "data" / stage) == manifest["files"] == before[stage]
-    for name in ("embeddings.npy", "record_ids.txt", "topk.parquet"):  # per-file outs
+    for name in ("embeddings.npy", "record_ids.txt", "topk.parquet"):
         digest = sha256((folder / "data" / "similarity" / name).read_bytes())
         assert digest == before["similarity"][name]
 
