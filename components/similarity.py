@@ -147,10 +147,15 @@ class TextStatesWriter:
 
 
 def embed_reports(
-    reports: pa.Table, params: Params, out: Path, states: TextStatesWriter | None = None
+    reports: pa.Table,
+    lengths: np.ndarray,
+    params: Params,
+    out: Path,
+    states: TextStatesWriter | None = None,
 ) -> np.ndarray:
     """``out`` (``embeddings.npy``): the (N, D) float16 L2-normalised sentence embeddings of
-    the token table ``reports``, in its order, returned memory-mapped; with
+    the token table ``reports`` (``lengths``: each one's token count), in its order, returned
+    memory-mapped; with
     ``state_layers(params)`` > 0 each report's (T_i, Dt) frozen-layer states go to ``states``
     as their batch arrives.
 
@@ -163,7 +168,6 @@ def embed_reports(
     layers = state_layers(params)
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
-    lengths = pc.list_value_length(reports.column("input_ids")).to_numpy()
     by_length = np.argsort(lengths, kind="stable")
     own_tokens = not shares_tokens(params)
     source = reports.select(["text"] if own_tokens else list(TOKEN_COLUMNS))
@@ -271,9 +275,9 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
         stage_output(params, "similarity", {"mlflow_run_id": run_.info.run_id}) as (out, extra),
     ):
         layers = state_layers(params)
-        counts = pc.list_value_length(reports.column("input_ids")).to_numpy().tolist()
-        with TextStatesWriter(out / TEXT_STATES, counts, layers, params) as states:
-            embeddings = embed_reports(reports, params, out / "embeddings.npy", states)
+        lengths = pc.list_value_length(reports.column("input_ids")).to_numpy()
+        with TextStatesWriter(out / TEXT_STATES, lengths.tolist(), layers, params) as states:
+            embeddings = embed_reports(reports, lengths, params, out / "embeddings.npy", states)
         ids = reports.column("record_id").combine_chunks()
         with open(out / "record_ids.txt", "w") as listing:
             listing.writelines(f"{record_id}\n" for record_id in ids.to_pylist())

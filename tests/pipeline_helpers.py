@@ -134,3 +134,31 @@ def sh(command: list[str], folder: Path, env: dict, timeout: int = 900):
     )
     assert result.returncode == 0, f"{command}: {result.stdout[-3000:]}{result.stderr[-3000:]}"
     return result
+
+
+# A commit author for the scratch repositories the DVC tests make.
+GIT_IDENTITY = {
+    "DVC_NO_ANALYTICS": "1",
+    "GIT_AUTHOR_NAME": "test",
+    "GIT_AUTHOR_EMAIL": "test@example.invalid",
+    "GIT_COMMITTER_NAME": "test",
+    "GIT_COMMITTER_EMAIL": "test@example.invalid",
+}
+
+
+def dvc_executable() -> str:
+    return str(Path(sys.executable).with_name("dvc"))
+
+
+def init_dvc_repository(folder: Path, env: dict, message: str) -> None:
+    """``folder`` as a git + DVC repository with everything in it committed (``env`` holds
+    ``GIT_IDENTITY``)."""
+    dvc = dvc_executable()
+    for command in (
+        ["git", "init", "-q"],
+        [dvc, "init", "-q"],
+        [dvc, "config", "core.analytics", "false"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", message],
+    ):
+        sh(command, folder, env)

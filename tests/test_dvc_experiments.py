@@ -15,7 +15,16 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from pipeline_helpers import ROOT, dvc_yaml_for, sh, stage_environment, write_ci_params
+from pipeline_helpers import (
+    GIT_IDENTITY,
+    ROOT,
+    dvc_executable,
+    dvc_yaml_for,
+    init_dvc_repository,
+    sh,
+    stage_environment,
+    write_ci_params,
+)
 
 # A base run, then two of pretrain, evaluate and publish: 22 minutes on 2 cores shared with
 # other jobs (load average about 10; the base run 8, the two experiments 14); a quiet machine
@@ -37,7 +46,7 @@ EXPERIMENTS = {"intra-0": 0, "intra-1": 1}  # the baseline's is 0.5
 
 def exp_show(folder: Path, env: dict) -> dict[str, dict]:
     """`dvc exp show --json`: each experiment's params and metrics files by name."""
-    shown = json.loads(sh([dvc_path(), "exp", "show", "--json"], folder, env).stdout)
+    shown = json.loads(sh([dvc_executable(), "exp", "show", "--json"], folder, env).stdout)
     found = {}
     for baseline in shown:
         for experiment in baseline.get("experiments") or []:
@@ -49,10 +58,6 @@ def exp_show(folder: Path, env: dict) -> dict[str, dict]:
                     "errors": [path for path, item in data["metrics"].items() if "error" in item],
                 }
     return found
-
-
-def dvc_path() -> str:
-    return str(Path(sys.executable).with_name("dvc"))
 
 
 @pytest.fixture(scope="module")
@@ -67,22 +72,11 @@ def grid(tmp_path_factory):
         {
             # `dvc queue start` spawns its worker as `dvc` from PATH: this venv's.
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            "DVC_NO_ANALYTICS": "1",
-            "GIT_AUTHOR_NAME": "test",
-            "GIT_AUTHOR_EMAIL": "test@example.invalid",
-            "GIT_COMMITTER_NAME": "test",
-            "GIT_COMMITTER_EMAIL": "test@example.invalid",
+            **GIT_IDENTITY,
         }
     )
-    dvc = dvc_path()
-    for command in (
-        ["git", "init", "-q"],
-        [dvc, "init", "-q"],
-        [dvc, "config", "core.analytics", "false"],
-        ["git", "add", "-A"],
-        ["git", "commit", "-qm", "pipeline"],
-    ):
-        sh(command, folder, env)
+    init_dvc_repository(folder, env, "pipeline")
+    dvc = dvc_executable()
     sh([dvc, "repro"], folder, env, timeout=1200)
     sh(["git", "add", "dvc.lock", "metrics"], folder, env)  # what docs/experiments.md commits
     sh(["git", "commit", "-qm", "baseline"], folder, env)
@@ -128,7 +122,7 @@ def test_exp_show_holds_each_experiments_headline_and_they_differ_where_they_sho
 def test_only_changed_columns_are_the_weight_and_the_headline_values_that_moved(grid):
     folder, env = grid["folder"], grid["env"]
     table = sh(
-        [dvc_path(), "exp", "show", "--only-changed", "--md", "--no-pager"], folder, env
+        [dvc_executable(), "exp", "show", "--only-changed", "--md", "--no-pager"], folder, env
     ).stdout
     header = [cell.strip() for cell in table.splitlines()[0].strip("|").split("|")]
     assert WEIGHT in header and "cls.sista" in header and "loss_intra" in header
@@ -138,7 +132,7 @@ def test_only_changed_columns_are_the_weight_and_the_headline_values_that_moved(
 
 def test_metrics_diff_and_plots_diff_compare_the_experiments(grid, tmp_path):
     folder, env = grid["folder"], grid["env"]
-    dvc = dvc_path()
+    dvc = dvc_executable()
     diff = json.loads(sh([dvc, "metrics", "diff", *EXPERIMENTS, "--json"], folder, env).stdout)
     change = diff["metrics/pretrain.json"]["loss_intra"]
     assert change["old"] == 0 and change["new"] > 0
@@ -175,7 +169,7 @@ def test_mlflow_runs_carry_the_experiments_name_and_changed_param(grid):
 def test_exp_apply_restores_one_experiment_and_nothing_is_left_to_run(grid):
     """Last in this module: it changes the work folder."""
     folder, env = grid["folder"], grid["env"]
-    dvc = dvc_path()
+    dvc = dvc_executable()
     sh([dvc, "exp", "apply", "intra-1"], folder, env)
     assert yaml.safe_load((folder / "params.yaml").read_text())["pretrain"]["loss"] == {
         "sia_weight": 1.0,

@@ -11,14 +11,21 @@ import io
 import json
 import math
 import shutil
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from pipeline_helpers import ROOT, dvc_yaml_for, sh, stage_environment
+from pipeline_helpers import (
+    GIT_IDENTITY,
+    ROOT,
+    dvc_executable,
+    dvc_yaml_for,
+    init_dvc_repository,
+    sh,
+    stage_environment,
+)
 from protocol_layouts import build_all
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -72,22 +79,11 @@ def protocol_run(tmp_path_factory):
     (folder / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml_for(STAGES), sort_keys=False))
     env = stage_environment(
         {
-            "DVC_NO_ANALYTICS": "1",
-            "GIT_AUTHOR_NAME": "test",
-            "GIT_AUTHOR_EMAIL": "test@example.invalid",
-            "GIT_COMMITTER_NAME": "test",
-            "GIT_COMMITTER_EMAIL": "test@example.invalid",
+            **GIT_IDENTITY,
         }
     )
-    dvc = str(Path(sys.executable).with_name("dvc"))
-    for command in (
-        ["git", "init", "-q"],
-        [dvc, "init", "-q"],
-        [dvc, "config", "core.analytics", "false"],
-        ["git", "add", "-A"],
-        ["git", "commit", "-qm", "protocol run"],
-    ):
-        sh(command, folder, env)
+    init_dvc_repository(folder, env, "protocol run")
+    dvc = dvc_executable()
     sh([dvc, "repro"], folder, env, timeout=1500)
     shown = sh([dvc, "metrics", "show", "--json"], folder, env)
     yield {"folder": folder, "layouts": layouts, "metrics_show": json.loads(shown.stdout)}

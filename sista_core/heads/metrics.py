@@ -19,8 +19,8 @@ def dice_score(pred_masks: torch.Tensor, target_masks: torch.Tensor) -> float:
 
 
 def per_image_dice(pred_masks: torch.Tensor, target_masks: torch.Tensor) -> torch.Tensor:
-    """Each image's 2|P ∩ T| / (|P| + |T|), (N,), for binary masks (N, H, W): what a paired
-    bootstrap over test images (components/paired_bootstrap.py) averages on a resample.
+    """Each image's 2|P ∩ T| / (|P| + |T|), (N,), for binary masks (N, H, W): what a
+    bootstrap over test images averages on a resample.
 
     An image with an empty prediction and an empty target scores 1 (SIIM-ACR's convention:
     nothing found where there is nothing is right). torchmetrics leaves that case undefined
