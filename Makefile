@@ -44,11 +44,16 @@ repro: venv  ## run the whole pipeline (dvc repro) and print the results
 # Three tiers (docs/testing.md): unit tests; the suite, which adds the pipeline runs and the
 # fault tests; the system tests, which bring up whole systems (a two-node Ray cluster, S3 +
 # MLflow servers with a DVC remote, a Ray Tune sweep, kfp's local runner). CI runs the last two.
+# TEST_WORKERS: pytest-xdist workers for the first two tiers; a test file, or a chain of files
+# sharing one pipeline run, stays on one worker (tests/conftest.py). 0: one process.
+TEST_WORKERS ?= 2
+PARALLEL := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS))
+
 test-fast: venv  ## unit tests: the first check after an install
-	$(BIN)/python -m pytest -m "not slow and not system"
+	$(BIN)/python -m pytest $(PARALLEL) -m "not slow and not system"
 
 test: venv  ## the suite without the system tests
-	$(BIN)/python -m pytest -m "not system"
+	$(BIN)/python -m pytest $(PARALLEL) -m "not system"
 
 test-system: venv  ## whole systems: Ray cluster, S3 + MLflow servers, sweep, Kubeflow runner
 	$(BIN)/python -m pytest -m system

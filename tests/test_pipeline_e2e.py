@@ -189,7 +189,7 @@ def test_killed_pretraining_resumes_from_its_last_checkpoint(pipeline_run):
 
     folder, _ = pipeline_run
     complete_output = (folder / "data/pretrain/sista/_stage.json").read_text()
-    write_ci_params(folder, **{"pretrain.optim.epochs": 4})
+    write_ci_params(folder, **{"pretrain.optim.epochs": 3})
     arguments = ["pretrain", "--variant", "sista"]
     earlier = set((folder / "data/checkpoints").glob("pretrain-sista-*/checkpoint_*"))
     first = start_stage(folder, arguments, folder / "killed-pretrain.log")
@@ -218,7 +218,7 @@ def test_killed_pretraining_resumes_from_its_last_checkpoint(pipeline_run):
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     history = json.loads((folder / "data/pretrain/sista/history.json").read_text())
     metrics = json.loads((folder / "data/pretrain/sista/metrics.json").read_text())
-    assert metrics["epoch"] == 4
+    assert metrics["epoch"] == 3
 
     client = mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("sista-pretrain")
@@ -228,7 +228,7 @@ def test_killed_pretraining_resumes_from_its_last_checkpoint(pipeline_run):
         order_by=["attributes.start_time DESC"],
     )
     resumed_steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")]
-    steps_per_epoch = metrics["step"] // 4
+    steps_per_epoch = metrics["step"] // 3
     # The resumed run logs only the steps after its last checkpoint (at least one epoch in):
     # the step counter continues instead of starting over.
     assert min(resumed_steps) > steps_per_epoch
