@@ -359,12 +359,8 @@ def _default_tasks() -> dict[str, tuple[str, ...]]:
 class EvaluateSection(Section):
     # task -> the sets (ingest.downstream.sets names) it is scored on
     tasks: dict[Task, tuple[str, ...]] = Field(default_factory=_default_tasks)
-    inits: tuple[Literal["sista", "convirt", "dense", "random"], ...] = (
-        "sista",
-        "convirt",
-        "dense",
-        "random",
-    )
+    # "sista", "random" (the image encoder's own initialisation) or a pretrain.baselines name
+    inits: tuple[str, ...] = ("sista", "convirt", "dense", "random")
     probe_epochs: int = Field(200, ge=1)
     probe_lr: PositiveFloat = 1e-2
     probe_weight_decay: Annotated[float, Field(ge=0)] = 1e-4
@@ -518,6 +514,20 @@ class Params(Section):
                 f"reports.max_length ({stored}) must equal pretrain.text.max_length ({trained}): "
                 "the reports stage stores the tokens pre-training reads"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _inits_are_trained(self) -> Params:
+        """Every init evaluate scores is pre-trained by the pretrain stage (or is random)."""
+        known = ["sista", *self.pretrain.baselines, "random"]
+        unknown = [name for name in self.evaluate.inits if name not in known]
+        if unknown:
+            raise ValueError(
+                f"evaluate.inits: {', '.join(map(repr, unknown))} is neither sista, random nor "
+                f"a pretrain.baselines name (known: {', '.join(known)})"
+            )
+        if len(set(self.evaluate.inits)) != len(self.evaluate.inits):
+            raise ValueError(f"evaluate.inits lists a name twice: {list(self.evaluate.inits)}")
         return self
 
     @model_validator(mode="after")

@@ -43,6 +43,8 @@ def test_shipped_parameter_files_validate(profile):
             {"pretrain": {"optim": {"lr_scales": {"text_encodr": 0.1}}}},
             "pretrain.optim.lr_scales.text_encodr",
         ),
+        ({"evaluate": {"inits": ["sista", "convrit"]}}, "evaluate.inits: 'convrit' is neither"),
+        ({"evaluate": {"inits": ["sista", "sista"]}}, "evaluate.inits lists a name twice"),
     ],
 )
 def test_a_bad_value_fails_naming_the_key(tmp_path, data, message):
@@ -69,6 +71,17 @@ def test_baselines_are_overrides_of_the_sista_section(tmp_path):
     assert dense.sta.sparse == "softmax" and dense.loss.intra_weight == 0.3
     with pytest.raises(ConfigError, match="no 'simclr'"):
         params.pretrain.variant("simclr")
+
+
+def test_a_baseline_added_for_an_ablation_can_be_evaluated(tmp_path):
+    """`dvc exp run -S '+pretrain.baselines.intra_off=...' -S 'evaluate.inits=[...]'`"""
+    data = {
+        "pretrain": {"baselines": {"intra_off": {"loss": {"intra_weight": 0.0}}}},
+        "evaluate": {"inits": ["sista", "intra_off", "random"]},
+    }
+    params = load_params(write(tmp_path, data))
+    assert params.evaluate.inits == ("sista", "intra_off", "random")
+    assert params.pretrain.model_config_for("intra_off").loss.intra_weight == 0.0
 
 
 def test_every_profile_validates():
@@ -131,3 +144,29 @@ def test_lr_scales_name_the_model_parts_and_group_their_parameters():
             part = name.split(".")[0]
             expected = {"text_encoder": 0.1, "image_global_proj": 2.0}.get(part, 1.0)
             assert scale_of[id(parameter)] == expected, name
+
+
+def test_the_documented_ablation_command_sets_valid_params(tmp_path):
+    """docs/results.md's six-way ablation, `dvc exp run -S ...`: DVC's own override parser
+    applied to params.yaml gives a config that validates, with each part switched off."""
+    import re
+    import shlex
+    import shutil
+
+    from dvc.utils.hydra import apply_overrides
+
+    text = (ROOT / "docs" / "results.md").read_text()
+    command = next(b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "+pretrain" in b)
+    words = shlex.split(command.replace("\\\n", " "))
+    overrides = [words[i + 1] for i, word in enumerate(words) if word == "-S"]
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    apply_overrides(tmp_path / "params.yaml", overrides)
+    params = load_params(tmp_path / "params.yaml")
+    variant = params.pretrain.model_config_for
+    assert variant("sia_none").sia.mode == "none"
+    assert variant("sia_positive").sia.mode == "positive"
+    assert variant("sia_soft").sia.mode == "soft"
+    assert variant("intra_off").loss.intra_weight == 0
+    assert variant("sta_off").loss.sta_weight == 0
+    assert variant("dense").sta.sparse == "softmax"
+    assert set(params.evaluate.inits) == {"sista", "random", *params.pretrain.baselines}
