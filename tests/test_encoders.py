@@ -24,6 +24,32 @@ def test_image_encoder_contract(name, dim, grid):
     assert out["grid"] == grid
 
 
+def test_a_cnn_runs_channels_last_with_the_same_features_and_gradients():
+    """The CNN layout is a speed choice only: the plain NCHW backbone gives the same maps and
+    the same gradients (float32 kernels that sum in another order: about 1e-4 apart)."""
+    torch.manual_seed(0)
+    encoder = ImageEncoder("efficientnet_lite0", img_size=64).eval()
+    images = torch.randn(2, 3, 64, 64)
+    plain = encoder.backbone.forward_features(images.contiguous())
+    assert plain.is_contiguous()  # the reference really ran without channels-last
+    expected = plain.permute(0, 2, 3, 1).flatten(1, 2)
+    layouts = []
+    encoder.backbone.conv_stem.register_forward_pre_hook(
+        lambda _, inputs: layouts.append(inputs[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    out = encoder(images)["patches"]
+    assert layouts == [True]
+    torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)
+    weights = torch.randn_like(out)
+    gradients = []
+    for patches in (out, expected):
+        encoder.zero_grad()
+        (patches * weights).sum().backward()
+        gradients.append(encoder.backbone.conv_stem.weight.grad.clone())
+    torch.testing.assert_close(*gradients, rtol=1e-3, atol=1e-3 * gradients[1].abs().max().item())
+    assert [level.shape[1] for level in encoder.pyramid(images, 4)] == [24, 40, 112, 320]
+
+
 def test_image_encoder_loads_a_local_weight_file_and_rejects_a_truncated_one(tmp_path):
     from safetensors.torch import save_model
 
