@@ -15,6 +15,7 @@ torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 # The chains that take minutes, each a set of test files sharing one pipeline run (a session or
 # module fixture, then tests that kill and resume parts of it). Under `pytest -n N` each chain
 # is one unit of work on one worker and starts first; every other file is a unit of its own.
+# A scheduler of our own, because xdist's `xdist_group` marks do not group under pytest 9.2.
 LONG_CHAINS = {
     "pipeline": ("test_pipeline_e2e.py", "test_reliability_e2e.py"),
     "protocol": ("test_protocol_e2e.py",),
