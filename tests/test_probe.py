@@ -66,3 +66,28 @@ def test_test_predictions_do_not_move_when_the_test_set_changes():
     with torch.no_grad():
         alone, with_extremes = probe(scaled_test), probe(scaled_longer)
     assert torch.allclose(with_extremes[: len(test)], alone, rtol=0, atol=1e-6)
+
+
+def test_no_label_with_both_classes_gives_nan_not_an_error():
+    labels = torch.ones(4, 2)
+    mean, per_label = macro_auroc(torch.randn(4, 2), labels)
+    assert math.isnan(mean) and all(math.isnan(v) for v in per_label)
+
+
+def test_the_probe_starts_from_its_seeds_small_normal_weights_and_zero_bias():
+    """epochs=0 returns the initial probe: N(0, 0.01) weights drawn from ``seed``'s own
+    generator (not the global one), so a cell's seed alone fixes its probe."""
+    features, labels = torch.randn(8, 4), torch.zeros(8, 3)
+    torch.manual_seed(123)
+    first = train_linear_probe(features, labels, epochs=0, seed=5)
+    torch.manual_seed(456)
+    again = train_linear_probe(features, labels, epochs=0, seed=5)
+    expected = torch.empty(3, 4).normal_(0, 0.01, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(first.weight, expected)
+    torch.testing.assert_close(again.weight, expected)
+    assert torch.count_nonzero(first.bias) == 0
+    other = train_linear_probe(features, labels, epochs=0, seed=6)
+    assert not torch.equal(other.weight, first.weight)
+    assert train_linear_probe(features, labels, epochs=0).weight.equal(
+        train_linear_probe(features, labels, epochs=0, seed=0).weight
+    )
