@@ -13,20 +13,11 @@ ratio holds on a shared machine. Random inputs: only the arithmetic's speed is m
 from __future__ import annotations
 
 import argparse
-import time
 
 import timm
 import torch
 
-
-def best_seconds(step, repeats: int) -> float:
-    step()  # warm-up: kernels are chosen on the first call
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return min(times)
+from bench.losses import best_seconds
 
 
 def measure(model: str, size: int, batch: int, repeats: int) -> list[dict]:
@@ -51,11 +42,8 @@ def measure(model: str, size: int, batch: int, repeats: int) -> list[dict]:
 
     rows = []
     for what, make in (("train step", train_step), ("inference", inference)):
-        seconds = {name: [] for name in layouts}
-        for _ in range(repeats):  # the layouts take turns
-            for name, layout in layouts.items():
-                seconds[name].append(best_seconds(make(layout), 1))
-        base, fast = min(seconds["NCHW"]), min(seconds["channels-last"])
+        # the layouts take turns, best of the repeats after a warm-up each
+        base, fast = best_seconds([make(layout) for layout in layouts.values()], repeats)
         rows.append({"pass": what, "NCHW_s": base, "channels_last_s": fast, "speedup": base / fast})
     return rows
 

@@ -94,7 +94,7 @@ def _max_difference(vectorised, loop, *tensors) -> float:
     )
 
 
-def _best_seconds(fns, repeats: int) -> list[float]:
+def best_seconds(fns, repeats: int) -> list[float]:
     """Fastest of ``repeats`` runs of each function after a warm-up: the least disturbed by
     other processes. The functions take turns, so a busy spell on a shared machine slows
     both sides of a ratio rather than one."""
@@ -126,7 +126,7 @@ def bench_sta(batch, num_words, num_patches, dim, sparse, repeats) -> dict:
         return sta_loss_per_sample_loop(w, word_mask, p, sparse=sparse)
 
     max_diff = _max_difference(vectorised, loop, words, patches)
-    t_vec, t_loop = _best_seconds(
+    t_vec, t_loop = best_seconds(
         [
             lambda: _forward_backward(vectorised, words, patches),
             lambda: _forward_backward(loop, words, patches),
@@ -163,7 +163,7 @@ def bench_sia(batch, dim, repeats) -> dict:
         return sia_loss_per_row_loop(a, b, report_sim, threshold=0.9)
 
     max_diff = _max_difference(vectorised, loop, img, txt)
-    t_vec, t_loop = _best_seconds(
+    t_vec, t_loop = best_seconds(
         [
             lambda: _forward_backward(vectorised, img, txt),
             lambda: _forward_backward(loop, img, txt),
@@ -202,7 +202,7 @@ def bench_sia_plus_sta(batch, num_words, num_patches, dim, repeats) -> dict:
 
     inputs = (img, txt, words, patches)
     max_diff = _max_difference(vectorised, loop, *inputs)
-    t_vec, t_loop = _best_seconds(
+    t_vec, t_loop = best_seconds(
         [lambda: _forward_backward(vectorised, *inputs), lambda: _forward_backward(loop, *inputs)],
         repeats,
     )
