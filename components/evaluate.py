@@ -397,17 +397,19 @@ def language_summary(scores: dict[str, dict], sets: dict[str, dict], pretrain_im
     return table
 
 
-# A trained task's short name in the tracked headline (metrics/evaluate.json).
+# A trained task's short name in the tracked metrics (metrics/evaluate.json, metrics/full/).
 TASK_CODES = {"classification": "cls", "segmentation": "seg", "detection": "det"}
 
 
-def headline(summary: dict, inits: list[str] | None = None) -> dict[str, dict[str, float]]:
-    """The tracked metrics (``metrics/evaluate.json``, a column each in ``dvc exp show``): per
-    trained (task, set), its first metric at the smallest label fraction (1 %), one value per
-    init (``inits``' order): ``{"cls": {"sista": 0.61, "convirt": 0.58, ...}, ...}``. A task is
-    named by its code (cls, seg, det), followed by ``/<set>`` when it is scored on several
-    sets, less the name start they share (``seg/opacity`` for ``phantom_opacity`` beside
-    ``phantom_pneumothorax``): short column names. The full table is evaluate's metrics.json."""
+def scores_at_smallest_fraction(
+    summary: dict, inits: list[str] | None = None
+) -> dict[str, dict[str, float]]:
+    """Per trained (task, set), its first metric at the smallest label fraction (1 %), one value
+    per init (``inits``' order): ``{"cls": {"sista": 0.61, "convirt": 0.58, ...}, ...}``, git
+    tracked as ``metrics/full/evaluate.json``. A task is named by its code (cls, seg, det),
+    followed by ``/<set>`` when it is scored on several sets, less the name start they share
+    (``seg/opacity`` for ``phantom_opacity`` beside ``phantom_pneumothorax``). The full table
+    is evaluate's metrics.json."""
     tracked: dict[str, dict[str, float]] = {}
     for task in TRAINED_TASKS:
         by_set = summary.get(task, {})
@@ -422,6 +424,20 @@ def headline(summary: dict, inits: list[str] | None = None) -> dict[str, dict[st
                 for init in order
             }
     return tracked
+
+
+def headline(scores: dict[str, dict[str, float]], init: str = "sista") -> dict[str, float]:
+    """What ``dvc exp show`` lists per experiment (``metrics/evaluate.json``): one column per
+    trained task, ``init``'s score at 1 % averaged over the task's sets (a single set: its
+    score). Few and short on purpose: beside the Experiment and Created columns and a changed
+    param, DVC's table has room for about five metrics in a 120-column terminal; every init
+    per set is in ``scores`` (metrics/full/evaluate.json). Without ``init`` in the table: the
+    first init scored."""
+    by_task: dict[str, list[float]] = {}
+    for name, by_init in scores.items():
+        chosen = init if init in by_init else next(iter(by_init))
+        by_task.setdefault(name.split("/")[0], []).append(by_init[chosen])
+    return {code: round(sum(values) / len(values), 4) for code, values in by_task.items()}
 
 
 def _shared_start(names: list[str]) -> str:
@@ -565,10 +581,11 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
             differences = ablation(cells, sets, work)
         (out / "ablation.json").write_text(json.dumps(differences, indent=1))
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        # Exported by the launcher to metrics/evaluate.json, which git versions for DVC.
-        (out / "headline.json").write_text(
-            json.dumps(headline(summary, list(config.inits)), indent=1) + "\n"
-        )
+        # Exported by the launcher to metrics/ (evaluate.json, full/evaluate.json), which git
+        # versions for DVC.
+        scores = scores_at_smallest_fraction(summary, list(config.inits))
+        (out / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
+        (out / "headline.json").write_text(json.dumps(headline(scores), indent=1) + "\n")
         plot_fraction_curves(summary, figures / "scores_vs_fraction.png")
         for task, dataset in cells_of:
             if task != "classification":
@@ -596,7 +613,7 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
             mlflow.log_artifact(str(png))
         extra["summary"] = summary
         extra["phase_seconds"] = seconds
-    return headline(summary, list(config.inits))
+    return scores
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -279,7 +279,7 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
         Path(out / "results.md").write_text(table)
         Path(out / "ablation.md").write_text(ablation_markdown(ablation))
         # The candidate's score alone (the full table is evaluate's; the per-experiment
-        # headline, metrics/evaluate.json).
+        # metrics, metrics/evaluate.json and metrics/full/evaluate.json).
         Path(out / "results.json").write_text(json.dumps({"candidate_score": score}, indent=1))
         Path(out / "registry.json").write_text(json.dumps(decision, indent=2, sort_keys=True))
         mlflow.log_metric("candidate_score", score)

@@ -29,14 +29,18 @@ from .config import Params, StorageSection
 # Where the launcher exports the files git versions for DVC (relative to the folder `dvc repro`
 # runs in, the repository root): dvc.yaml's `cache: false` metrics and plots.
 TRACKED_DIR = Path("metrics")
-# metrics/pretrain.json: SISTA's last-epoch means of its loss terms and of the share of in-batch
-# negatives SIA flagged as false negatives (name there -> key of pretrain's metrics.json).
-PRETRAIN_HEADLINE = {
+# SISTA's last-epoch means of its loss terms (unweighted) and of the share of in-batch negatives
+# SIA flagged as false negatives: name in metrics/ -> key of pretrain's metrics.json. All in
+# metrics/full/pretrain.json; the ones `dvc exp show` lists (a column each) in pretrain.json.
+PRETRAIN_TERMS = {
     "loss_sia": "epoch_loss_sia",
     "loss_sta": "epoch_loss_sta",
     "loss_intra": "epoch_loss_intra",
     "flag_rate": "epoch_fraction_negatives_eliminated",
 }
+PRETRAIN_HEADLINE = ("loss_sia", "flag_rate")
+# The tracked files `dvc exp show` does not list, `dvc metrics diff -R --targets metrics` does.
+FULL_DIR = Path("full")
 
 # The output folders each stage reads (dvc.yaml's data deps); pretrain's are also read by
 # every Ray Train worker, on whichever node it runs.
@@ -204,14 +208,17 @@ def export_tracked(
     params: Params, stage: str, variant: str | None = None, root: Path = Path(".")
 ) -> list[Path]:
     """Copy what DVC versions in git from a completed stage's folder into ``root/metrics``:
-    evaluate's headline (``evaluate.json``); each pre-trained variant's loss history
-    (``history/<variant>.json``, one record a line) and SISTA's loss terms and flag rate
-    (``pretrain.json``). Run where `dvc repro` runs, after the stage (a job on a cluster
-    included). Returns the files written."""
+    evaluate's headline (``evaluate.json``: SISTA's score per task) and every init's score per
+    (task, set) (``full/evaluate.json``); each pre-trained variant's loss history
+    (``history/<variant>.json``, one record a line), and SISTA's loss terms and flag rate
+    (``full/pretrain.json``; ``pretrain.json`` the two ``dvc exp show`` lists). Run where
+    `dvc repro` runs, after the stage (a job on a cluster included). Returns the files
+    written."""
     data = data_root(params.storage)
     written: dict[Path, str] = {}
     if stage == "evaluate":
         written[Path("evaluate.json")] = (data / "evaluate" / "headline.json").read_text()
+        written[FULL_DIR / "evaluate.json"] = (data / "evaluate" / "scores.json").read_text()
     elif stage == "pretrain":
         for folder in output_folders(params, stage, variant):
             name = folder.split("/")[-1]
@@ -222,10 +229,12 @@ def export_tracked(
                 metrics = json.loads((data / folder / "metrics.json").read_text())
                 terms = {
                     key: round(metrics[source], 4)
-                    for key, source in PRETRAIN_HEADLINE.items()
+                    for key, source in PRETRAIN_TERMS.items()
                     if isinstance(metrics.get(source), int | float)
                 }
-                written[Path("pretrain.json")] = json.dumps(terms, indent=1) + "\n"
+                shown = {key: terms[key] for key in PRETRAIN_HEADLINE if key in terms}
+                written[Path("pretrain.json")] = json.dumps(shown, indent=1) + "\n"
+                written[FULL_DIR / "pretrain.json"] = json.dumps(terms, indent=1) + "\n"
     paths = []
     for relative, text in written.items():
         path = root / TRACKED_DIR / relative

@@ -109,34 +109,60 @@ def test_exp_show_holds_each_experiments_headline_and_they_differ_where_they_sho
         assert not run["errors"]  # every metrics file is in the experiment's commit
         assert run["params"]["pretrain"]["loss"]["intra_weight"] == value
         assert set(run["metrics"]) == {"metrics/evaluate.json", "metrics/pretrain.json"}
+        assert list(run["metrics"]["metrics/evaluate.json"]) == ["cls"]  # SISTA's, one task
     zero, one = [r["metrics"]["metrics/pretrain.json"] for r in runs]
-    assert zero["loss_intra"] == 0 < one["loss_intra"]  # a zero weight skips the term
+    assert list(zero) == ["loss_sia", "flag_rate"]
+    assert zero["loss_sia"] != one["loss_sia"]
     assert zero["flag_rate"] == one["flag_rate"]  # SIA's flags: the reports', not the model's
     zero, one = [r["metrics"]["metrics/evaluate.json"]["cls"] for r in runs]
-    assert list(zero) == ["sista", "convirt", "dense", "random"]
-    assert zero["sista"] != one["sista"] and zero["dense"] != one["dense"]  # both use the weight
-    # ConVIRT pins the weight to 0 and a random init never pre-trains: the same scores.
-    assert (zero["convirt"], zero["random"]) == (one["convirt"], one["random"])
+    assert zero != one
 
 
-def test_only_changed_columns_are_the_weight_and_the_headline_values_that_moved(grid):
+def test_each_experiment_commits_every_inits_scores_and_the_loss_terms(grid):
+    """metrics/full/, which `dvc exp show` does not list: in each experiment's commit."""
     folder, env = grid["folder"], grid["env"]
-    table = sh(
-        [dvc_executable(), "exp", "show", "--only-changed", "--md", "--no-pager"], folder, env
-    ).stdout
-    header = [cell.strip() for cell in table.splitlines()[0].strip("|").split("|")]
-    assert WEIGHT in header and "cls.sista" in header and "loss_intra" in header
-    assert "cls.convirt" not in header and "cls.random" not in header and "flag_rate" not in header
-    assert not [c for c in header if c.startswith("pretrain.") and c != WEIGHT]
+    dvc = dvc_executable()
+    command = [dvc, "metrics", "diff", *EXPERIMENTS, "--json", "-R", "--targets", "metrics"]
+    diff = json.loads(sh(command, folder, env).stdout)
+    loss_intra = diff["metrics/full/pretrain.json"]["loss_intra"]
+    assert loss_intra["old"] == 0 < loss_intra["new"]  # a zero weight skips the term
+    scores = diff["metrics/full/evaluate.json"]
+    assert set(scores) == {"cls.sista", "cls.dense"}  # both use the weight
+    # ConVIRT pins the weight to 0 and a random init never pre-trains: the same scores.
+    for name in EXPERIMENTS:
+        full = json.loads(
+            sh(["git", "show", f"{name}:metrics/full/evaluate.json"], folder, env).stdout
+        )
+        assert list(full["cls"]) == ["sista", "convirt", "dense", "random"]
+        shown = grid["shown"][name]["metrics"]["metrics/evaluate.json"]
+        assert shown["cls"] == full["cls"]["sista"]
+
+
+def test_only_changed_fits_120_columns_with_the_weight_and_the_headline_values_that_moved(grid):
+    folder, env = grid["folder"], grid["env"]
+    command = [dvc_executable(), "exp", "show", "--only-changed", "--no-pager"]
+    table = sh(command, folder, {**env, "COLUMNS": "120"}).stdout.splitlines()
+    assert max(len(line) for line in table) <= 120
+    assert "!" not in "".join(table)
+    # The changed weight and headline values in full; DVC folds what is right of them (the
+    # input hashes) into `…`. flag_rate is not listed: the same in every row.
+    header = table[1].split()
+    assert header[:5] == ["Experiment", "Created", "loss_sia", "cls", WEIGHT], table
+    for name, value in EXPERIMENTS.items():
+        row = next(line for line in table if f"[{name}]" in line).split()
+        shown = grid["shown"][name]["metrics"]
+        loss_sia = shown["metrics/pretrain.json"]["loss_sia"]
+        cls = shown["metrics/evaluate.json"]["cls"]
+        position = row.index(f"{loss_sia:.5g}")
+        assert row[position : position + 3] == [f"{loss_sia:.5g}", f"{cls:.5g}", str(value)], row
 
 
 def test_metrics_diff_and_plots_diff_compare_the_experiments(grid, tmp_path):
     folder, env = grid["folder"], grid["env"]
     dvc = dvc_executable()
     diff = json.loads(sh([dvc, "metrics", "diff", *EXPERIMENTS, "--json"], folder, env).stdout)
-    change = diff["metrics/pretrain.json"]["loss_intra"]
-    assert change["old"] == 0 and change["new"] > 0
-    assert "cls.sista" in diff["metrics/evaluate.json"]
+    assert set(diff) == {"metrics/evaluate.json", "metrics/pretrain.json"}
+    assert "cls" in diff["metrics/evaluate.json"] and "loss_sia" in diff["metrics/pretrain.json"]
     plots = sh(
         [dvc, "plots", "diff", "HEAD", *EXPERIMENTS, "--json", "-o", str(tmp_path / "plots")],
         folder,

@@ -27,6 +27,7 @@ def test_every_declared_output_exists(pipeline_run):
         "evaluate/metrics.json",
         "evaluate/cells.json",
         "evaluate/headline.json",
+        "evaluate/scores.json",
         "evaluate/figures/scores_vs_fraction.png",
         "evaluate/figures/examples_segmentation_phantom_pneumothorax.png",
         "evaluate/figures/examples_segmentation_phantom_opacity.png",
@@ -52,11 +53,18 @@ def test_every_declared_output_exists(pipeline_run):
     missing = [path for path in expected if not (data / path).exists()]
     assert not missing
     # What the launcher copies into metrics/ under DVC (docs/experiments.md).
-    headline = json.loads((data / "evaluate/headline.json").read_text())
-    assert list(headline) == ["cls", "seg/opacity", "seg/pneumothorax", "det"]
+    scores = json.loads((data / "evaluate/scores.json").read_text())
+    assert list(scores) == ["cls", "seg/opacity", "seg/pneumothorax", "det"]
     assert all(
-        list(by_init) == ["sista", "convirt", "dense", "random"] for by_init in headline.values()
+        list(by_init) == ["sista", "convirt", "dense", "random"] for by_init in scores.values()
     )
+    headline = json.loads((data / "evaluate/headline.json").read_text())
+    seg = (scores["seg/opacity"]["sista"] + scores["seg/pneumothorax"]["sista"]) / 2
+    assert headline == {
+        "cls": scores["cls"]["sista"],
+        "seg": round(seg, 4),
+        "det": scores["det"]["sista"],
+    }
     for stage in ("ingest", "reports", "similarity", "evaluate", "publish"):
         assert (data / stage / "_stage.json").exists(), stage
 

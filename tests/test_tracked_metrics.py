@@ -1,6 +1,7 @@
-"""What DVC compares experiments by: evaluate's headline, the files the launcher exports into
-metrics/ (git-tracked, dvc.yaml's `cache: false` metrics and plots), and the MLflow tags and
-store of a run inside `dvc exp run`. The experiments themselves: test_dvc_experiments.py."""
+"""What DVC compares experiments by: evaluate's scores and headline, the files the launcher
+exports into metrics/ (git-tracked, dvc.yaml's `cache: false` metrics, plots and outs), and
+the MLflow tags and store of a run inside `dvc exp run`. The experiments themselves:
+test_dvc_experiments.py."""
 
 import json
 import subprocess
@@ -8,7 +9,7 @@ import subprocess
 import yaml
 
 from components.config import Params, load_params
-from components.evaluate import headline
+from components.evaluate import headline, scores_at_smallest_fraction
 from components.stage_storage import export_tracked
 from components.tracking import dvc_experiment_store, dvc_experiment_tags
 from pipeline.launch import export_for_dvc
@@ -18,7 +19,7 @@ def score(mean: float) -> dict:
     return {"mean": mean, "std": 0.0, "n": 1}
 
 
-def test_the_headline_is_each_inits_score_at_the_smallest_fraction_per_trained_task_and_set():
+def test_the_scores_are_each_inits_score_at_the_smallest_fraction_per_trained_task_and_set():
     by_init = {
         init: {"0.01": score(base), "0.1": score(base + 0.1), "1": score(base + 0.2)}
         for init, base in (("convirt", 0.5), ("random", 0.4), ("sista", 0.612345))
@@ -35,7 +36,7 @@ def test_the_headline_is_each_inits_score_at_the_smallest_fraction_per_trained_t
         },
         "zero_shot": {"chexpert": {"images": "real", "auroc": {"sista": {"0": score(0.7)}}}},
     }
-    tracked = headline(summary, ["sista", "convirt", "random"])
+    tracked = scores_at_smallest_fraction(summary, ["sista", "convirt", "random"])
     # One set: the task's code alone; several: the code and the set, less the name start the
     # sets share up to an underscore. No language tasks.
     assert list(tracked) == [
@@ -47,6 +48,21 @@ def test_the_headline_is_each_inits_score_at_the_smallest_fraction_per_trained_t
     ]
     assert tracked["cls"] == {"sista": 0.6123, "convirt": 0.5, "random": 0.4}
     assert list(tracked["seg/opacity"]) == ["sista", "convirt", "random"]  # the inits' order
+
+
+def test_the_headline_is_sistas_score_per_task_averaged_over_the_tasks_sets():
+    scores = {
+        "cls": {"sista": 0.61234, "convirt": 0.9},
+        "seg/pneumothorax": {"sista": 0.2, "convirt": 0.9},
+        "seg/opacity": {"sista": 0.4, "convirt": 0.9},
+        "det/rsna": {"sista": 0.01, "convirt": 0.9},
+        "det/object_cxr": {"sista": 0.03, "convirt": 0.9},
+        "det/siim": {"sista": 0.05, "convirt": 0.9},
+    }
+    assert headline(scores) == {"cls": 0.6123, "seg": 0.3, "det": 0.03}
+    assert headline(scores, "convirt") == {"cls": 0.9, "seg": 0.9, "det": 0.9}
+    # Without SISTA (`evaluate.inits: [random]`): the first init scored.
+    assert headline({"cls": {"random": 0.5, "dense": 0.7}}) == {"cls": 0.5}
 
 
 def write_stage_outputs(data):
@@ -65,7 +81,8 @@ def write_stage_outputs(data):
         }
         (folder / "metrics.json").write_text(json.dumps(metrics))
     (data / "evaluate").mkdir()
-    (data / "evaluate" / "headline.json").write_text('{"cls": {"sista": 0.6}}\n')
+    (data / "evaluate" / "headline.json").write_text('{"cls": 0.6}\n')
+    (data / "evaluate" / "scores.json").write_text('{"cls": {"sista": 0.6, "random": 0.5}}\n')
 
 
 def test_the_launcher_exports_the_headline_loss_terms_and_histories_into_metrics(tmp_path):
@@ -73,29 +90,39 @@ def test_the_launcher_exports_the_headline_loss_terms_and_histories_into_metrics
     params = load_params(tmp_path / "params.yaml")
     write_stage_outputs(tmp_path)
     out = tmp_path / "repo"
-    assert export_tracked(params, "evaluate", root=out) == [out / "metrics" / "evaluate.json"]
-    assert json.loads((out / "metrics" / "evaluate.json").read_text()) == {"cls": {"sista": 0.6}}
+    metrics = out / "metrics"
+    assert export_tracked(params, "evaluate", root=out) == [
+        metrics / "evaluate.json",
+        metrics / "full" / "evaluate.json",
+    ]
+    assert json.loads((metrics / "evaluate.json").read_text()) == {"cls": 0.6}
+    full = json.loads((metrics / "full" / "evaluate.json").read_text())
+    assert full == {"cls": {"sista": 0.6, "random": 0.5}}
 
     written = export_tracked(params, "pretrain", root=out)
-    assert sorted(p.relative_to(out / "metrics").as_posix() for p in written) == [
+    assert sorted(p.relative_to(metrics).as_posix() for p in written) == [
+        "full/pretrain.json",
         "history/convirt.json",
         "history/dense.json",
         "history/sista.json",
         "pretrain.json",
     ]
-    assert json.loads((out / "metrics" / "pretrain.json").read_text()) == {
+    assert json.loads((metrics / "full" / "pretrain.json").read_text()) == {
         "loss_sia": 1.2346,
         "loss_sta": 0.5,
         "loss_intra": 0.25,
         "flag_rate": 0.0125,
     }
-    lines = (out / "metrics" / "history" / "dense.json").read_text().splitlines()
+    assert json.loads((metrics / "pretrain.json").read_text()) == {
+        "loss_sia": 1.2346,
+        "flag_rate": 0.0125,
+    }
+    lines = (metrics / "history" / "dense.json").read_text().splitlines()
     assert lines == ["[", '{"step": 5, "loss": 2.0},', '{"step": 10, "loss": 1.5}', "]"]
-    assert not list((out / "metrics").rglob(".*.tmp"))
+    assert not list(metrics.rglob(".*.tmp"))
 
-    (out / "metrics" / "pretrain.json").unlink()
     written = export_tracked(params, "pretrain", "convirt", root=out)  # --variant convirt
-    assert written == [out / "metrics" / "history" / "convirt.json"]
+    assert written == [metrics / "history" / "convirt.json"]
     assert export_tracked(params, "publish", root=out) == []
 
 
