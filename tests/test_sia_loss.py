@@ -401,3 +401,25 @@ def test_the_intra_term_of_one_dimensional_embeddings_is_still_the_kl(uneven_bat
     line_t, r_t = torch.from_numpy(line).float(), torch.from_numpy(r).float()
     found = intra_loss(line_t, r_t, temperature=0.2, sigma=0.05)
     assert found.item() == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_a_threshold_of_exactly_one_still_flags_reports_that_say_the_same_thing(batch):
+    """Only a threshold above 1 switches SIA off; at 1, a similarity of exactly 1 is flagged."""
+    img, txt, _ = batch
+    report_sim = torch.eye(6)
+    report_sim[0, 1] = report_sim[1, 0] = 1.0  # reports 0 and 1 identical
+    flagged = sia_loss(img, txt, report_sim, threshold=1.0, mode="eliminate")
+    above = sia_loss(img, txt, report_sim, threshold=1.0 + 1e-6, mode="eliminate")
+    assert torch.allclose(above, independent_symmetric_infonce(img, txt, 0.07), atol=1e-5)
+    assert flagged < above - 5e-5  # one negative fewer in rows 0 and 1
+
+
+@pytest.mark.parametrize("mode", ["none", "eliminate", "positive", "soft"])
+def test_every_tensor_sia_makes_is_on_its_inputs_device(mode):
+    """On the meta device (no data) a tensor made on the default device, the CPU, meets the
+    embeddings' and torch refuses the mix: what a CUDA batch would hit. The report
+    similarities may come from anywhere (the CPU's similarity cache): SIA moves them."""
+    img, txt = torch.randn(4, 8, device="meta"), torch.randn(4, 8, device="meta")
+    report_sim = torch.rand(4, 4, dtype=torch.float64)
+    loss = sia_loss(img, txt, report_sim, mode=mode, threshold=0.5)
+    assert loss.device.type == "meta" and loss.shape == ()

@@ -8,7 +8,7 @@ from entmax import entmax_bisect
 from entmax import sparsemax as entmax_sparsemax
 
 from sista_core.losses import sta_loss
-from sista_core.losses.sparse_attention import sparsemax
+from sista_core.losses.sparse_attention import sparse_normalize, sparsemax
 from sista_core.losses.sta import (
     _PaddedAffinity,
     _rows_with_weight,
@@ -60,11 +60,28 @@ def test_sparsemax_on_the_support_boundary_and_ties():
     assert torch.allclose(sparsemax(scores), expected, atol=1e-7)
 
 
+def test_sparsemax_of_two_or_three_scores_equals_the_closed_form():
+    """With n scores z_1 >= ... >= z_n, tau = (sum of the k largest - 1) / k for the largest k
+    with z_k > tau; written out here for n = 2 and 3."""
+    for row in ([0.3, 0.0], [2.0, 0.0], [0.4, 0.2, 0.0], [1.0, 0.9, -0.5]):
+        z = torch.tensor(row)
+        for k in range(len(row), 0, -1):
+            tau = (z[:k].sum() - 1) / k
+            if z[k - 1] > tau:
+                break
+        expected = (z - tau).clamp(min=0)
+        assert torch.allclose(sparsemax(z[None]), expected[None], atol=1e-7), row
+
+
 def test_sparsemax_of_half_precision_scores_is_solved_in_float32():
     scores = (randn(6, 50) * 10).bfloat16()
     weights = sparsemax(scores.requires_grad_(True))
     assert weights.dtype == torch.bfloat16
     assert torch.allclose(weights.float(), entmax_sparsemax(scores.float(), dim=-1), atol=1e-2)
+    # Solved in float32, rounded once: bit for bit the float32 result in bfloat16 (with most
+    # of a row on the support, solving in bfloat16 itself rounds tau differently).
+    close = (randn(6, 50) * 0.5).bfloat16()
+    assert torch.equal(sparsemax(close), sparsemax(close.float()).bfloat16())
     weights.float().pow(2).sum().backward()
     assert scores.grad.dtype == torch.bfloat16 and torch.isfinite(scores.grad.float()).all()
 
@@ -334,3 +351,11 @@ def test_a_batch_of_empty_reports_gives_zero_and_finite_gradients():
     )
     assert loss == 0
     assert all(torch.isfinite(grad).all() for grad in grads)
+
+
+def test_sparse_normalize_keeps_eight_by_default_and_names_the_maps_it_knows():
+    scores = randn(3, 20)
+    kept = (sparse_normalize(scores, "topk") > 0).sum(-1)
+    assert kept.tolist() == [8, 8, 8]
+    with pytest.raises(ValueError, match=r"sparse must be one of .*got 'relu'"):
+        sparse_normalize(scores, "relu")
