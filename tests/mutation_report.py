@@ -10,7 +10,8 @@ other functions of a mutated file are left out. Only mutmut's ``killed`` counts 
 a ``timeout`` (the tests outran their time limit, which on a loaded machine need not mean
 that they would have failed), ``survived`` and ``no tests`` count against the score,
 justified or not; mutants an interrupted run did not reach (``not checked``) are counted
-apart.
+apart. The mutation score proper leaves the equivalent mutants out (killed over checked less
+the survivors docs/mutation-survivors.md justifies): no test can kill those.
 """
 
 from __future__ import annotations
@@ -66,6 +67,14 @@ def score_line(statuses: dict[str, str]) -> str:
     return line
 
 
+def mutation_score(statuses: dict[str, str], reasons: dict[str, str]) -> str:
+    """``x %``: killed over the checked mutants that are not justified as equivalent."""
+    checked = [n for n, s in statuses.items() if s != "not checked"]
+    killed = sum(statuses[n] in DETECTED for n in checked)
+    equivalent = sum(statuses[n] not in DETECTED and n in reasons for n in checked)
+    return f"{100 * killed / max(len(checked) - equivalent, 1):.1f} %"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("patterns", nargs="*")
@@ -82,12 +91,19 @@ def main() -> None:
     if args.seconds is not None:
         jobs = f", {args.jobs} mutants side by side" if args.jobs else ""
         lines += [f"mutmut run: {args.seconds / 60:.1f} minutes of wall time{jobs}.", ""]
-    lines += ["| module | score | not killed (justified) |", "|---|---|---|"]
+    lines += [
+        "| module | killed | score without the equivalent | not killed (justified) |",
+        "|---|---|---|---|",
+    ]
     for module, statuses in by_module.items():
         survivors = [n for n, s in statuses.items() if s not in (*DETECTED, "not checked")]
         justified = sum(n in reasons for n in survivors)
-        lines.append(f"| `{module}` | {score_line(statuses)} | {len(survivors)} ({justified}) |")
-    lines += [f"| **all** | **{score_line(everything)}** | |", ""]
+        lines.append(
+            f"| `{module}` | {score_line(statuses)} | {mutation_score(statuses, reasons)} "
+            f"| {len(survivors)} ({justified}) |"
+        )
+    total = f"**{score_line(everything)}** | **{mutation_score(everything, reasons)}**"
+    lines += [f"| **all** | {total} | |", ""]
     if not_checked:
         lines += [f"{len(not_checked)} mutants were not checked (an interrupted run).", ""]
     counts = Counter(s for s in everything.values() if s not in (*DETECTED, "not checked"))
