@@ -9,7 +9,7 @@ With a local ``storage.uri`` nothing is copied: the folder is read and written i
 
 The few small files DVC compares experiments by (``dvc exp show``, ``dvc metrics diff``,
 ``dvc plots diff``) are exported from the stage folders into ``metrics/``, which git tracks
-(:func:`export_tracked`): dvc.yaml's ``cache: false`` metrics and plots.
+(:func:`export_tracked`): dvc.yaml's ``cache: false`` metrics, plots and outputs.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from .artifacts import MANIFEST, atomic_output_dir, content_hashes
 from .config import Params, StorageSection
 
 # Where the launcher exports the files git versions for DVC (relative to the folder `dvc repro`
-# runs in, the repository root): dvc.yaml's `cache: false` metrics and plots.
+# runs in, the repository root): dvc.yaml's `cache: false` metrics, plots and outputs.
 TRACKED_DIR = Path("metrics")
 # SISTA's last-epoch means of its loss terms (unweighted) and of the share of in-batch negatives
 # SIA flagged as false negatives: name in metrics/ -> key of pretrain's metrics.json. All in
