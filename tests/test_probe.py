@@ -91,3 +91,21 @@ def test_the_probe_starts_from_its_seeds_small_normal_weights_and_zero_bias():
     assert train_linear_probe(features, labels, epochs=0).weight.equal(
         train_linear_probe(features, labels, epochs=0, seed=0).weight
     )
+
+
+def test_the_probe_defaults_and_its_weight_decay_are_the_ones_it_trains_with():
+    generator = torch.Generator().manual_seed(3)
+    features = torch.randn(40, 6, generator=generator)
+    labels = (torch.rand(40, 2, generator=generator) > 0.5).float()
+    default = train_linear_probe(features, labels)
+    explicit = train_linear_probe(features, labels, epochs=200, lr=1e-2, weight_decay=1e-4)
+    assert torch.equal(default.weight, explicit.weight)
+    heavy = train_linear_probe(features, labels, weight_decay=0.5)
+    assert heavy.weight.norm() < default.weight.norm() - 1e-3
+
+
+def test_the_probe_trains_on_its_features_device():
+    """On the meta device a probe left on the CPU meets the features and torch refuses."""
+    features, labels = torch.randn(8, 4, device="meta"), torch.rand(8, 3, device="meta")
+    probe = train_linear_probe(features, labels, epochs=2)
+    assert probe.weight.device.type == "meta"

@@ -1,6 +1,7 @@
 """Promotion moves @champion only when the candidate is better (both outcomes, real registry),
 and refuses, moving nothing, when the champion's score cannot be read."""
 
+import os
 import shutil
 
 import mlflow
@@ -125,6 +126,8 @@ def test_a_better_candidate_becomes_champion_and_a_worse_one_does_not(registry):
     worse = new_candidate()
     decision = promote_if_better(params, 0.65)
     assert not decision["promoted"] and decision["champion_score_before"] == 0.70
+    assert (decision["model"], decision["metric"]) == ("sista-encoder", params.publish_metric())
+    assert (decision["candidate_version"], decision["candidate_score"]) == (worse, 0.65)
     assert client.get_model_version_by_alias("sista-encoder", "champion").version == first
     assert client.get_model_version("sista-encoder", worse).tags["score"] == "0.65"
 
@@ -186,16 +189,16 @@ class RegistryDown(mlflow.exceptions.MlflowException):
 
 
 @pytest.mark.parametrize(
-    ("failing", "error"),
+    ("failing", "error", "doing"),
     [
-        ("get_registered_model", RegistryDown("503 from the tracking server")),
-        ("get_model_version", OSError("connection reset")),
-        ("get_model_version_by_alias", RegistryDown("503 from the tracking server")),
-        ("set_model_version_tag", OSError("connection reset")),
-        ("set_registered_model_alias", RegistryDown("503 from the tracking server")),
+        ("get_registered_model", RegistryDown("503"), "reading @candidate and @champion"),
+        ("get_model_version", OSError("connection reset"), "reading @candidate and @champion"),
+        ("get_model_version_by_alias", RegistryDown("503"), "reading @candidate and @champion"),
+        ("set_model_version_tag", OSError("reset"), "reading @candidate and @champion"),
+        ("set_registered_model_alias", RegistryDown("503"), "moving @champion to version"),
     ],
 )
-def test_a_failing_registry_refuses_to_promote(registry, monkeypatch, failing, error):
+def test_a_failing_registry_refuses_to_promote(registry, monkeypatch, failing, error, doing):
     client, new_candidate = registry
     first = new_candidate()
     client.set_registered_model_alias("sista-encoder", "champion", first)
@@ -211,6 +214,7 @@ def test_a_failing_registry_refuses_to_promote(registry, monkeypatch, failing, e
     with pytest.raises(PromotionRefused, match=r"'sista-encoder': the registry failed") as refused:
         promote_if_better(Params(), 0.99)
     assert refused.value.__cause__ is error
+    assert f"while {doing}" in str(refused.value)
     assert champion_version(client) == str(first)
 
 
@@ -227,3 +231,15 @@ def test_a_refused_promotion_fails_the_stage_with_its_message(monkeypatch, capsy
     assert (
         capsys.readouterr().err == "publish: registered model 'sista-encoder' version 3: no score\n"
     )
+
+
+def test_without_the_environment_variable_the_gate_reads_the_registry_params_name(
+    registry, tmp_path, monkeypatch
+):
+    client, new_candidate = registry
+    first = new_candidate()
+    params = Params.model_validate({"mlflow": {"tracking_uri": os.environ["MLFLOW_TRACKING_URI"]}})
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(tmp_path)  # MLflow's own default store would be here, and empty
+    assert promote_if_better(params, 0.7)["promoted"]
+    assert champion_version(client) == str(first)
