@@ -57,22 +57,28 @@ def results(patterns: list[str]) -> dict[str, dict[str, str]]:
     return dict(sorted(by_module.items()))
 
 
+def _counts(statuses: dict[str, str], reasons: dict[str, str]) -> tuple[int, int, int]:
+    """(checked, killed, equivalent): the mutants a run reached, those the tests killed, and
+    the survivors among them that docs/mutation-survivors.md justifies."""
+    checked = [n for n, s in statuses.items() if s != "not checked"]
+    killed = sum(statuses[n] in DETECTED for n in checked)
+    equivalent = sum(statuses[n] not in DETECTED and n in reasons for n in checked)
+    return len(checked), killed, equivalent
+
+
 def score_line(statuses: dict[str, str]) -> str:
     """``N of M killed (x %)`` over the checked mutants; how many were not checked."""
-    checked = [s for s in statuses.values() if s != "not checked"]
-    killed = sum(status in DETECTED for status in checked)
-    line = f"{killed} of {len(checked)} killed ({100 * killed / max(len(checked), 1):.1f} %)"
-    if len(checked) < len(statuses):
-        line += f"; {len(statuses) - len(checked)} of {len(statuses)} not checked"
+    checked, killed, _ = _counts(statuses, {})
+    line = f"{killed} of {checked} killed ({100 * killed / max(checked, 1):.1f} %)"
+    if checked < len(statuses):
+        line += f"; {len(statuses) - checked} of {len(statuses)} not checked"
     return line
 
 
 def mutation_score(statuses: dict[str, str], reasons: dict[str, str]) -> str:
     """``x %``: killed over the checked mutants that are not justified as equivalent."""
-    checked = [n for n, s in statuses.items() if s != "not checked"]
-    killed = sum(statuses[n] in DETECTED for n in checked)
-    equivalent = sum(statuses[n] not in DETECTED and n in reasons for n in checked)
-    return f"{100 * killed / max(len(checked) - equivalent, 1):.1f} %"
+    checked, killed, equivalent = _counts(statuses, reasons)
+    return f"{100 * killed / max(checked - equivalent, 1):.1f} %"
 
 
 def main() -> None:
