@@ -403,6 +403,9 @@ class PublishSection(Section):
     # the first trained task's first set, its first metric, at the smallest label fraction.
     metric: str | None = None
     higher_is_better: bool = True
+    # bootstrap: promote only when the candidate beats the champion beyond the 95 % paired
+    # bootstrap interval over the same test images; strict: on any strict improvement.
+    gate: Literal["bootstrap", "strict"] = "bootstrap"
 
     @model_validator(mode="after")
     def _metric_shape(self) -> PublishSection:
@@ -575,6 +578,28 @@ class Params(Section):
         if task == "classification" and adapter == "covidx":
             metric = "accuracy"
         return f"{task}/{name}/{metric}@{min(self.ingest.downstream.label_fractions):g}"
+
+    def publish_cell(self) -> tuple[str, str, str, float]:
+        """:meth:`publish_metric` as (task, set, metric, label fraction)."""
+        where, fraction = self.publish_metric().split("@")
+        task, dataset, metric = where.split("/")
+        return task, dataset, metric, float(fraction)
+
+    @model_validator(mode="after")
+    def _the_gate_can_compare(self) -> Params:
+        """The bootstrap gate resamples SISTA's test outputs of the publish cell (a trained
+        cell: checked above): its metric must be one the paired bootstrap knows."""
+        if self.publish.gate != "bootstrap":
+            return self
+        task, _, metric, _ = self.publish_cell()
+        resampled = {"classification": ("auroc", "accuracy"), "segmentation": ("dice",)}
+        if metric not in resampled.get(task, ()):
+            raise ValueError(
+                f"publish.metric {self.publish_metric()!r}: publish.gate bootstrap resamples "
+                f"macro AUROC, accuracy or Dice, not {task} {metric}; choose one of those or "
+                f"publish.gate: strict"
+            )
+        return self
 
     @model_validator(mode="after")
     def _swept_values_are_valid_settings(self) -> Params:

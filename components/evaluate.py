@@ -40,7 +40,7 @@ from .config import LANGUAGE_TASKS, PRETRAIN_SET, TRAINED_TASKS, Params  # noqa:
 from .evaluation_cells import examples_path, features_path, load_encoder  # noqa: E402
 from .evaluation_trial import evaluation_cell  # noqa: E402
 from .ingest import read_shard_images, read_shard_masks, row_boxes, subset_file_name  # noqa: E402
-from .paired_bootstrap import ablation  # noqa: E402
+from .paired_bootstrap import GATE_OUTPUTS, ablation, save_gate_outputs  # noqa: E402
 from .runtime import ensure_ray, on_this_node, this_node_resource  # noqa: E402
 from .stage import stage_dir, stage_main  # noqa: E402
 from .stage_storage import data_root, ray_storage, stage_output  # noqa: E402
@@ -241,6 +241,7 @@ def prepare_sets(params: Params, datasets: list[str], work: Path) -> dict[str, d
                 ids = (ingest_dir / "subsets" / name).read_text().split()
                 subsets[f"{fraction:g}/{seed}"] = [position[i] for i in ids]
         split = {
+            "record_ids": [r["record_id"] for r in rows],
             "test": [i for i, r in enumerate(rows) if r["split"] == "test"],
             "val": [i for i, r in enumerate(rows) if r["split"] == "val"],
             "subsets": subsets,
@@ -580,6 +581,10 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
         with timed("paired bootstrap", seconds):
             differences = ablation(cells, sets, work)
         (out / "ablation.json").write_text(json.dumps(differences, indent=1))
+        if params.publish.gate == "bootstrap" and "sista" in config.inits:
+            # Publish pairs these with the champion's, kept by the publish that promoted it.
+            gate = params.publish_cell()
+            save_gate_outputs(out / GATE_OUTPUTS, work, gate, downstream.seeds)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         # Exported by the launcher to metrics/ (evaluate.json, full/evaluate.json), which git
         # versions for DVC.

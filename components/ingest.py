@@ -12,7 +12,7 @@ import json
 import re
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from sista_core.datasets.tables import ROW_ERROR
 from sista_core.findings import OBSERVATIONS
 from sista_core.reports.sections import extract_sections
 
+from . import lineage
 from .config import PRETRAIN_SET, IngestSection, Params
 from .downstream_sets import SetLabels, SetPlan, Split, plan_sets
 from .remote_sources import RemoteSource, mirrored, prepare
@@ -495,10 +496,15 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
         name: prepare(params, params.ingest.downstream.sets[name].path, plan.adapter)
         for name, plan in plans.items()
     }
+    # Listed before any record is read: a study added while ingest runs makes the next
+    # scheduled run see a change.
+    inputs = lineage.current(params)
     with (
         stage_run(params, "ingest", logged={"ingest": params.ingest.model_dump()}) as mlflow_run,
         stage_output(params, "ingest", {"mlflow_run_id": mlflow_run.info.run_id}) as (out, extra),
     ):
+        mlflow.set_tags(inputs.tags())
+        extra["lineage"] = asdict(inputs)
         combined = IngestResult()
         counts: dict[str, int] = {}
         set_rows: dict[str, list[dict[str, Any]]] = {}  # downstream sets' rows (small)

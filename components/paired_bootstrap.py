@@ -319,3 +319,85 @@ def _cell_metric(
     if metric == "accuracy":
         return lambda outputs: resampled_accuracy(outputs["logits"], labels, weights)
     return lambda outputs: resampled_mean(outputs["per_image_dice"], weights)
+
+
+# --- the promotion gate: this run's SISTA against the registered champion ---
+
+GATE_OUTPUTS = "gate_outputs.npz"
+
+
+def save_gate_outputs(
+    path: Path,
+    work: Path,
+    gate: tuple[str, str, str, float],
+    seeds: Sequence[int],
+) -> None:
+    """SISTA's per-test-image outputs on the gate's cell (``gate``: task, set, metric, label
+    fraction), one array per seed, with the test images' record ids and labels: what a later
+    publish pairs with its own candidate's outputs."""
+    task, dataset, metric, fraction = gate
+    split = json.loads((work / f"{dataset}.split.json").read_text())
+    test = split["test"]
+    arrays: dict[str, np.ndarray] = {
+        "metric": np.array(metric),
+        "test_ids": np.array([split["record_ids"][i] for i in test]),
+        "seeds": np.asarray(seeds, np.int64),
+    }
+    if task == "classification":
+        arrays["labels"] = np.load(work / f"{dataset}.labels.npy")[test]
+    for seed in seeds:
+        with np.load(cell_outputs_path(work, task, dataset, REFERENCE, fraction, seed)) as cell:
+            if cell["test_index"].tolist() != test:
+                raise ValueError(
+                    f"gate cell seed {seed}: outputs of other images than the test split"
+                )
+            for name in cell.files:
+                if name != "test_index":
+                    arrays[f"{name}.{seed}"] = cell[name]
+    np.savez_compressed(path, **arrays)
+
+
+class NotComparable(ValueError):
+    """The candidate's and the champion's gate outputs cannot be paired."""
+
+
+def gate_difference(
+    candidate_path: Path,
+    champion_path: Path,
+    samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> tuple[Difference, dict[str, Any]]:
+    """metric(candidate) - metric(champion), mean over the seeds both have, with its paired
+    bootstrap interval over the test images (the same resamples for both). Both are scored
+    against the candidate's labels (the current data). Raises NotComparable when the two
+    were scored on another metric, other test images or no common seed."""
+    with np.load(candidate_path) as candidate, np.load(champion_path) as champion:
+        metric = str(candidate["metric"])
+        if str(champion["metric"]) != metric:
+            raise NotComparable(
+                f"the champion's outputs are for {champion['metric']}, not {metric}"
+            )
+        ids = candidate["test_ids"].tolist()
+        champion_ids = champion["test_ids"].tolist()
+        if sorted(ids) != sorted(champion_ids):
+            missing = len(set(ids) ^ set(champion_ids))
+            raise NotComparable(
+                f"the champion was scored on other test images ({missing} of "
+                f"{len(ids)} / {len(champion_ids)} differ)"
+            )
+        position = {record: i for i, record in enumerate(champion_ids)}
+        order = np.array([position[record] for record in ids], np.int64)
+        seeds = sorted(set(candidate["seeds"].tolist()) & set(champion["seeds"].tolist()))
+        if not seeds:
+            raise NotComparable("the candidate and the champion share no seed")
+        labels = candidate["labels"] if "labels" in candidate.files else None
+        name = "per_image_dice" if metric == "dice" else "logits"
+        ours = [candidate[f"{name}.{s}"] for s in seeds]
+        theirs = [champion[f"{name}.{s}"][order] for s in seeds]
+    weights = bootstrap_weights(len(ids), samples, seed)
+    score = _cell_metric(metric, labels, weights)
+    found = difference_interval(
+        np.stack([score({name: outputs}) for outputs in ours]),
+        np.stack([score({name: outputs}) for outputs in theirs]),
+    )
+    return found, {"metric": metric, "test_images": len(ids), "seeds": seeds, "samples": samples}

@@ -37,6 +37,7 @@ from sista_core.losses import mean_over_workers  # noqa: E402
 from sista_core.retrieval import recall_at_k  # noqa: E402
 from sista_core.schedule import cosine_with_warmup  # noqa: E402
 
+from . import lineage  # noqa: E402
 from .config import Params, PretrainSection, StorageSection, tracking_uri  # noqa: E402
 from .pretrain_data import PretrainData  # noqa: E402
 from .runtime import ensure_ray, require_nodes, worker_placement  # noqa: E402
@@ -400,7 +401,8 @@ def build_trainer(
 
 
 def register_candidate(params: Params, run_id: str) -> str:
-    """Register this run's model folder as a new version with the alias ``candidate``."""
+    """Register this run's model folder as a new version with the alias ``candidate``, tagged
+    with what produced it (``lineage.data``, ``lineage.params``, ``lineage.code``)."""
     name = params.mlflow.registered_model
     client = mlflow.MlflowClient()
     if not client.search_registered_models(f"name = '{name}'"):
@@ -408,7 +410,8 @@ def register_candidate(params: Params, run_id: str) -> str:
     # Our folder is safetensors + JSON (SISTAModel.from_pretrained), not an MLflow flavour:
     # the version points straight at the logged artifact folder.
     source = f"{client.get_run(run_id).info.artifact_uri}/model"
-    version = client.create_model_version(name, source=source, run_id=run_id)
+    tags = lineage.of_ingested(params).tags()
+    version = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
     client.set_registered_model_alias(name, "candidate", version.version)
     return version.version
 

@@ -2,10 +2,16 @@
 (``ablation.md``, from evaluate's paired bootstrap), and promotion of the candidate encoder.
 
 The candidate (``sista-encoder@candidate``, registered by pretrain) takes the ``champion``
-alias only when it beats the current champion on ``publish.metric``: strictly higher, or
-strictly lower with ``publish.higher_is_better: false``; a tie keeps the champion. When the
-comparison cannot be made (a champion without a readable ``score`` tag, or a registry that
-fails to answer), nothing moves and the stage fails naming the model, version and tag.
+alias only when it beats the current champion on ``publish.metric`` (higher, or lower with
+``publish.higher_is_better: false``). With ``publish.gate: bootstrap`` (the default) it must
+beat it beyond noise: SISTA's per-test-image outputs on that cell (evaluate's
+``gate_outputs.npz``, kept in the version's run) are paired with the champion's on the same
+test images, and the 95 % paired-bootstrap interval of the difference must exclude 0 on the
+better side; with ``strict``, any strict improvement of the ``score`` tag promotes. A tie
+keeps the champion; the first candidate becomes champion. When the comparison cannot be made
+(a champion without a readable ``score`` tag or gate outputs, other test images, a registry
+that fails to answer), nothing moves and the stage fails naming the model, version and why.
+The rule and its figures are tagged on the candidate (``gate.*``).
 """
 
 from __future__ import annotations
@@ -13,7 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,11 +30,14 @@ from typing import Any
 import mlflow
 
 from .config import Params, tracking_uri
+from .lineage import TAG_PREFIX as LINEAGE
+from .paired_bootstrap import GATE_OUTPUTS, Difference, NotComparable, gate_difference
 from .stage import stage_dir, stage_main
 from .stage_storage import stage_output
 from .tracking import stage_run
 
 SCORE_TAG = "score"
+GATE_ARTIFACTS = "gate"  # the candidate's gate outputs, in its pre-training run's artifacts
 CANDIDATE, CHAMPION = "candidate", "champion"
 
 
@@ -242,28 +253,101 @@ def current_champion(client: mlflow.MlflowClient, name: str) -> tuple[Any, float
     return version, score
 
 
-def promote_if_better(params: Params, score: float) -> dict[str, Any]:
-    """Tag the candidate with its score; move ``champion`` to it when it is strictly better.
-    Raises PromotionRefused, moving nothing, when the champion's score cannot be read."""
+def beats_beyond_noise(difference: Difference, higher_is_better: bool) -> bool:
+    """The bootstrap gate's rule: the interval of candidate - champion excludes 0 on the
+    better side. An undefined interval (NaN) never promotes."""
+    return difference.low > 0 if higher_is_better else difference.high < 0
+
+
+def compare_with_champion(
+    client: mlflow.MlflowClient, name: str, champion: Any, outputs: Path, folder: Path
+) -> tuple[Difference, dict[str, Any]]:
+    """The candidate's gate outputs against those the champion's publish logged: the paired
+    difference with its interval. PromotionRefused when the champion's cannot be read or
+    paired (another metric, other test images, no common seed)."""
+    with _registry_call(name, f"reading the gate outputs of version {champion}"):
+        run_id = client.get_model_version(name, str(champion)).run_id
+    try:
+        path = client.download_artifacts(run_id, f"{GATE_ARTIFACTS}/{GATE_OUTPUTS}", str(folder))
+        return gate_difference(outputs, Path(path))
+    except (NotComparable, OSError, mlflow.exceptions.MlflowException) as error:
+        raise PromotionRefused(
+            f"registered model {name!r} version {champion} holds @{CHAMPION}, but the candidate "
+            f"cannot be compared with it beyond noise: {error}; @{CHAMPION} was not moved. "
+            f"Move @{CHAMPION} by hand, or set publish.gate: strict to compare the score tags."
+        ) from error
+
+
+def _log_gate_outputs(client: mlflow.MlflowClient, run_id: str, outputs: Path) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        named = Path(folder) / GATE_OUTPUTS
+        shutil.copyfile(outputs, named)
+        client.log_artifact(run_id, str(named), GATE_ARTIFACTS)
+
+
+def promote_if_better(params: Params, score: float, outputs: Path | None = None) -> dict[str, Any]:
+    """Tag the candidate with its score; move ``champion`` to it when it is better: beyond
+    the paired-bootstrap noise on the same test images (``publish.gate: bootstrap``, reading
+    ``outputs``, evaluate's gate outputs) or strictly (``strict``). The first candidate
+    becomes champion. Raises PromotionRefused, moving nothing, when the champion cannot be
+    compared with; the rule and its figures are tagged on the candidate (``gate.*``)."""
     client = mlflow.MlflowClient(tracking_uri(params))
     name = params.mlflow.registered_model
+    bootstrap = params.publish.gate == "bootstrap"
+    if bootstrap and (outputs is None or not outputs.is_file()):
+        raise PromotionRefused(
+            f"publish.gate bootstrap needs evaluate's {GATE_OUTPUTS}, not found at {outputs}; "
+            f"run evaluate again. @{CHAMPION} was not moved"
+        )
     with _registry_call(name, f"reading @{CANDIDATE} and @{CHAMPION}"):
         candidate = client.get_model_version_by_alias(name, CANDIDATE)
         client.set_model_version_tag(name, candidate.version, SCORE_TAG, str(score))
+        if bootstrap:  # kept with the version: the next candidate is paired with these
+            _log_gate_outputs(client, candidate.run_id, outputs)
         champion_version, champion_score = current_champion(client, name)
-    promote = should_promote(score, champion_score, params.publish.higher_is_better)
-    if promote:
-        with _registry_call(name, f"moving @{CHAMPION} to version {candidate.version}"):
-            client.set_registered_model_alias(name, CHAMPION, candidate.version)
-    return {
+    higher_is_better = params.publish.higher_is_better
+    decision: dict[str, Any] = {
         "model": name,
         "metric": params.publish_metric(),
+        "gate": params.publish.gate,
         "candidate_version": candidate.version,
         "candidate_score": score,
         "champion_version_before": champion_version,
         "champion_score_before": champion_score,
-        "promoted": promote,
+        "lineage": {k: v for k, v in candidate.tags.items() if k.startswith(LINEAGE)},
     }
+    if bootstrap and champion_version is not None and math.isfinite(score):
+        with tempfile.TemporaryDirectory() as folder:
+            difference, paired = compare_with_champion(
+                client, name, champion_version, outputs, Path(folder)
+            )
+        promote = beats_beyond_noise(difference, higher_is_better)
+        side = "above" if higher_is_better else "below"
+        decision["rule"] = (
+            f"candidate - champion v{champion_version} on {paired['metric']}, mean over seeds "
+            f"{paired['seeds']}: its 95 % paired-bootstrap interval over {paired['test_images']} "
+            f"test images ({paired['samples']} resamples) must lie {side} 0"
+        )
+        decision |= {"difference": difference.mean, "interval": [difference.low, difference.high]}
+    else:
+        promote = should_promote(score, champion_score, higher_is_better)
+        if not math.isfinite(score):
+            decision["rule"] = "a candidate score that is not a number never promotes"
+        elif champion_version is None:
+            decision["rule"] = "first champion"
+        else:
+            decision["rule"] = f"strictly {'higher' if higher_is_better else 'lower'} {SCORE_TAG}"
+    decision["promoted"] = promote
+    with _registry_call(name, f"tagging version {candidate.version} with the gate's decision"):
+        for key in ("rule", "difference", "interval", "promoted"):
+            if key in decision:
+                client.set_model_version_tag(
+                    name, candidate.version, f"gate.{key}", str(decision[key])
+                )
+    if promote:
+        with _registry_call(name, f"moving @{CHAMPION} to version {candidate.version}"):
+            client.set_registered_model_alias(name, CHAMPION, candidate.version)
+    return decision
 
 
 def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any]:
@@ -275,7 +359,8 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
     ):
         table = results_markdown(evaluation)
         score = metric_value(evaluation, params.publish_metric())
-        decision = promote_if_better(params, score)
+        decision = promote_if_better(params, score, stage_dir(params, "evaluate") / GATE_OUTPUTS)
+        mlflow.set_tags(decision["lineage"])  # the scheduled run compares its inputs with these
         Path(out / "results.md").write_text(table)
         Path(out / "ablation.md").write_text(ablation_markdown(ablation))
         # The candidate's score alone (the full table is evaluate's; the per-experiment
@@ -294,7 +379,7 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
     )
     print(
         f"{params.publish_metric()}: candidate {score:.4f} vs champion "
-        f"{decision['champion_score_before']}: {verdict}"
+        f"{decision['champion_score_before']}: {verdict} (rule: {decision['rule']})"
     )
     return decision
 

@@ -108,11 +108,15 @@ def dvc_experiment_store(params: Params) -> Params:
     return params.model_copy(update={"mlflow": section.model_copy(update=update)})
 
 
+def experiment_name(params: Params, stage: str) -> str:
+    return f"{params.mlflow.experiment_prefix}-{stage}"
+
+
 def experiment_for(params: Params, stage: str) -> str:
     """Create (in the driver, before any Ray worker asks) and return the stage's experiment."""
     uri = tracking_uri(params)
     mlflow.set_tracking_uri(uri)
-    name = f"{params.mlflow.experiment_prefix}-{stage}"
+    name = experiment_name(params, stage)
     if mlflow.get_experiment_by_name(name) is None:
         root = params.mlflow.artifact_root
         if "://" in root:

@@ -2,7 +2,7 @@
 
 sista run STAGE [--variant NAME]   run one stage (a Ray job; see pipeline.launch); pretrain
                                    trains SISTA and every baseline unless given --variant
-sista status                       what each stage last produced
+sista status                       what each stage last produced; @champion and @candidate
 sista profile NAME                 switch params.yaml to profiles/NAME.yaml
 sista explain IMAGE "REPORT"       heat maps of the report's words on the image (PNG)
 sista sweep                        Ray Tune over loss weights (a Ray job; see components.sweep)
@@ -54,7 +54,39 @@ def status(params_path: str) -> int:
             )
         if not found:
             print(f"{stage:12} {'not run':9}")
+    registry_status(params)
     return 0
+
+
+def registry_status(params) -> None:
+    """The versions holding @champion and @candidate, with their score and lineage (what
+    data, params and code produced them) and the promotion gate's decision."""
+    import mlflow
+
+    from components.config import tracking_uri
+    from components.lineage import TAG_PREFIX
+
+    name = params.mlflow.registered_model
+    client = mlflow.MlflowClient(tracking_uri(params))
+    try:
+        aliases = client.get_registered_model(name).aliases
+        versions = {alias: client.get_model_version(name, aliases[alias]) for alias in aliases}
+    except mlflow.exceptions.MlflowException as error:
+        print(f"\nregistry: {name!r} not readable ({error.error_code})")
+        return
+    print(f"\nregistry: {name}")
+    for alias in ("champion", "candidate"):
+        version = versions.get(alias)
+        if version is None:
+            print(f"  @{alias:10} none")
+            continue
+        tags = version.tags
+        lineage = "  ".join(
+            f"{key}={tags.get(TAG_PREFIX + key, '?')}" for key in ("data", "params", "code")
+        )
+        print(f"  @{alias:10} v{version.version:<4} score={tags.get('score', '?')}  {lineage}")
+        if "gate.rule" in tags:
+            print(f"  {'':12} gate: promoted={tags.get('gate.promoted')} ({tags['gate.rule']})")
 
 
 def switch_profile(name: str) -> int:

@@ -4,9 +4,11 @@ cluster, and the recurring run that retrains on a schedule.
 Every step is a lightweight component in the project's image (``infra/Dockerfile``) that runs
 ``python -m pipeline.launch STAGE --params PARAMS`` with ``RAY_ADDRESS`` set to the KubeRay
 head's dashboard: the launcher submits the stage as a Ray job, streams its logs and fails the
-step when the job fails. Steps follow dvc.yaml (pre-training's three variants side by side);
-the last one, publish, moves ``@champion`` to the new encoder only when it beats the current
-champion on ``publish.metric`` (``components.publish.promote_if_better``). Parameters come
+step when the job fails. The first step checks the inputs (``components.lineage``: the
+sources' listing, params, code) against the last published run's and the stages run only when
+something changed. They follow dvc.yaml (pre-training's three variants side by side); the last
+one, publish, moves ``@champion`` to the new encoder only when it beats the current champion
+beyond noise on ``publish.metric`` (``components.publish.promote_if_better``). Parameters come
 from the ConfigMap ``sista-params``, S3 credentials from the Secret ``sista-s3`` and Ray's
 token from ``sista-ray-token``, as on the Ray pods (``infra/kuberay/``).
 
@@ -38,33 +40,37 @@ MLFLOW_SERVER = f"http://mlflow.{NAMESPACE}.svc.cluster.local:5000"
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
+def check_inputs(params_path: str, mlflow_tracking_uri: str) -> str:
+    """``retrain`` when the inputs (the sources' listing, params, code) differ from those of
+    the last run that reached publish, ``skip`` when nothing changed; either way the decision
+    is recorded as a run of the MLflow experiment ``<prefix>-schedule``."""
+    import subprocess
+    import sys
+
+    from pipeline.kubeflow_step import step_environment
+
+    command = [sys.executable, "-m", "components.lineage", "--params", params_path, "--record"]
+    print("running:", " ".join(command), flush=True)
+    checked = subprocess.run(command, env=step_environment("", mlflow_tracking_uri))
+    if checked.returncode not in (0, 3):  # 3: nothing changed
+        raise RuntimeError(f"the input check failed with exit code {checked.returncode}")
+    return "retrain" if checked.returncode == 0 else "skip"
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
 def run_stage(
     stage: str, params_path: str, ray_address: str, mlflow_tracking_uri: str, variant: str = ""
 ) -> str:
-    """One stage as a Ray job on the cluster (``ray_address`` empty: a local Ray instance).
-    The step holds Ray's token and MLflow's login: it sends them only to services of the
-    ``sista`` namespace (or this pod), whatever address a run's parameters name."""
-    import os
+    """One stage as a Ray job on the cluster (``ray_address`` empty: a local Ray instance)."""
     import subprocess
     import sys
-    from urllib.parse import urlsplit
 
-    for name, url in (("ray_address", ray_address), ("mlflow_tracking_uri", mlflow_tracking_uri)):
-        host = urlsplit(url).hostname or ""  # none for a local store (sqlite:///...)
-        if host and not (
-            host.endswith(".sista.svc.cluster.local") or host in ("127.0.0.1", "localhost")
-        ):
-            raise ValueError(f"{name}: {host!r} is not a service of the sista namespace")
+    from pipeline.kubeflow_step import step_environment
 
     command = [sys.executable, "-m", "pipeline.launch", stage, "--params", params_path]
     if variant:
         command += ["--variant", variant]
-    environment = dict(os.environ)
-    for name, value in (("RAY_ADDRESS", ray_address), ("MLFLOW_TRACKING_URI", mlflow_tracking_uri)):
-        if value:
-            environment[name] = value
-        else:
-            environment.pop(name, None)
+    environment = step_environment(ray_address, mlflow_tracking_uri)
     print("running:", " ".join(command), flush=True)
     subprocess.run(command, env=environment, check=True)
     return stage if not variant else f"{stage}/{variant}"
@@ -108,12 +114,17 @@ def sista_pipeline(
         )
         return _on_cluster(task, f"{name} ({variant})" if variant else name)
 
-    ingest = stage("ingest")
-    reports = stage("reports").after(ingest)
-    similarity = stage("similarity").after(reports)
-    pretrained = [stage("pretrain", variant).after(similarity) for variant in PRETRAIN_VARIANTS]
-    evaluate = stage("evaluate").after(*pretrained)
-    stage("publish").after(evaluate)
+    check = _on_cluster(
+        check_inputs(params_path=params_path, mlflow_tracking_uri=mlflow_tracking_uri),
+        "check inputs",
+    )
+    with dsl.If(check.output == "retrain", name="inputs-changed"):
+        ingest = stage("ingest")
+        reports = stage("reports").after(ingest)
+        similarity = stage("similarity").after(reports)
+        pretrained = [stage("pretrain", variant).after(similarity) for variant in PRETRAIN_VARIANTS]
+        evaluate = stage("evaluate").after(*pretrained)
+        stage("publish").after(evaluate)
 
 
 def compile_pipeline(path: Path = PIPELINE_FILE) -> Path:

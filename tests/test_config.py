@@ -45,6 +45,11 @@ def test_shipped_parameter_files_validate(profile):
         ),
         ({"evaluate": {"inits": ["sista", "convrit"]}}, "evaluate.inits: 'convrit' is neither"),
         ({"evaluate": {"inits": ["sista", "sista"]}}, "evaluate.inits lists a name twice"),
+        ({"publish": {"gate": "strcit"}}, "publish.gate: Input should be 'bootstrap' or"),
+        (
+            {"publish": {"metric": "detection/phantom_opacity/map_40_75@0.01"}},
+            "publish.gate bootstrap resamples macro AUROC, accuracy or Dice, not detection",
+        ),
     ],
 )
 def test_a_bad_value_fails_naming_the_key(tmp_path, data, message):

@@ -141,8 +141,14 @@ def _compiled(path) -> tuple[dict, dict]:
     return spec, platform
 
 
+def _stage_dag(spec: dict) -> dict[str, dict]:
+    """The tasks that run the stages: those of the branch taken when the inputs changed."""
+    (branch,) = [t for t in spec["root"]["dag"]["tasks"].values() if "triggerPolicy" in t]
+    return spec["components"][branch["componentRef"]["name"]]["dag"]["tasks"]
+
+
 def _compiled_tasks(path) -> dict[str, dict[str, str]]:
-    """task name -> its constant string inputs, from a compiled pipeline."""
+    """stage task name -> its constant string inputs, from a compiled pipeline."""
     spec, _ = _compiled(path)
     return {
         name: {
@@ -150,7 +156,7 @@ def _compiled_tasks(path) -> dict[str, dict[str, str]]:
             for key, value in task["inputs"]["parameters"].items()
             if "runtimeValue" in value
         }
-        for name, task in spec["root"]["dag"]["tasks"].items()
+        for name, task in _stage_dag(spec).items()
     }
 
 
@@ -169,7 +175,15 @@ def test_the_kubeflow_pipeline_runs_every_stage_on_the_cluster_in_dvc_order():
     variants = sorted(i["variant"] for i in tasks.values() if i["stage"] == "pretrain")
     assert variants == sorted(kubeflow.PRETRAIN_VARIANTS)
     spec, platform = _compiled(ROOT / kubeflow.PIPELINE_FILE)
-    dag = spec["root"]["dag"]["tasks"]
+    # First the input check; the stages run only when it says retrain.
+    root = spec["root"]["dag"]["tasks"]
+    (branch,) = [t for t in root.values() if "triggerPolicy" in t]
+    assert branch["dependentTasks"] == ["check-inputs"]
+    condition = branch["triggerPolicy"]["condition"]
+    assert (
+        condition == "inputs.parameter_values['pipelinechannel--check-inputs-Output'] == 'retrain'"
+    )
+    dag = _stage_dag(spec)
     by_stage = {}
     for name, inputs in tasks.items():
         by_stage.setdefault(inputs["stage"], []).append(name)
@@ -180,15 +194,15 @@ def test_the_kubeflow_pipeline_runs_every_stage_on_the_cluster_in_dvc_order():
     inputs = spec["root"]["inputDefinitions"]["parameters"]
     assert inputs["ray_address"]["defaultValue"].endswith(":8265")  # the KubeRay head
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert len(executors) == len(dag)
+    assert len(executors) == len(dag) + 1  # and the input check
     for executor in executors.values():  # params, S3 and Ray token on every step
         assert executor["configMapAsVolume"][0]["configMapName"] == "sista-params"
         assert {s["secretName"] for s in executor["secretAsEnv"]} == {
             "sista-s3",
             "sista-ray-token",
         }
-    for task in dag.values():
-        assert task["cachingOptions"] == {}  # caching off: a retraining always runs
+    for task in [*dag.values(), root["check-inputs"]]:
+        assert task["cachingOptions"] == {}  # caching off: the check decides, not KFP's cache
 
 
 class RecordingClient:
@@ -307,4 +321,11 @@ def test_a_step_sends_its_tokens_only_to_the_sista_namespace(ray_address, mlflow
             params_path="params.yaml",
             ray_address=ray_address,
             mlflow_tracking_uri=mlflow_uri,
+        )
+
+
+def test_the_input_check_sends_mlflows_login_only_to_the_sista_namespace():
+    with pytest.raises(ValueError, match="mlflow_tracking_uri: 'mlflow.attacker.example' is not"):
+        kubeflow.check_inputs.python_func(
+            params_path="params.yaml", mlflow_tracking_uri="http://mlflow.attacker.example:5000"
         )

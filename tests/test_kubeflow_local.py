@@ -1,12 +1,14 @@
 """The Kubeflow pipeline itself, run end to end by kfp's local runner on a trimmed CI profile:
 the same step functions a cluster runs, each launching its stage (here on a local Ray
-instance: an empty ray_address), in the compiled order; publish registers @champion."""
+instance: an empty ray_address), in the compiled order; publish registers @champion. Run
+again with nothing changed, the pipeline stops after its input check."""
 
 import json
 import os
 import re
 import subprocess
 import sys
+import time
 
 import mlflow
 import pytest
@@ -54,16 +56,23 @@ def test_the_kubeflow_pipeline_runs_every_step_and_publishes_a_champion(tmp_path
     }
     for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
         environment.pop(name, None)
-    result = subprocess.run(
-        [sys.executable, "-c", RUN_PIPELINE, str(params), str(tmp_path / "kfp")],
-        cwd=tmp_path,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=2300,
-    )
-    log = _plain(result.stdout + result.stderr)
-    assert result.returncode == 0 and "PIPELINE SUCCEEDED" in result.stdout, log[-8000:]
+
+    def run_pipeline() -> tuple[str, float]:
+        started = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-c", RUN_PIPELINE, str(params), str(tmp_path / "kfp")],
+            cwd=tmp_path,
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=2300,
+        )
+        log = _plain(result.stdout + result.stderr)
+        assert result.returncode == 0 and "PIPELINE SUCCEEDED" in result.stdout, log[-8000:]
+        return log, time.monotonic() - started
+
+    log, _ = run_pipeline()
+    assert "Task 'check-inputs' finished with status SUCCESS" in log
     finished = re.findall(r"Task '(run-stage[-\d]*)' finished with status SUCCESS", log)
     assert len(set(finished)) == 8  # ingest, reports, similarity, 3 x pretrain, evaluate, publish
     for variant in ("sista", "convirt", "dense"):
@@ -74,6 +83,17 @@ def test_the_kubeflow_pipeline_runs_every_step_and_publishes_a_champion(tmp_path
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     champion = client.get_model_version_by_alias("sista-encoder", "champion")
     assert champion.version == decision["candidate_version"]
+    assert {"lineage.data", "lineage.params", "lineage.code"} <= set(champion.tags)
+
+    # The next scheduled run: nothing new, nothing changed. It ends after the check.
+    log, seconds = run_pipeline()
+    assert "Task 'check-inputs' finished with status SUCCESS" in log
+    assert not re.findall(r"Task 'run-stage[-\d]*'", log), log[-4000:]
+    assert seconds < 60, f"the skipped run took {seconds:.0f} s"
+    schedule = client.get_experiment_by_name("sista-schedule")
+    decisions = client.search_runs([schedule.experiment_id], order_by=["attributes.start_time"])
+    assert [run.info.run_name for run in decisions] == ["retrain", "skipped"]
+    assert decisions[1].data.tags["lineage.data"] == champion.tags["lineage.data"]
 
 
 def _plain(log: str) -> str:

@@ -11,17 +11,20 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from components.paired_bootstrap import (
+    NotComparable,
     ablation,
     bootstrap_weights,
     cell_outputs_path,
     counts_of,
     difference_interval,
+    gate_difference,
     paired_bootstrap,
     resample_indices,
     resampled_accuracy,
     resampled_auroc,
     resampled_macro_auroc,
     resampled_mean,
+    save_gate_outputs,
 )
 from components.publish import ablation_markdown
 
@@ -371,3 +374,101 @@ def test_a_segmentation_cell_saves_the_dice_of_each_test_image_it_scores(tmp_pat
     per_image = saved["per_image_dice"]
     assert np.isnan(per_image[2]) and per_image[[0, 1, 3]] == pytest.approx([2 / 3, 1, 2 / 3])
     assert resampled_mean(per_image, np.ones((1, 4)))[0] == pytest.approx(result["dice"])
+
+
+# --- the promotion gate's outputs: SISTA's test outputs kept for the next candidate ---
+
+
+def test_the_gate_outputs_pair_with_a_champions_in_any_order_as_sklearn_scores_them(work):
+    folder, _ = work
+    split = json.loads((folder / "findings.split.json").read_text())
+    record_ids = [f"study{i:03d}" for i in range(90)]
+    (folder / "findings.split.json").write_text(json.dumps({**split, "record_ids": record_ids}))
+    gate = ("classification", "findings", "auroc", 1.0)
+    save_gate_outputs(folder / "candidate.npz", folder, gate, SEEDS)
+    labels = np.load(folder / "findings.labels.npy")[TEST]
+    with np.load(folder / "candidate.npz") as saved:
+        logits = [f"logits.{s}" for s in SEEDS]
+        assert sorted(saved.files) == sorted(["metric", "test_ids", "seeds", "labels", *logits])
+        assert saved["test_ids"].tolist() == [record_ids[i] for i in TEST]
+        assert str(saved["metric"]) == "auroc" and saved["seeds"].tolist() == list(SEEDS)
+        np.testing.assert_array_equal(saved["labels"], labels)
+        ours = {s: saved[f"logits.{s}"] for s in SEEDS}
+    for seed in SEEDS:
+        cell = cell_outputs_path(folder, "classification", "findings", "sista", 1.0, seed)
+        np.testing.assert_array_equal(ours[seed], np.load(cell)["logits"])
+    # The champion: the clearly better sia_soft outputs, saved in reverse image order.
+    theirs = {s: outputs_of("classification", "sia_soft", s, labels)["logits"] for s in SEEDS}
+    reverse = slice(None, None, -1)
+    champion = {f"logits.{s}": theirs[s][reverse] for s in SEEDS}
+    test_ids = np.array([record_ids[i] for i in TEST][reverse])
+    np.savez(
+        folder / "champion.npz",
+        metric=np.array("auroc"),
+        test_ids=test_ids,
+        seeds=np.array(SEEDS),
+        **champion,
+    )
+    found, paired = gate_difference(folder / "candidate.npz", folder / "champion.npz", 300)
+    expected = np.mean(
+        [
+            macro_auroc_by_sklearn(ours[s], labels) - macro_auroc_by_sklearn(theirs[s], labels)
+            for s in SEEDS
+        ]
+    )
+    assert found.mean == pytest.approx(expected, abs=1e-9)
+    assert found.high < 0 and found.resamples == 300
+    assert paired == {"metric": "auroc", "test_images": 80, "seeds": [0, 1, 2], "samples": 300}
+    same, _ = gate_difference(folder / "candidate.npz", folder / "candidate.npz", 50)
+    assert (same.mean, same.low, same.high) == (0.0, 0.0, 0.0)
+    # Seeded: the same resamples, so the same interval, every time.
+    assert gate_difference(folder / "candidate.npz", folder / "champion.npz", 300)[0] == found
+
+
+def test_gate_outputs_of_a_segmentation_cell_pair_their_per_image_dice(tmp_path):
+    """Dice: the mean over the images with the finding (NaN elsewhere) of the candidate's
+    per-image Dice minus the champion's, per seed, then over the seeds."""
+    ids = np.array([f"img{i}" for i in range(40)])
+    rng = np.random.default_rng(0)
+    ours = {s: rng.random(40) * 0.5 + 0.4 for s in (0, 1)}
+    theirs = {s: rng.random(40) * 0.5 for s in (0, 1)}
+    for dice in [*ours.values(), *theirs.values()]:
+        dice[::5] = np.nan  # the images without the finding
+    common = {"metric": np.array("dice"), "seeds": np.array([0, 1])}
+    np.savez(
+        tmp_path / "a.npz", test_ids=ids, **common, **{f"per_image_dice.{s}": ours[s] for s in ours}
+    )
+    np.savez(
+        tmp_path / "b.npz",
+        test_ids=ids[::-1],
+        **common,
+        **{f"per_image_dice.{s}": theirs[s][::-1] for s in theirs},
+    )
+    found, paired = gate_difference(tmp_path / "a.npz", tmp_path / "b.npz", 200)
+    expected = np.mean([np.nanmean(ours[s]) - np.nanmean(theirs[s]) for s in (0, 1)])
+    assert found.mean == pytest.approx(expected) and found.low > 0
+    assert paired == {"metric": "dice", "test_images": 40, "seeds": [0, 1], "samples": 200}
+
+
+def test_gate_outputs_of_another_metric_or_without_a_common_seed_are_not_compared(tmp_path):
+    ids = np.array(["a", "b", "c", "d"])
+    common = {"test_ids": ids, "labels": np.eye(4, 2, dtype=np.float32)}
+    np.savez(tmp_path / "auroc.npz", metric=np.array("auroc"), seeds=np.array([0]), **common)
+    np.savez(tmp_path / "dice.npz", metric=np.array("dice"), seeds=np.array([0]), **common)
+    np.savez(tmp_path / "seed1.npz", metric=np.array("auroc"), seeds=np.array([1]), **common)
+    with pytest.raises(NotComparable, match="outputs are for dice, not auroc"):
+        gate_difference(tmp_path / "auroc.npz", tmp_path / "dice.npz")
+    with pytest.raises(NotComparable, match="^the candidate and the champion share no seed$"):
+        gate_difference(tmp_path / "auroc.npz", tmp_path / "seed1.npz")
+
+
+def test_gate_outputs_of_other_images_than_the_test_split_are_refused(work):
+    folder, _ = work
+    split = json.loads((folder / "findings.split.json").read_text())
+    record_ids = [f"study{i:03d}" for i in range(90)]
+    (folder / "findings.split.json").write_text(json.dumps({**split, "record_ids": record_ids}))
+    path = cell_outputs_path(folder, "classification", "findings", "sista", 1.0, 1)
+    np.savez(path, test_index=np.array(TEST[::-1]), logits=np.zeros((80, 3)))
+    gate = ("classification", "findings", "auroc", 1.0)
+    with pytest.raises(ValueError, match="gate cell seed 1: outputs of other images than the test"):
+        save_gate_outputs(folder / "candidate.npz", folder, gate, SEEDS)

@@ -1,6 +1,8 @@
 """The whole pipeline on the CI profile: every stage as `dvc repro` would run it."""
 
 import json
+import subprocess
+import sys
 
 import mlflow
 import pyarrow.parquet as pq
@@ -35,6 +37,7 @@ def test_every_declared_output_exists(pipeline_run):
         "evaluate/figures/heatmap_pneumothorax.png",
         "evaluate/features/sista.phantom_classification.npy",
         "evaluate/ablation.json",
+        "evaluate/gate_outputs.npz",
         "publish/results.md",
         "publish/ablation.md",
         "publish/results.json",
@@ -155,6 +158,40 @@ def test_mlflow_holds_every_stage_and_the_registered_candidate(pipeline_run):
     candidate = client.get_model_version_by_alias("sista-encoder", "candidate")
     champion = client.get_model_version_by_alias("sista-encoder", "champion")
     assert candidate.version == champion.version  # the first candidate always becomes champion
+    # Lineage and the gate's record on the version; the outputs the next candidate is paired with.
+    tags = champion.tags
+    assert {"lineage.data", "lineage.params", "lineage.code", "lineage.sources"} <= set(tags)
+    assert (tags["gate.rule"], tags["gate.promoted"]) == ("first champion", "True")
+    kept = client.list_artifacts(champion.run_id, "gate")
+    assert [f.path for f in kept] == ["gate/gate_outputs.npz"]
+    publish = client.get_experiment_by_name("sista-publish")
+    publish_run = client.search_runs([publish.experiment_id])[0]
+    assert publish_run.data.tags["lineage.data"] == tags["lineage.data"]
+
+
+def test_a_scheduled_run_with_nothing_new_has_nothing_to_retrain(pipeline_run):
+    folder, _ = pipeline_run
+    check = subprocess.run(
+        [sys.executable, "-m", "components.lineage", "--params", "params.yaml"],
+        cwd=folder,
+        env=stage_environment(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert check.returncode == 3, check.stdout + check.stderr
+    assert "nothing changed since run" in check.stdout
+    status = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "status"],
+        cwd=folder,
+        env=stage_environment(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert status.returncode == 0, status.stderr
+    champion = next(line for line in status.stdout.splitlines() if "@champion" in line)
+    assert "score=" in champion and "data=" in champion and "data=?" not in champion
 
 
 def test_results_table_lists_every_initialisation(pipeline_run):
