@@ -64,9 +64,10 @@ test-cluster: venv  ## only the multi-node Ray cluster tests (part of test-syste
 # Mutation testing (docs/testing.md, "Mutation testing"; not part of CI): mutmut mutates the
 # modules that carry the scientific claim ([tool.mutmut] in pyproject.toml) in a copy under
 # mutants/ and runs, for each mutant, the fast tier's tests that reach its function. Of
-# evaluate.py, ingest.py and publish.py only the functions named here are mutated. The
-# survivors, with the justification of each equivalent one (docs/mutation-survivors.md), go
-# to bench/results/mutation.md. MUTATION_JOBS: mutants tested side by side.
+# evaluate.py, ingest.py, publish.py and paired_bootstrap.py only the functions named here
+# are mutated. The survivors, with the justification of each equivalent one
+# (docs/mutation-survivors.md), go to bench/results/mutation.md. MUTATION_JOBS: mutants
+# tested side by side.
 MUTATION_JOBS ?= 2
 MUTATION_TARGETS := 'sista_core.losses.*' 'sista_core.probe.*' 'sista_core.datasets.splits.*' \
   'components.evaluation_cells.*' 'components.pretrain_data.*' \
@@ -74,7 +75,11 @@ MUTATION_TARGETS := 'sista_core.losses.*' 'sista_core.probe.*' 'sista_core.datas
   'components.ingest.x_write_subsets__mutmut_*' \
   'components.publish.x_metric_value__mutmut_*' 'components.publish.x_should_promote__mutmut_*' \
   'components.publish.x_current_champion__mutmut_*' \
-  'components.publish.x_promote_if_better__mutmut_*'
+  'components.publish.x_promote_if_better__mutmut_*' \
+  'components.publish.x_beats_beyond_noise__mutmut_*' \
+  'components.publish.x_compare_with_champion__mutmut_*' \
+  'components.paired_bootstrap.x_save_gate_outputs__mutmut_*' \
+  'components.paired_bootstrap.x_gate_difference__mutmut_*'
 mutation: venv  ## mutation testing of the claim's modules: bench/results/mutation.md
 	@mkdir -p mutants; start=$$(date +%s); \
 	$(BIN)/mutmut run --max-children $(MUTATION_JOBS) $(MUTATION_TARGETS) > mutants/run.log 2>&1 \

@@ -1,6 +1,7 @@
 """The report of ``make mutation``: per module, how many of its mutants the fast tier killed,
-and each survivor with its diff and, for an equivalent mutant, the one-line justification
-that docs/mutation-survivors.md gives it.
+and each survivor with its diff and the one-line explanation docs/mutation-survivors.md gives
+it: equivalent (no input the pipeline can give tells it apart), or observable only on a GPU
+(its section "observable only on a GPU": the tests run on the CPU; not equivalent).
 
     python tests/mutation_report.py --out bench/results/mutation.md [--seconds S] [PATTERN...]
 
@@ -11,7 +12,7 @@ a ``timeout`` (the tests outran their time limit, which on a loaded machine need
 that they would have failed), ``survived`` and ``no tests`` count against the score,
 justified or not; mutants an interrupted run did not reach (``not checked``) are counted
 apart. The mutation score proper leaves the equivalent mutants out (killed over checked less
-the survivors docs/mutation-survivors.md justifies): no test can kill those.
+the survivors docs/mutation-survivors.md justifies as equivalent): no test can kill those.
 """
 
 from __future__ import annotations
@@ -29,17 +30,22 @@ from mutmut.stats import status_by_exit_code
 JUSTIFICATIONS = Path("docs/mutation-survivors.md")
 DETECTED = ("killed",)
 ROW = re.compile(r"^\|\s*`(?P<name>[^`]+)`\s*\|.*\|\s*(?P<why>[^|]+?)\s*\|\s*$")
+EQUIVALENT, GPU_ONLY = "equivalent", "observable only on a GPU"
+SAYS = {EQUIVALENT: "Equivalent", GPU_ONLY: "Not equivalent, observable only on a GPU"}
 
 
-def justifications(path: Path = JUSTIFICATIONS) -> dict[str, str]:
-    """mutant name -> why it is equivalent: the table rows of docs/mutation-survivors.md."""
+def justifications(path: Path = JUSTIFICATIONS) -> dict[str, tuple[str, str]]:
+    """mutant name -> (kind, why): the table rows of docs/mutation-survivors.md; the kind is
+    ``GPU_ONLY`` below a heading that names it, ``EQUIVALENT`` elsewhere."""
     if not path.exists():
         return {}
-    found = {}
+    found, kind = {}, EQUIVALENT
     for line in path.read_text().splitlines():
+        if line.startswith("## "):
+            kind = GPU_ONLY if GPU_ONLY.lower() in line.lower() else EQUIVALENT
         match = ROW.match(line)
         if match:
-            found[match["name"]] = match["why"]
+            found[match["name"]] = (kind, match["why"])
     return found
 
 
@@ -57,12 +63,14 @@ def results(patterns: list[str]) -> dict[str, dict[str, str]]:
     return dict(sorted(by_module.items()))
 
 
-def _counts(statuses: dict[str, str], reasons: dict[str, str]) -> tuple[int, int, int]:
+def _counts(statuses: dict[str, str], reasons: dict[str, tuple[str, str]]) -> tuple[int, int, int]:
     """(checked, killed, equivalent): the mutants a run reached, those the tests killed, and
-    the survivors among them that docs/mutation-survivors.md justifies."""
+    the survivors among them that docs/mutation-survivors.md justifies as equivalent."""
     checked = [n for n, s in statuses.items() if s != "not checked"]
     killed = sum(statuses[n] in DETECTED for n in checked)
-    equivalent = sum(statuses[n] not in DETECTED and n in reasons for n in checked)
+    equivalent = sum(
+        statuses[n] not in DETECTED and reasons.get(n, ("",))[0] == EQUIVALENT for n in checked
+    )
     return len(checked), killed, equivalent
 
 
@@ -75,7 +83,7 @@ def score_line(statuses: dict[str, str]) -> str:
     return line
 
 
-def mutation_score(statuses: dict[str, str], reasons: dict[str, str]) -> str:
+def mutation_score(statuses: dict[str, str], reasons: dict[str, tuple[str, str]]) -> str:
     """``x %``: killed over the checked mutants that are not justified as equivalent."""
     checked, killed, equivalent = _counts(statuses, reasons)
     return f"{100 * killed / max(checked - equivalent, 1):.1f} %"
@@ -98,7 +106,7 @@ def main() -> None:
         jobs = f", {args.jobs} mutants side by side" if args.jobs else ""
         lines += [f"mutmut run: {args.seconds / 60:.1f} minutes of wall time{jobs}.", ""]
     lines += [
-        "| module | killed | score without the equivalent | not killed (justified) |",
+        "| module | killed | score without the equivalent | not killed (explained) |",
         "|---|---|---|---|",
     ]
     for module, statuses in by_module.items():
@@ -126,13 +134,13 @@ def main() -> None:
             continue
         lines += [f"## {module}", ""]
         for name in survivors:
-            why = reasons.get(name)
+            kind, why = reasons.get(name, (None, None))
             if why is None:
                 unexplained.append(name)
             lines += [
                 f"### `{name}` ({statuses[name]})",
                 "",
-                f"Equivalent: {why}" if why else "**Not justified: kill it with a test.**",
+                f"{SAYS[kind]}: {why}" if why else "**Not justified: kill it with a test.**",
                 "",
                 "```diff",
                 get_diff_for_mutant(name).strip(),

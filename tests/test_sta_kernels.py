@@ -328,6 +328,28 @@ def test_sta_loss_equals_per_sample_loop(sparse, temperatures):
     assert (our_grads[0][~word_mask] == 0).all()
 
 
+@pytest.mark.parametrize("sparse", ["sparsemax", "topk", "softmax"])
+def test_a_batch_where_one_report_has_one_word_is_the_per_sample_loop(sparse):
+    """One report with a single word and the others empty: the mean is over that one report,
+    and a single word or a single selected patch (sparsemax: the word's own patch alone)
+    still carries its whole weight."""
+    options = dict(sparse=sparse, topk=4, temperature_attn=0.1, temperature_local=0.1)
+    words, patches = randn(3, 5, 16, seed=2), randn(3, 12, 16, seed=3)
+    patches[1, 7] = words[1, 2]  # the word's own patch: cosine 1, the others about 0
+    word_mask = torch.zeros(3, 5, dtype=torch.bool)
+    word_mask[1, 2] = True
+    ours, our_grads = value_and_grads(
+        lambda w, p: sta_loss(w, word_mask, p, **options), words, patches
+    )
+    ref, ref_grads = value_and_grads(
+        lambda w, p: sta_loss_per_sample_loop(w, word_mask, p, **options), words, patches
+    )
+    assert ours.item() > 0.1  # its patch term: a real loss, not an emptied one
+    assert torch.allclose(ours, ref, atol=1e-5)
+    for ours_grad, ref_grad in zip(our_grads, ref_grads, strict=True):
+        assert torch.allclose(ours_grad, ref_grad, atol=1e-5)
+
+
 def test_sta_loss_stays_float32_under_autocast():
     words, patches = randn(3, 7, 16), randn(3, 20, 16, seed=1)
     word_mask = torch.ones(3, 7, dtype=torch.bool)

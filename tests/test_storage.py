@@ -298,7 +298,11 @@ def test_read_survives_the_endpoint_restarting(local_s3, caplog):
     reader = threading.Thread(target=read_while_down)
     with caplog.at_level(logging.WARNING, logger="components.storage"):
         reader.start()
-        time.sleep(1.5)  # connections are refused meanwhile
+        # Started again only once a refused attempt is seen: on a busy machine the reader's
+        # first request can come later than any fixed delay.
+        deadline = time.monotonic() + 10
+        while "retrying" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
         local_s3.start()
         reader.join(timeout=15)
     assert result == {"data": b"still here"}
