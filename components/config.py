@@ -554,15 +554,14 @@ class Params(Section):
                         f"{task}; it serves {', '.join(SET_TASKS[adapter])}"
                     )
         chosen = self.publish_metric()
-        task, name, _ = chosen.partition("@")[0].split("/")
+        task, name, _, fraction = self.publish_cell()
         if name not in self.evaluate.tasks.get(task, ()):
             raise ValueError(
                 f"publish.metric {chosen!r}: evaluate.tasks.{task} has no set {name!r}"
             )
-        fraction = chosen.partition("@")[2]
-        if task in TRAINED_TASKS and float(fraction) not in self.ingest.downstream.label_fractions:
+        if task in TRAINED_TASKS and fraction not in self.ingest.downstream.label_fractions:
             raise ValueError(
-                f"publish.metric {chosen!r}: {fraction} is not one of "
+                f"publish.metric {chosen!r}: {fraction:g} is not one of "
                 "ingest.downstream.label_fractions"
             )
         return self

@@ -28,7 +28,7 @@ from typing import Any
 
 from . import storage
 from .artifacts import read_manifest
-from .config import ConfigError, Params, load_params
+from .config import ConfigError, Params, load_params, tracking_uri
 from .stage_storage import settings_for, stage_dir
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -152,7 +152,6 @@ def last_finished(params: Params) -> tuple[str, Lineage | None] | None:
     of the whole pipeline that reached its end."""
     import mlflow
 
-    from .config import tracking_uri
     from .tracking import experiment_name
 
     client = mlflow.MlflowClient(tracking_uri(params))

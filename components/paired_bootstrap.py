@@ -30,7 +30,8 @@ evaluate stage calls :func:`ablation` on its work folder and writes ``ablation.j
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -302,12 +303,19 @@ def _scores_by_init(
         path = cell_outputs_path(
             work, cell["task"], cell["set"], cell["init"], cell["fraction"], cell["seed"]
         )
-        with np.load(path) as outputs:
-            # The pairing rests on it: every cell's rows are the split's test images, in order.
-            if outputs["test_index"].tolist() != test:
-                raise ValueError(f"{path.name}: outputs of other images than the test split")
+        with checked_outputs(path, test) as outputs:
             scores.setdefault(cell["init"], {})[cell["seed"]] = score(outputs)
     return scores
+
+
+@contextmanager
+def checked_outputs(path: Path, test: list[int]) -> Iterator[Any]:
+    """A cell's saved outputs, checked to be of the split's test images in order: the pairing
+    rests on it."""
+    with np.load(path) as outputs:
+        if outputs["test_index"].tolist() != test:
+            raise ValueError(f"{path.name}: outputs of other images than the test split")
+        yield outputs
 
 
 def _cell_metric(
@@ -346,11 +354,9 @@ def save_gate_outputs(
     if task == "classification":
         arrays["labels"] = np.load(work / f"{dataset}.labels.npy")[test]
     for seed in seeds:
-        with np.load(cell_outputs_path(work, task, dataset, REFERENCE, fraction, seed)) as cell:
-            if cell["test_index"].tolist() != test:
-                raise ValueError(
-                    f"gate cell seed {seed}: outputs of other images than the test split"
-                )
+        with checked_outputs(
+            cell_outputs_path(work, task, dataset, REFERENCE, fraction, seed), test
+        ) as cell:
             for name in cell.files:
                 if name != "test_index":
                     arrays[f"{name}.{seed}"] = cell[name]

@@ -470,5 +470,6 @@ def test_gate_outputs_of_other_images_than_the_test_split_are_refused(work):
     path = cell_outputs_path(folder, "classification", "findings", "sista", 1.0, 1)
     np.savez(path, test_index=np.array(TEST[::-1]), logits=np.zeros((80, 3)))
     gate = ("classification", "findings", "auroc", 1.0)
-    with pytest.raises(ValueError, match="gate cell seed 1: outputs of other images than the test"):
+    named = r"test_outputs\.classification\.findings\.sista\.1\.1\.npz: outputs of other images"
+    with pytest.raises(ValueError, match=named):
         save_gate_outputs(folder / "candidate.npz", folder, gate, SEEDS)
