@@ -3,12 +3,20 @@
 Images are decoded, checked and resized once here (nanoGPT's "prepare once"), so training
 never decodes a JPEG. Unusable records are quarantined with a reason and counted; the stage
 fails only when more than ``ingest.max_quarantine_fraction`` of a dataset is unusable.
+
+Incremental: each record's fingerprint (its listing entry and the size and modification time,
+or ETag, of each of its files) is kept in the manifest. When the previous output was made with
+the same ``ingest`` settings, a record with an unchanged fingerprint takes its pixels, targets
+and labels (or its quarantine reason) from there; only new or changed records are decoded.
+The manifest counts both (``<set>_decoded``, ``<set>_reused``).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import re
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -37,13 +45,14 @@ from sista_core.datasets.tables import ROW_ERROR
 from sista_core.findings import OBSERVATIONS
 from sista_core.reports.sections import extract_sections
 
-from . import lineage
+from . import lineage, storage
+from .artifacts import read_manifest
 from .config import PRETRAIN_SET, IngestSection, Params
 from .downstream_sets import SetLabels, SetPlan, Split, plan_sets
 from .remote_sources import RemoteSource, mirrored, prepare
 from .runtime import ensure_ray, on_this_node
 from .stage import stage_main
-from .stage_storage import stage_output
+from .stage_storage import StageOutputMissing, pull, settings_for, stage_output
 from .tracking import stage_run
 
 RECORDS_PER_TASK = 64  # per-record work is milliseconds: amortise Ray's per-task overhead
@@ -124,6 +133,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("boxes", pa.list_(pa.float64())),  # x0, y0, x1, y1 per box, flattened
         ("labels", pa.list_(pa.float64())),  # a downstream set's own labels
         *((name, pa.float64()) for name in OBSERVATIONS),
+        ("fingerprint", pa.string()),  # record_fingerprint: reused when unchanged
     ]
 )
 ROWS_PER_PART = 1024  # manifest rows turned columnar together: a few bytes a field, not objects
@@ -136,6 +146,8 @@ class IngestResult:
     manifest_parts: list[pa.Table] = field(default_factory=list)
     quarantine_rows: list[dict[str, Any]] = field(default_factory=list)
     pending: list[dict[str, Any]] = field(default_factory=list)
+    decoded: int = 0  # records read from the source
+    reused: int = 0  # records taken from the previous output (unchanged fingerprint)
 
     def add_row(self, row: dict[str, Any]) -> None:
         self.pending.append(row)
@@ -159,6 +171,177 @@ class IngestResult:
     def manifest_rows(self) -> list[dict[str, Any]]:
         """The rows as dicts (a downstream set's, or a test's: small)."""
         return self.manifest().to_pylist()
+
+
+FileVersion = Callable[[Path], str]
+
+
+def local_version(path: Path) -> str:
+    """A local file's size and modification time ("missing" when absent)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return "missing"
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def record_fingerprint(ref: RecordRef, version: FileVersion = local_version) -> str:
+    """What a record's decoded content depends on besides the ingest settings: its listing
+    entry (ids, paths, labels, split, view...) and the version of each file it reads. Equal
+    fingerprints: the previous decode still holds."""
+    meta = {
+        key: str(value) if isinstance(value, Path) else value for key, value in ref.meta.items()
+    }
+    files = {str(path): version(path) for path in ref.files()}
+    described = [ref.record_id, ref.patient_id, str(ref.image_path), meta, files]
+    text = json.dumps(described, sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+
+
+def source_versions(remote: RemoteSource | None, settings: storage.StorageSettings) -> FileVersion:
+    """How to version a record's files: local ones by size and mtime; those of a dataset on S3
+    (read from its local listing copy) by their object's ETag, listed once."""
+    if remote is None:
+        return local_version
+    etags = storage.object_versions(remote.uri, settings=settings)
+
+    def version(path: Path) -> str:
+        if path.is_relative_to(remote.root):
+            return etags.get(remote.key(path), "missing")
+        return local_version(path)
+
+    return version
+
+
+class PreviousIngest:
+    """The last completed ingest output, read record by record: its manifest and quarantine
+    rows by (dataset, record id) and its shards memory-mapped. Used only when it was made with
+    the same ``ingest`` settings."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.manifest = pq.read_table(folder / "manifest.parquet")
+        quarantine = pq.read_table(folder / "quarantine.parquet")
+        self.quarantined = {
+            (row["dataset"], row["record_id"]): row
+            for row in quarantine.to_pylist()
+            if row.get("fingerprint")
+        }
+        keys = zip(
+            self.manifest.column("dataset").to_pylist(),
+            self.manifest.column("record_id").to_pylist(),
+            self.manifest.column("fingerprint").to_pylist(),
+            strict=True,
+        )
+        # (dataset, record id) -> (fingerprint, row): a few dozen bytes per record
+        self.position = {(d, r): (f, i) for i, (d, r, f) in enumerate(keys)}
+
+    @classmethod
+    def of(cls, params: Params) -> PreviousIngest | None:
+        """The previous output of this pipeline's ingest, when there is one made with the
+        current ``ingest`` settings (anything else decodes every record again)."""
+        try:
+            root = pull(params.storage, ["ingest"])
+        except (StageOutputMissing, storage.ObjectNotFound):
+            return None
+        folder = root / "ingest"
+        try:
+            manifest = read_manifest(folder)
+        except (OSError, ValueError):
+            return None
+        if manifest.get("ingest_settings") != params.ingest.model_dump(mode="json"):
+            print("[ingest] the previous output used other ingest settings: decoding everything")
+            return None
+        try:
+            return cls(folder)
+        except (OSError, KeyError, pa.ArrowException) as error:
+            print(
+                f"[ingest] the previous output in {folder} is unreadable ({error}): decoding "
+                "everything"
+            )
+            return None
+
+    def has(self, dataset: str, record_id: str, fingerprint: str) -> bool:
+        found = self.position.get((dataset, record_id))
+        if found is not None:
+            return found[0] == fingerprint
+        quarantined = self.quarantined.get((dataset, record_id))
+        return quarantined is not None and quarantined["fingerprint"] == fingerprint
+
+    def loaded(
+        self, dataset: str, refs: list[RecordRef], image_size: int, with_targets: bool, width: int
+    ) -> dict[str, np.ndarray]:
+        """``load_records``' arrays for ``refs`` (all of them ``has``), from this output."""
+        kept = [self.position.get((dataset, ref.record_id)) for ref in refs]
+        rows = self.manifest.take([found[1] for found in kept if found]).to_pylist()
+        images = ShardImages(self.folder, rows)[:] if rows else None
+        masks = read_shard_masks(self.folder, rows) if rows and with_targets else None
+        blank = np.zeros((image_size, image_size), np.uint8)
+        loaded: dict[str, list[Any]] = {key: [] for key in LOADED_KEYS}
+        taken = 0
+        for ref, found in zip(refs, kept, strict=True):
+            if found is None:
+                problem = self.quarantined[(dataset, ref.record_id)]
+                row, image, mask = None, blank, blank.astype(bool)
+            else:
+                problem, row = None, rows[taken]
+                image = images[taken]
+                mask = masks[taken] if masks is not None else blank.astype(bool)
+                taken += 1
+            loaded["image"].append(image)
+            loaded["mask"].append(mask)
+            loaded["ok"].append(problem is None)
+            loaded["reason"].append(problem["reason"] if problem else "")
+            loaded["detail"].append(problem["detail"] if problem else "")
+            observed = [row[name] for name in OBSERVATIONS] if row else [None] * len(OBSERVATIONS)
+            loaded["labels"].append(np.array(observed, np.float64).astype(np.float32))
+            loaded["report"].append((row["report"] or "") if row else "")
+            loaded["boxes"].append(list(row["boxes"] or []) if row else [])
+            own = row["labels"] if row and row["labels"] is not None else [0.0] * width
+            loaded["set_labels"].append(np.asarray(own, np.float32).reshape(width))
+        return {
+            "image": np.stack(loaded["image"]),
+            "ok": np.array(loaded["ok"]),
+            "reason": np.array(loaded["reason"], dtype=object),
+            "detail": np.array(loaded["detail"], dtype=object),
+            "labels": np.stack(loaded["labels"]),
+            "report": np.array(loaded["report"], dtype=object),
+            "set_labels": np.stack(loaded["set_labels"]).reshape(len(refs), width),
+            **(
+                {"mask": np.stack(loaded["mask"]), "boxes": _object_array(loaded["boxes"])}
+                if with_targets
+                else {}
+            ),
+        }
+
+
+LOADED_KEYS = ("image", "mask", "ok", "reason", "detail", "labels", "report", "boxes", "set_labels")
+
+
+def _object_array(items: list[Any]) -> np.ndarray:
+    """A 1-D object array of ``items`` (lists, kept as they are)."""
+    array = np.empty(len(items), dtype=object)
+    array[:] = items
+    return array
+
+
+def combined_blocks(
+    parts: list[tuple[list[int], dict[str, np.ndarray]]], size: int
+) -> dict[str, np.ndarray]:
+    """One block's arrays from parts that each hold some of its rows (their positions)."""
+    first = parts[0][1]
+    combined: dict[str, np.ndarray] = {}
+    for key, values in first.items():
+        shape = (size, *values.shape[1:]) if values.dtype != object else (size,)
+        combined[key] = np.empty(shape, dtype=values.dtype)
+    for positions, arrays in parts:
+        for key, values in arrays.items():
+            if values.dtype == object:
+                for position, value in zip(positions, values, strict=True):
+                    combined[key][position] = value
+            else:
+                combined[key][positions] = values
+    return combined
 
 
 def _screen(refs: list[RecordRef], dataset: str, result: IngestResult) -> list[RecordRef]:
@@ -235,7 +418,7 @@ def load_records(
         boxes.append(record_boxes.ravel().tolist())
     targets = {}
     if with_targets:
-        targets = {"mask": np.stack(masks), "boxes": np.array(boxes, dtype=object)}
+        targets = {"mask": np.stack(masks), "boxes": _object_array(boxes)}
     return {
         **targets,
         "image": np.stack(images),
@@ -252,20 +435,22 @@ def loaded_blocks(
     kept: deque[tuple[RecordRef, Split]],
     load: Callable[[list[RecordRef]], Any],
     in_flight: int,
+    resolve: Callable[[Any], dict[str, np.ndarray]] = ray.get,
 ) -> Iterator[tuple[list[tuple[RecordRef, Split]], dict[str, np.ndarray]]]:
     """Blocks of the records in ``kept`` (consumed as they are sent: a loaded record's
     reference is let go) with their loaded arrays, in order, at most ``in_flight`` Ray tasks
-    ahead of the reader: the driver holds a few blocks of pixels, never the dataset's."""
+    ahead of the reader: the driver holds a few blocks of pixels, never the dataset's.
+    ``load`` starts a block's loading, ``resolve`` turns what it returned into the arrays."""
     pending: deque[tuple[list[tuple[RecordRef, Split]], Any]] = deque()
     while kept:
         block = [kept.popleft() for _ in range(min(RECORDS_PER_TASK, len(kept)))]
         pending.append((block, load([ref for ref, _ in block])))
         if len(pending) >= in_flight:
             done, future = pending.popleft()
-            yield done, ray.get(future)
+            yield done, resolve(future)
     while pending:
         done, future = pending.popleft()
-        yield done, ray.get(future)
+        yield done, resolve(future)
 
 
 class ShardWriter:
@@ -318,11 +503,15 @@ def ingest_dataset(
     set_labels: SetLabels | None = None,
     local_files: bool = False,
     remote: RemoteSource | None = None,
+    previous: PreviousIngest | None = None,
+    version: FileVersion = local_version,
 ) -> IngestResult:
     """Read the records of ``adapter`` that ``assign`` keeps (each with its split) into shards
     under ``out/shards``; returns the rows. ``local_files``: the adapter reads files on this
     node's disk, so its Ray tasks run here (another node of a cluster has no such files);
-    ``remote``: the files are on S3, each task fetches its records' own, on any node."""
+    ``remote``: the files are on S3, each task fetches its records' own, on any node.
+    ``previous``: the last output, whose records with an unchanged fingerprint (their files
+    versioned by ``version``) are copied instead of decoded."""
     result = IngestResult()
     usable = _screen(list(adapter.records()), dataset, result)
     # A broken listing is quarantined by its load, whatever the protocol would do with it.
@@ -339,12 +528,48 @@ def ingest_dataset(
     )
     adapter_ref = ray.put(adapter)  # stored once, not once per task
     in_flight = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+    width = len(set_labels.names) if set_labels else 0
+    fingerprints: dict[str, str] = {}
 
     def load(block: list[RecordRef]) -> Any:
-        return task.remote(adapter_ref, block, config.image_size, with_targets, set_labels, remote)
+        """The block's records to decode go to a Ray task; the unchanged ones are read from
+        the previous output when the block is consumed."""
+        for ref in block:
+            fingerprints[ref.record_id] = record_fingerprint(ref, version)
+        same, new = [], []
+        for i, ref in enumerate(block):
+            unchanged = previous is not None and previous.has(
+                dataset, ref.record_id, fingerprints[ref.record_id]
+            )
+            (same if unchanged else new).append(i)
+        future = None
+        if new:
+            future = task.remote(
+                adapter_ref,
+                [block[i] for i in new],
+                config.image_size,
+                with_targets,
+                set_labels,
+                remote,
+            )
+        return block, same, new, future
+
+    def resolve(handle: Any) -> dict[str, np.ndarray]:
+        block, same, new, future = handle
+        parts = []
+        if new:
+            parts.append((new, ray.get(future)))
+        if same:
+            reused = previous.loaded(
+                dataset, [block[i] for i in same], config.image_size, with_targets, width
+            )
+            parts.append((same, reused))
+        result.decoded += len(new)
+        result.reused += len(same)
+        return combined_blocks(parts, len(block))
 
     for block, batch in tqdm(
-        loaded_blocks(kept, load, in_flight),
+        loaded_blocks(kept, load, in_flight, resolve),
         desc=f"ingest {dataset}",
         total=-(-total // RECORDS_PER_TASK),
         unit="block",
@@ -358,6 +583,7 @@ def ingest_dataset(
                         "dataset": dataset,
                         "reason": str(batch["reason"][row]),
                         "detail": str(batch["detail"][row]),
+                        "fingerprint": fingerprints.pop(ref.record_id),
                     }
                 )
                 continue
@@ -374,6 +600,7 @@ def ingest_dataset(
                 # x0, y0, x1, y1 per box, flattened, in pixels of the stored image
                 "boxes": list(batch["boxes"][row]) if with_targets else None,
                 "labels": batch["set_labels"][row].tolist() if set_labels else None,
+                "fingerprint": fingerprints.pop(ref.record_id),
             }
             manifest_row.update(zip(OBSERVATIONS, batch["labels"][row].tolist(), strict=True))
             result.add_row(manifest_row)
@@ -468,6 +695,7 @@ QUARANTINE_SCHEMA = pa.schema(
         ("dataset", pa.string()),
         ("reason", pa.string()),
         ("detail", pa.string()),
+        ("fingerprint", pa.string()),  # of a record whose load failed: reused when unchanged
     ]
 )
 
@@ -505,6 +733,9 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
     ):
         mlflow.set_tags(inputs.tags())
         extra["lineage"] = asdict(inputs)
+        extra["ingest_settings"] = params.ingest.model_dump(mode="json")
+        previous = PreviousIngest.of(params)
+        settings = settings_for(params.storage)
         combined = IngestResult()
         counts: dict[str, int] = {}
         set_rows: dict[str, list[dict[str, Any]]] = {}  # downstream sets' rows (small)
@@ -516,13 +747,23 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
             combined.quarantine_rows += result.quarantine_rows
             counts[f"{dataset}_kept"] = result.kept
             counts[f"{dataset}_quarantined"] = len(result.quarantine_rows)
+            counts[f"{dataset}_decoded"] = result.decoded
+            counts[f"{dataset}_reused"] = result.reused
             if dataset != PRETRAIN_SET:
                 set_rows[dataset] = result.manifest_rows
 
         pretrain = pretrain_splits(config.pretrain.val_fraction, config.seed)
         local = config.source != "embedded"
         pretrain_rows = ingest_dataset(
-            source, PRETRAIN_SET, config, out, pretrain, local_files=local, remote=pretrain_remote
+            source,
+            PRETRAIN_SET,
+            config,
+            out,
+            pretrain,
+            local_files=local,
+            remote=pretrain_remote,
+            previous=previous,
+            version=source_versions(pretrain_remote, settings),
         )
         add(PRETRAIN_SET, pretrain_rows)
         for name, plan in plans.items():
@@ -536,6 +777,8 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
                 set_labels=plan.labels,
                 local_files=plan.file_backed,
                 remote=remotes[name],
+                previous=previous,
+                version=source_versions(remotes[name], settings),
             )
             add(name, result)
         pq.write_table(combined.manifest(), out / "manifest.parquet", compression="zstd")

@@ -8,6 +8,8 @@ builder returns the folder its adapter takes as ``root``; all are deterministic.
 
 from __future__ import annotations
 
+import csv
+import gzip
 import hashlib
 import io
 import textwrap
@@ -192,6 +194,51 @@ def build_mimic_cxr_jpg(root: Path, studies: int = 64) -> Path:
     )
     write_csv(root / "mimic-cxr-2.0.0-chexpert.csv.gz", MIMIC_LABEL_COLUMNS, labels, True)
     return root
+
+
+MIMIC_TABLES = (
+    "mimic-cxr-2.0.0-metadata.csv.gz",
+    "mimic-cxr-2.0.0-split.csv.gz",
+    "mimic-cxr-2.0.0-chexpert.csv.gz",
+)
+
+
+def withhold_mimic_studies(root: Path, count: int, aside: Path) -> list[str]:
+    """Take the last ``count`` studies of training subjects out of the MIMIC-CXR-JPG layout at
+    ``root`` (their image and report files moved to ``aside``, their rows dropped from the
+    three tables, the full tables kept there too), as if they had not been released yet;
+    :func:`release_mimic_studies` puts them back. Returns the withheld images' dicom ids.
+    Files that stay are not touched: their sizes and modification times are unchanged."""
+    root, aside = Path(root), Path(aside)
+    aside.mkdir(parents=True)
+    with gzip.open(root / MIMIC_TABLES[1], "rt") as table:
+        splits = list(csv.reader(table))[1:]
+    train = [(dicom, study, subject) for dicom, study, subject, split in splits if split == "train"]
+    withheld = train[-count:]
+    studies = {study for _, study, _ in withheld}
+    for name in MIMIC_TABLES:
+        (root / name).rename(aside / name)
+        with gzip.open(aside / name, "rt") as table:
+            header, *rows = list(csv.reader(table))
+        column = header.index("study_id")
+        kept = [row for row in rows if row[column] not in studies]
+        write_csv(root / name, header, kept, compress=True)
+    for dicom, study, subject in withheld:
+        folder = Path("files") / f"p{subject[:2]}" / f"p{subject}" / f"s{study}"
+        for relative in (folder / f"{dicom}.jpg", folder.with_suffix(".txt")):
+            (aside / relative).parent.mkdir(parents=True, exist_ok=True)
+            (root / relative).rename(aside / relative)
+    return [dicom for dicom, _, _ in withheld]
+
+
+def release_mimic_studies(root: Path, aside: Path) -> None:
+    """Put the studies :func:`withhold_mimic_studies` took out back, with the full tables."""
+    root, aside = Path(root), Path(aside)
+    for path in sorted(aside.rglob("*")):
+        if path.is_file():
+            target = root / path.relative_to(aside)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            path.rename(target)
 
 
 # --- CheXpert ------------------------------------------------------------------------------
