@@ -415,6 +415,18 @@ class PublishSection(Section):
         return self
 
 
+class RetrainSection(Section):
+    """What a scheduled run does when only the data changed since the last finished run
+    (same params, same code): ``champion`` pre-trains SISTA for ``epochs`` more epochs from
+    the @champion's weights; ``scratch`` runs the whole pipeline as the first time did.
+    ``baselines``: pre-train the baselines again too (from scratch), else evaluation keeps
+    the last run's baselines."""
+
+    start: Literal["champion", "scratch"] = "champion"
+    epochs: int = Field(1, ge=1)
+    baselines: bool = False
+
+
 class Distribution(Section):
     """One swept number: exactly one of ``choice: [a, b, ...]``, ``uniform: [low, high]`` or
     ``loguniform: [low, high]`` (low > 0)."""
@@ -506,6 +518,7 @@ class Params(Section):
     pretrain: PretrainSection = PretrainSection()
     evaluate: EvaluateSection = EvaluateSection()
     publish: PublishSection = PublishSection()
+    retrain: RetrainSection = RetrainSection()
     sweep: SweepSection = SweepSection()
 
     @model_validator(mode="after")

@@ -6,9 +6,9 @@ fails only when more than ``ingest.max_quarantine_fraction`` of a dataset is unu
 
 Incremental: each record's fingerprint (its listing entry and the size and modification time,
 or ETag, of each of its files) is kept in the manifest. When the previous output was made with
-the same ``ingest`` settings, a record with an unchanged fingerprint takes its pixels, targets
-and labels (or its quarantine reason) from there; only new or changed records are decoded.
-The manifest counts both (``<set>_decoded``, ``<set>_reused``).
+the same ``ingest`` settings by the same code, a record with an unchanged fingerprint takes its
+pixels, targets and labels (or its quarantine reason) from there; only new or changed records
+are decoded. The manifest counts both (``<set>_decoded``, ``<set>_reused``).
 """
 
 from __future__ import annotations
@@ -216,7 +216,7 @@ def source_versions(remote: RemoteSource | None, settings: storage.StorageSettin
 class PreviousIngest:
     """The last completed ingest output, read record by record: its manifest and quarantine
     rows by (dataset, record id) and its shards memory-mapped. Used only when it was made with
-    the same ``ingest`` settings."""
+    the same ``ingest`` settings by the same code (``lineage.code_version``)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -239,7 +239,7 @@ class PreviousIngest:
     @classmethod
     def of(cls, params: Params) -> PreviousIngest | None:
         """The previous output of this pipeline's ingest, when there is one made with the
-        current ``ingest`` settings (anything else decodes every record again)."""
+        current ``ingest`` settings and code (anything else decodes every record again)."""
         try:
             root = pull(params.storage, ["ingest"])
         except (StageOutputMissing, storage.ObjectNotFound):
@@ -251,6 +251,9 @@ class PreviousIngest:
             return None
         if manifest.get("ingest_settings") != params.ingest.model_dump(mode="json"):
             print("[ingest] the previous output used other ingest settings: decoding everything")
+            return None
+        if manifest.get("code") != lineage.code_version():
+            print("[ingest] the previous output was made by other code: decoding everything")
             return None
         try:
             return cls(folder)
@@ -734,6 +737,7 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
         mlflow.set_tags(inputs.tags())
         extra["lineage"] = asdict(inputs)
         extra["ingest_settings"] = params.ingest.model_dump(mode="json")
+        extra["code"] = inputs.code
         previous = PreviousIngest.of(params)
         settings = settings_for(params.storage)
         combined = IngestResult()

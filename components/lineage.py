@@ -6,13 +6,21 @@
   names and versions stand for it. A new study, a replaced image or a deleted report changes
   the hash; reading the files does not.
 - **params**: the validated parameters that decide what is computed (every section except
-  where things run and are stored: ``storage``, ``ray``, ``mlflow``), as canonical JSON.
+  where things run and are stored, ``storage``, ``ray``, ``mlflow``, and how a scheduled run
+  retrains, ``retrain``), as canonical JSON.
 - **code**: the project's Python sources (``sista_core``, ``components``, ``pipeline``) and
   the pinned dependency list, as found next to this package.
 
 Pre-training tags each registered model version with them (``lineage.*``), publish records
 them on its run, and the scheduled retraining compares the current ones with those of the last
-run that finished: nothing changed, nothing to retrain (``python -m components.lineage``).
+run that finished (``python -m components.lineage``), deciding:
+
+- ``skip``: nothing changed, nothing to retrain;
+- ``update``: only the data changed, and the @champion was made with the current params and
+  code: ingest decodes only the new records, SISTA warm-starts from the champion for
+  ``retrain.epochs`` (``retrain.start: champion``);
+- ``retrain``: anything else (params or code changed, no champion, ``retrain.start:
+  scratch``): the whole pipeline, as the first time.
 """
 
 from __future__ import annotations
@@ -36,8 +44,11 @@ CODE_FOLDERS = ("sista_core", "components", "pipeline")
 CODE_FILES = ("requirements.lock",)
 # The packages the embedded source and the phantom sets read their real assets from.
 EMBEDDED_PACKAGES = ("torchxrayvision", "pneumonia-model-package", "pydicom-data")
-NOT_RESULTS = ("storage", "ray", "mlflow")  # where things run, not what is computed
+# Where things run and how a scheduled run retrains, not what the pipeline computes.
+NOT_RESULTS = ("storage", "ray", "mlflow", "retrain")
 TAG_PREFIX = "lineage."
+# components.lineage's exit code for each decision
+EXIT_CODES = {"retrain": 0, "skip": 3, "update": 4}
 
 
 @dataclass(frozen=True)
@@ -169,35 +180,67 @@ def last_finished(params: Params) -> tuple[str, Lineage | None] | None:
     return runs[0].info.run_id, Lineage.from_tags(runs[0].data.tags)
 
 
+def champion(params: Params) -> tuple[str, Lineage | None] | None:
+    """The registered model's @champion (its version and recorded lineage), or None when no
+    version holds the alias. Any other registry error propagates: a check that cannot read
+    the registry must not decide."""
+    from .tracking import champion_version
+
+    version = champion_version(params)
+    return None if version is None else (str(version.version), Lineage.from_tags(version.tags))
+
+
+def decide(
+    now: Lineage, before: Lineage | None, champion_lineage: Lineage | None, start: str
+) -> str:
+    """``skip``, ``update`` or ``retrain`` (module docstring)."""
+    changed = now.changes_from(before)
+    if not changed:
+        return "skip"
+    warm = (
+        changed == ["data"]
+        and start == "champion"
+        and champion_lineage is not None
+        and (champion_lineage.params, champion_lineage.code) == (now.params, now.code)
+    )
+    return "update" if warm else "retrain"
+
+
 def compare(params: Params) -> dict[str, Any]:
-    """The current lineage, the last finished run's and what changed between them."""
+    """The current lineage, the last finished run's, what changed between them, the
+    champion and the decision."""
     now = current(params)
     last = last_finished(params)
     run_id, before = last if last else (None, None)
+    held = champion(params)
+    version, champion_lineage = held if held else (None, None)
     return {
         "lineage": asdict(now),
         "last_run": run_id,
         "last_lineage": asdict(before) if before else None,
         "changed": now.changes_from(before),
+        "champion": version,
+        "decision": decide(now, before, champion_lineage, params.retrain.start),
     }
 
 
 def record_decision(params: Params, result: dict[str, Any]) -> str:
-    """A run of ``<prefix>-schedule`` named ``skipped`` or ``retrain``, tagged with the
-    current lineage, what changed and the run compared with; returns its id."""
+    """A run of ``<prefix>-schedule`` named ``skipped``, ``update`` or ``retrain``, tagged
+    with the current lineage, what changed and the run compared with; returns its id."""
     import mlflow
 
     from .tracking import experiment_for
 
     experiment_for(params, "schedule")
-    decision = "retrain" if result["changed"] else "skipped"
-    with mlflow.start_run(run_name=decision) as run:
+    decision = result["decision"]
+    with mlflow.start_run(run_name="skipped" if decision == "skip" else decision) as run:
         mlflow.set_tags(
             {
                 **Lineage(**result["lineage"]).tags(),
                 "schedule.decision": decision,
                 "schedule.changed": ",".join(result["changed"]) or "nothing",
                 "schedule.compared_with": result["last_run"] or "none",
+                "schedule.champion": result["champion"] or "none",
             }
         )
     return run.info.run_id
@@ -207,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m components.lineage",
         description="Hash the pipeline's inputs and compare them with the last finished run's; "
-        "exit 0 when something changed (retrain), 3 when nothing did.",
+        "exit 0: retrain everything, 3: nothing changed (skip), 4: only the data changed "
+        "(update: warm-start from @champion).",
     )
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", help="also write the comparison here (JSON)")
@@ -233,12 +277,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.record:
         record_decision(params, result)
-    if not result["changed"]:
+    decision = result["decision"]
+    if decision == "skip":
         print(f"nothing changed since run {result['last_run']}: nothing to retrain")
-        return 3
+        return EXIT_CODES[decision]
     since = f"since run {result['last_run']}" if result["last_run"] else "(no finished run yet)"
     print(f"changed {since}: {', '.join(result['changed'])}")
-    return 0
+    if decision == "update":
+        print(
+            f"only the data changed: update (new records only, SISTA warm-started from "
+            f"@champion version {result['champion']} for {params.retrain.epochs} epochs)"
+        )
+    else:
+        print("retrain: the whole pipeline from scratch")
+    return EXIT_CODES[decision]
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 The training runner is separate from the library (open_clip's split): ``sista_core`` holds
 the model and losses; this file holds the loop, checkpoints, resumption and tracking.
 Baselines pre-train through the same code with overrides from ``pretrain.baselines``, in
-the same process after SISTA (``--variant NAME`` trains one).
+the same process after SISTA (``--variant NAME`` trains one). ``--warm-start`` (a scheduled
+run on new data, ``components.lineage``) starts SISTA from the @champion's weights and trains
+``retrain.epochs`` epochs.
 """
 
 from __future__ import annotations
@@ -48,7 +50,13 @@ from .stage_storage import (  # noqa: E402
     ray_storage,
     stage_output,
 )
-from .tracking import last_logged_step, log_metrics_at, record_placement, stage_run  # noqa: E402
+from .tracking import (  # noqa: E402
+    champion_version,
+    last_logged_step,
+    log_metrics_at,
+    record_placement,
+    stage_run,
+)
 
 STEP_METRICS = (
     "loss",
@@ -82,6 +90,16 @@ def load_training_state(
     if optimizer is not None:  # tensors and numbers only: nothing pickled is executed
         optimizer.load_state_dict(load_state_dict_file(folder / "optimizer.pt"))
     return json.loads((folder / STATE_FILE).read_text())
+
+
+def load_initial_weights(model: torch.nn.Module, artifact_uri: str, tracking_uri: str) -> None:
+    """The weights of a registered model folder (``model.safetensors``, the @champion's),
+    downloaded from the artifact store on this worker's node and loaded strictly."""
+    with tempfile.TemporaryDirectory() as folder:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=artifact_uri, dst_path=folder, tracking_uri=tracking_uri
+        )
+        load_safetensors_into(model, Path(local) / "model.safetensors")
 
 
 def parameter_groups(model: SISTAModel, lr_scales: dict[str, float]) -> list[dict[str, Any]]:
@@ -157,6 +175,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     state: dict[str, Any] = {"epoch": 0, "step": 0, "history": []}
     checkpoint = ray.train.get_checkpoint()
+    if config.get("init_from") and not checkpoint:  # a resumed run has its own weights
+        load_initial_weights(model, config["init_from"], config["tracking_uri"])
+        if rank == 0:
+            print(f"[pretrain] warm start from {config['init_from']}", flush=True)
     if checkpoint:
         with checkpoint.as_directory() as folder:
             state = load_training_state(Path(folder), model, optimizer)
@@ -293,19 +315,43 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
     variants = ["sista", *params.pretrain.baselines] if requested == "all" else [requested]
     for variant in variants:
         params.pretrain.variant(variant)  # an unknown name fails before any training
+    warm = None
+    if getattr(args, "warm_start", False):
+        if variants != ["sista"]:
+            raise ValueError("--warm-start continues SISTA's @champion: use --variant sista")
+        warm = champion_source(params)
     ensure_ray(params, dashboard=True)  # Ray Train's placement-group cleaner needs it
-    return {variant: train_variant(params, variant) for variant in variants}
+    return {variant: train_variant(params, variant, warm) for variant in variants}
 
 
-def train_variant(params: Params, variant: str) -> dict[str, Any]:
-    """Pre-train one variant into ``<storage>/pretrain/<variant>`` with its own MLflow run."""
+def champion_source(params: Params) -> dict[str, str]:
+    """The @champion version of the registered model and its model folder's artifact URI."""
+    version = champion_version(params)
+    if version is None:
+        raise ValueError(
+            f"--warm-start: registered model {params.mlflow.registered_model!r} has no "
+            "@champion to start from; pre-train without it (from scratch) first"
+        )
+    return {"version": str(version.version), "source": version.source}
+
+
+def train_variant(
+    params: Params, variant: str, warm: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Pre-train one variant into ``<storage>/pretrain/<variant>`` with its own MLflow run;
+    ``warm``: from these weights (:func:`champion_source`) for ``retrain.epochs`` epochs."""
     section = params.pretrain.variant(variant)
+    epochs = params.retrain.epochs if warm is not None else section.optim.epochs
+    if warm is not None:
+        optim = section.optim.model_copy(update={"epochs": epochs})
+        section = section.model_copy(update={"optim": optim})
     model_config = params.pretrain.model_config_for(variant)
     fingerprint = run_fingerprint(
         {
             "pretrain": section.model_dump(),
             "ingest": params.ingest.model_dump(),
             "similarity": params.similarity.model_dump(),
+            "warm_start": warm,
         }
     )
     if section.placement_strategy == "STRICT_SPREAD":
@@ -314,6 +360,7 @@ def train_variant(params: Params, variant: str) -> dict[str, Any]:
         "pretrain": section.model_dump(exclude={"baselines"}),
         "variant": variant,
         "fingerprint": fingerprint,
+        **({"warm_start_from": warm["version"]} if warm else {}),
     }
     with (
         stage_run(params, "pretrain", run_name=f"pretrain-{variant}", logged=logged) as run_,
@@ -324,7 +371,11 @@ def train_variant(params: Params, variant: str) -> dict[str, Any]:
         ) as (out, extra),
     ):
         trainer = build_trainer(
-            params, section, run_.info.run_id, f"pretrain-{variant}-{fingerprint}"
+            params,
+            section,
+            run_.info.run_id,
+            f"pretrain-{variant}-{fingerprint}",
+            init_from=warm["source"] if warm else None,
         )
         result = trainer.fit()
         model = SISTAModel(model_config)
@@ -342,8 +393,10 @@ def train_variant(params: Params, variant: str) -> dict[str, Any]:
         mlflow.log_artifact(str(out / "curves.png"))
         extra["metrics"] = metrics
         extra["worker_nodes"] = record_placement(state.get("workers", []), out / "workers.json")
+        if warm is not None:
+            extra["warm_start"] = {"champion_version": warm["version"], "epochs": epochs}
         if variant == "sista":
-            register_candidate(params, run_.info.run_id)
+            register_candidate(params, run_.info.run_id, warm["version"] if warm else None)
     return {k: round(v, 4) for k, v in metrics.items()}
 
 
@@ -400,9 +453,10 @@ def build_trainer(
     )
 
 
-def register_candidate(params: Params, run_id: str) -> str:
+def register_candidate(params: Params, run_id: str, warm_start_from: str | None = None) -> str:
     """Register this run's model folder as a new version with the alias ``candidate``, tagged
-    with what produced it (``lineage.data``, ``lineage.params``, ``lineage.code``)."""
+    with what produced it (``lineage.data``, ``lineage.params``, ``lineage.code``) and, for a
+    warm start, the version it started from (``retrain.warm_start_from``)."""
     name = params.mlflow.registered_model
     client = mlflow.MlflowClient()
     if not client.search_registered_models(f"name = '{name}'"):
@@ -411,6 +465,8 @@ def register_candidate(params: Params, run_id: str) -> str:
     # the version points straight at the logged artifact folder.
     source = f"{client.get_run(run_id).info.artifact_uri}/model"
     tags = lineage.of_ingested(params).tags()
+    if warm_start_from is not None:
+        tags["retrain.warm_start_from"] = warm_start_from
     version = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
     client.set_registered_model_alias(name, "candidate", version.version)
     return version.version
@@ -423,6 +479,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             default="all",
             help="all (default: sista, then every baseline), sista, or a baseline named in "
             "pretrain.baselines",
+        )
+        parser.add_argument(
+            "--warm-start",
+            action="store_true",
+            help="start SISTA from the registered model's @champion and train retrain.epochs "
+            "epochs (a scheduled run on new data)",
         )
 
     return stage_main("pretrain", run, argv, add_arguments)

@@ -5,11 +5,18 @@ exact block-wise top-k neighbours (memory O(N*k)), and statistics that let a use
 SIA threshold from data. Where pre-training freezes the first layers of this same encoder,
 the states after those layers are kept too (``text_states/``): pre-training reads them
 instead of recomputing them at every step of every variant.
+
+Incremental: when the previous output was made with the same settings and code, a report
+whose text and tokens are unchanged (``report_digests.txt``) keeps its embedding and states,
+and only new or changed reports are embedded. When the previous reports are all still there,
+unchanged, the top-k lists are merged with the new reports' (``add_neighbours``: the lists a
+rebuild gives, for new x all products) instead of rebuilt.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -30,17 +37,21 @@ import torch.nn.functional as F  # noqa: E402
 from sista_core.encoders import TextEncoder  # noqa: E402
 from sista_core.encoders.text import collate_tokens  # noqa: E402
 from sista_core.similarity import (  # noqa: E402
+    add_neighbours,
     flag_quality,
     similarity_statistics,
     topk_neighbours,
 )
 
+from .artifacts import read_manifest  # noqa: E402
 from .config import Params  # noqa: E402
+from .lineage import code_version  # noqa: E402
 from .pretrain_data import TOKEN_COLUMNS, label_semantics  # noqa: E402
 from .reports import TOKENS_FILE, read_token_table  # noqa: E402
 from .runtime import ensure_ray  # noqa: E402
 from .stage import stage_dir, stage_main  # noqa: E402
-from .stage_storage import stage_output  # noqa: E402
+from .stage_storage import StageOutputMissing, pull, stage_output  # noqa: E402
+from .storage import ObjectNotFound  # noqa: E402
 from .tracking import stage_run  # noqa: E402
 
 TEXT_STATES = "text_states"  # folder: the pre-training text encoder's frozen-layer states
@@ -199,6 +210,39 @@ def embed_reports(
     return vectors
 
 
+def embed_new_reports(
+    reports: pa.Table,
+    lengths: np.ndarray,
+    params: Params,
+    out: Path,
+    states: TextStatesWriter,
+    previous: PreviousSimilarity | None,
+    kept: list[int | None],
+    new: np.ndarray,
+) -> np.ndarray:
+    """:func:`embed_reports` for the reports at positions ``new`` only; the others (``kept``:
+    their row in ``previous``) take their embedding and states from the previous output."""
+    if previous is None or len(new) == len(kept):
+        return embed_reports(reports, lengths, params, out, states)
+    vectors = np.lib.format.open_memmap(
+        out, mode="w+", dtype=np.float16, shape=(len(kept), previous.embeddings.shape[1])
+    )
+    for position, row in enumerate(kept):
+        if row is not None:
+            vectors[position] = previous.embeddings[row]
+            if previous.states is not None and state_layers(params):
+                states.write(position, previous.report_states(row))
+    if len(new):
+        partial = out.with_name("new_embeddings.npy")
+        subset = reports.take(pa.array(new))
+        added = embed_reports(subset, lengths[new], params, partial, _Positions(states, new))
+        vectors[new] = added
+        del added
+        partial.unlink()
+    vectors.flush()
+    return vectors
+
+
 def findings_key(labels: list[float]) -> tuple[int, ...]:
     """What a report's phantom is drawn from: the findings it states positive or uncertain.
     Two reports with the same key are false negatives of each other."""
@@ -251,6 +295,84 @@ def plot_statistics(stats: dict[str, Any], threshold: float, source: str, path: 
     plt.close(figure)
 
 
+def report_digests(reports: pa.Table) -> list[str]:
+    """Per report, a digest of what its embedding and states are computed from: its cleaned
+    text and its token ids."""
+    texts = reports.column("text").to_pylist()
+    tokens = reports.column("input_ids").to_pylist()
+    return [
+        hashlib.blake2b(json.dumps([text, ids]).encode(), digest_size=12).hexdigest()
+        for text, ids in zip(texts, tokens, strict=True)
+    ]
+
+
+def embedding_settings(params: Params) -> dict[str, Any]:
+    """What every embedding, state and similarity of the output depends on besides the reports."""
+    return {
+        "similarity": params.similarity.model_dump(mode="json"),
+        "max_length": params.reports.max_length,
+        "text": params.pretrain.text.model_dump(mode="json"),
+        "state_layers": state_layers(params),
+        "code": code_version(),
+    }
+
+
+class PreviousSimilarity:
+    """The last completed output of this stage, when made with the same settings and code:
+    its embeddings, states and top-k lists by (record id, digest)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        ids = (folder / "record_ids.txt").read_text().split()
+        digests = (folder / "report_digests.txt").read_text().split()
+        self.row = {pair: i for i, pair in enumerate(zip(ids, digests, strict=True))}
+        self.embeddings = np.load(folder / "embeddings.npy", mmap_mode="r")
+        self.offsets = self.states = None  # kept only where pre-training reads them
+        if (folder / TEXT_STATES / "offsets.npy").exists():
+            self.offsets = np.load(folder / TEXT_STATES / "offsets.npy")
+            self.states = np.load(folder / TEXT_STATES / "states.npy", mmap_mode="r")
+
+    @classmethod
+    def of(cls, params: Params) -> PreviousSimilarity | None:
+        try:
+            folder = pull(params.storage, ["similarity"]) / "similarity"
+            if read_manifest(folder).get("settings") != embedding_settings(params):
+                return None
+            return cls(folder)
+        except (StageOutputMissing, ObjectNotFound, OSError, ValueError):
+            return None
+
+    def report_states(self, row: int) -> np.ndarray:
+        return self.states[self.offsets[row] : self.offsets[row + 1]]
+
+    def topk(self, position: dict[str, int], k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The old lists as (N, k) positions in the new order (-1 rows for the new reports;
+        every old report must be among the new ones, unchanged), or None for another k."""
+        table = pq.read_table(self.folder / "topk.parquet")
+        neighbours = table.column("neighbour_ids").combine_chunks()
+        if len(neighbours) and len(neighbours[0]) != k:
+            return None
+        indices = torch.full((len(position), k), -1, dtype=torch.long)
+        sims = torch.full((len(position), k), float("-inf"))
+        rows = torch.tensor([position[r] for r in table.column("record_id").to_pylist()])
+        listed = [position[r] for r in neighbours.flatten().to_pylist()]
+        indices[rows] = torch.tensor(listed, dtype=torch.long).view(-1, k)
+        sims[rows] = torch.from_numpy(
+            table.column("similarity").combine_chunks().flatten().to_numpy().reshape(-1, k)
+        ).float()
+        return indices, sims
+
+
+class _Positions:
+    """A states writer seen through a subset's positions (its row i is the full row rows[i])."""
+
+    def __init__(self, writer: TextStatesWriter, rows: np.ndarray) -> None:
+        self.writer, self.rows = writer, rows
+
+    def write(self, position: int, states: np.ndarray) -> None:
+        self.writer.write(int(self.rows[position]), states)
+
+
 def neighbour_table(ids: pa.Array, indices: torch.Tensor, sims: torch.Tensor) -> pa.Table:
     """``topk.parquet``: each report's id, its k neighbours' ids and their similarities,
     built as Arrow columns (not N*k Python objects)."""
@@ -276,15 +398,43 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
     ):
         layers = state_layers(params)
         lengths = pc.list_value_length(reports.column("input_ids")).to_numpy()
-        with TextStatesWriter(out / TEXT_STATES, lengths.tolist(), layers, params) as states:
-            embeddings = embed_reports(reports, lengths, params, out / "embeddings.npy", states)
         ids = reports.column("record_id").combine_chunks()
+        digests = report_digests(reports)
+        previous = PreviousSimilarity.of(params)
+        kept = [
+            previous.row.get(pair) if previous else None
+            for pair in zip(ids.to_pylist(), digests, strict=True)
+        ]
+        new = np.array([i for i, row in enumerate(kept) if row is None], np.int64)
+        with TextStatesWriter(out / TEXT_STATES, lengths.tolist(), layers, params) as states:
+            embeddings = embed_new_reports(
+                reports, lengths, params, out / "embeddings.npy", states, previous, kept, new
+            )
         with open(out / "record_ids.txt", "w") as listing:
             listing.writelines(f"{record_id}\n" for record_id in ids.to_pylist())
+        (out / "report_digests.txt").write_text("".join(f"{d}\n" for d in digests))
 
         vectors = torch.from_numpy(np.asarray(embeddings))
         k = min(config.top_k, len(ids) - 1)
-        indices, sims = topk_neighbours(vectors, k, block_size=config.block_size)
+        position = {record_id: i for i, record_id in enumerate(ids.to_pylist())}
+        # Merged only when every old report is still there, unchanged (reused).
+        reused = len(kept) - len(new)
+        appended = previous is not None and reused == len(previous.row)
+        old_lists = previous.topk(position, k) if appended else None
+        if old_lists is not None and not len(new):
+            indices, sims = old_lists
+        elif old_lists is not None:
+            indices, sims = add_neighbours(
+                vectors, *old_lists, torch.from_numpy(new), block_size=config.block_size
+            )
+        else:
+            indices, sims = topk_neighbours(vectors, k, block_size=config.block_size)
+        extra["settings"] = embedding_settings(params)
+        extra["counts"] = {
+            "embedded": len(new),
+            "reused": reused,
+            "topk": "computed" if old_lists is None else "merged" if len(new) else "reused",
+        }
         neighbours = neighbour_table(ids, indices, sims)
         pq.write_table(neighbours, out / "topk.parquet", compression="zstd")
         threshold, source = params.pretrain.sia.threshold, params.pretrain.semantics
@@ -308,6 +458,7 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
         chosen = stats["flag_quality"][source][threshold_key]
         summary = {
             "reports": len(ids),
+            "reports_embedded": len(new),
             "mean_similarity": round(stats["mean"], 4),
             "batch_false_negative_rate": stats["batch"]
             .get(threshold_key, {})

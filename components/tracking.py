@@ -176,3 +176,13 @@ def record_placement(placement: list[dict[str, Any]], path: Path) -> int:
     mlflow.log_metric("ray_worker_nodes", len(nodes))
     mlflow.log_artifact(str(path))
     return len(nodes)
+
+
+def champion_version(params: Params) -> Any | None:
+    """The registered model's version holding ``@champion`` (an MLflow ``ModelVersion``), or
+    None when no version holds it (or the model is not registered yet)."""
+    name = params.mlflow.registered_model
+    client = mlflow.MlflowClient(tracking_uri(params))
+    models = client.search_registered_models(f"name = '{name}'")
+    version = models[0].aliases.get("champion") if models else None
+    return None if version is None else client.get_model_version(name, str(version))

@@ -41,35 +41,44 @@ MLFLOW_SERVER = f"http://mlflow.{NAMESPACE}.svc.cluster.local:5000"
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def check_inputs(params_path: str, mlflow_tracking_uri: str) -> str:
-    """``retrain`` when the inputs (the sources' listing, params, code) differ from those of
-    the last run that reached publish, ``skip`` when nothing changed; either way the decision
-    is recorded as a run of the MLflow experiment ``<prefix>-schedule``."""
+    """Compare the inputs (the sources' listing, params, code) with those of the last run that
+    reached publish: ``skip`` (nothing changed), ``update`` (only the data: new records, SISTA
+    warm-started from @champion) or ``retrain`` (everything from scratch). The decision is
+    recorded as a run of the MLflow experiment ``<prefix>-schedule``."""
     import subprocess
     import sys
 
-    from pipeline.kubeflow_step import step_environment
+    from pipeline.kubeflow_step import decision_of, step_environment
 
     command = [sys.executable, "-m", "components.lineage", "--params", params_path, "--record"]
     print("running:", " ".join(command), flush=True)
     checked = subprocess.run(command, env=step_environment("", mlflow_tracking_uri))
-    if checked.returncode not in (0, 3):  # 3: nothing changed
-        raise RuntimeError(f"the input check failed with exit code {checked.returncode}")
-    return "retrain" if checked.returncode == 0 else "skip"
+    return decision_of(checked.returncode)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def run_stage(
-    stage: str, params_path: str, ray_address: str, mlflow_tracking_uri: str, variant: str = ""
+    stage: str,
+    params_path: str,
+    ray_address: str,
+    mlflow_tracking_uri: str,
+    variant: str = "",
+    decision: str = "retrain",
 ) -> str:
-    """One stage as a Ray job on the cluster (``ray_address`` empty: a local Ray instance)."""
+    """One stage as a Ray job on the cluster (``ray_address`` empty: a local Ray instance).
+    ``decision`` ``update``: pre-training warm-starts SISTA and keeps the baselines (unless
+    ``retrain.baselines``)."""
     import subprocess
     import sys
 
-    from pipeline.kubeflow_step import step_environment
+    from pipeline.kubeflow_step import stage_arguments, step_environment
 
+    arguments = stage_arguments(stage, variant, decision, params_path)
+    if arguments is None:
+        print(f"{stage} ({variant}): kept from the last run (update, retrain.baselines false)")
+        return f"{stage}/{variant}"
     command = [sys.executable, "-m", "pipeline.launch", stage, "--params", params_path]
-    if variant:
-        command += ["--variant", variant]
+    command += arguments
     environment = step_environment(ray_address, mlflow_tracking_uri)
     print("running:", " ".join(command), flush=True)
     subprocess.run(command, env=environment, check=True)
@@ -104,6 +113,11 @@ def sista_pipeline(
     ray_address: str = RAY_DASHBOARD,
     mlflow_tracking_uri: str = MLFLOW_SERVER,
 ) -> None:
+    check = _on_cluster(
+        check_inputs(params_path=params_path, mlflow_tracking_uri=mlflow_tracking_uri),
+        "check inputs",
+    )
+
     def stage(name: str, variant: str = "") -> dsl.PipelineTask:
         task = run_stage(
             stage=name,
@@ -111,14 +125,11 @@ def sista_pipeline(
             ray_address=ray_address,
             mlflow_tracking_uri=mlflow_tracking_uri,
             variant=variant,
+            decision=check.output,
         )
         return _on_cluster(task, f"{name} ({variant})" if variant else name)
 
-    check = _on_cluster(
-        check_inputs(params_path=params_path, mlflow_tracking_uri=mlflow_tracking_uri),
-        "check inputs",
-    )
-    with dsl.If(check.output == "retrain", name="inputs-changed"):
+    with dsl.If(check.output != "skip", name="inputs-changed"):
         ingest = stage("ingest")
         reports = stage("reports").after(ingest)
         similarity = stage("similarity").after(reports)

@@ -8,6 +8,30 @@ import os
 from urllib.parse import urlsplit
 
 
+def decision_of(returncode: int) -> str:
+    """The input check's decision from ``python -m components.lineage``'s exit code."""
+    from components.lineage import EXIT_CODES
+
+    decisions = {code: decision for decision, code in EXIT_CODES.items()}
+    if returncode not in decisions:
+        raise RuntimeError(f"the input check failed with exit code {returncode}")
+    return decisions[returncode]
+
+
+def stage_arguments(stage: str, variant: str, decision: str, params_path: str) -> list[str] | None:
+    """The stage's arguments after ``--params`` for this run's decision, or None when the step
+    has nothing to do: on ``update`` pre-training warm-starts SISTA from @champion and keeps
+    the baselines of the last run unless ``retrain.baselines``."""
+    arguments = ["--variant", variant] if variant else []
+    if stage != "pretrain" or decision != "update":
+        return arguments
+    if variant == "sista":
+        return [*arguments, "--warm-start"]
+    from components.config import load_params
+
+    return arguments if load_params(params_path).retrain.baselines else None
+
+
 def step_environment(ray_address: str, mlflow_tracking_uri: str) -> dict[str, str]:
     """The environment of a step's command. A step holds Ray's token and MLflow's login: it
     sends them only to services of the ``sista`` namespace (or this pod), whatever address a

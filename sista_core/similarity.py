@@ -308,6 +308,54 @@ def topk_neighbours(
     return lists.index, lists.sim
 
 
+def add_neighbours(
+    embeddings: torch.Tensor,
+    indices: torch.Tensor,
+    similarity: torch.Tensor,
+    new_rows: torch.Tensor,
+    block_size: int = 4096,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k lists of every row of ``embeddings`` (N, d) after reports ``new_rows`` were
+    added, without recomputing the old pairs: ``indices``/``similarity`` (N, k) hold each
+    other row's exact top-k among the other rows (the new rows' entries are ignored). Each old
+    row merges its list with its best new reports; each new row gets its top-k over all.
+    The result is :func:`topk_neighbours`' (self excluded, same order and ties), for
+    ``|new| x N`` products instead of ``N x N`` / 2. Memory: the lists and one block."""
+    _check_finite(embeddings)
+    num_reports, k = indices.shape
+    new_rows = torch.as_tensor(new_rows, dtype=torch.long).unique()  # ascending
+    if not 1 <= k <= num_reports - 1:
+        raise ValueError(f"k={k} must be in [1, {num_reports - 1}] for N={num_reports} reports")
+    is_new = torch.zeros(num_reports, dtype=torch.bool)
+    is_new[new_rows] = True
+    old_rows = (~is_new).nonzero().flatten()
+    best_index, best_sim = indices.clone(), similarity.clone().float()
+    best_index[new_rows], best_sim[new_rows] = -1, float("-inf")
+
+    def offer(rows: torch.Tensor, columns: torch.Tensor) -> None:
+        """Merge into ``rows``' lists their best among ``columns`` (both ascending)."""
+        if not len(rows) or not len(columns):
+            return
+        row_block = F.normalize(embeddings[rows].float(), dim=-1)
+        sims, index = best_sim[rows], best_index[rows]
+        for start in range(0, len(columns), block_size):
+            chosen = columns[start : start + block_size]
+            report_sim = row_block @ F.normalize(embeddings[chosen].float(), dim=-1).T
+            report_sim[rows[:, None] == chosen[None, :]] = float("-inf")  # not itself
+            top_sim, top_column = _block_topk(report_sim, min(k, len(chosen)))
+            targets = torch.arange(len(rows))[:, None].expand_as(top_column)
+            real = top_sim > float("-inf")
+            _merge_candidates(sims, index, targets[real], chosen[top_column][real], top_sim[real])
+        best_sim[rows], best_index[rows] = sims, index
+
+    all_rows = torch.arange(num_reports)
+    for start in range(0, len(new_rows), block_size):
+        offer(new_rows[start : start + block_size], all_rows)
+    for start in range(0, len(old_rows), block_size):
+        offer(old_rows[start : start + block_size], new_rows)
+    return best_index, best_sim
+
+
 def duplicate_groups(
     indices: torch.Tensor, similarity: torch.Tensor, threshold: float = 0.999
 ) -> torch.Tensor:

@@ -15,6 +15,7 @@ from infra_schemas import ROOT, manifests, validation_errors
 from components.config import Params
 from components.stage import JOBS, STAGES
 from pipeline import kubeflow
+from pipeline.kubeflow_step import decision_of, stage_arguments
 
 MANIFESTS = manifests()
 
@@ -175,15 +176,17 @@ def test_the_kubeflow_pipeline_runs_every_stage_on_the_cluster_in_dvc_order():
     variants = sorted(i["variant"] for i in tasks.values() if i["stage"] == "pretrain")
     assert variants == sorted(kubeflow.PRETRAIN_VARIANTS)
     spec, platform = _compiled(ROOT / kubeflow.PIPELINE_FILE)
-    # First the input check; the stages run only when it says retrain.
+    # First the input check; the stages run unless it says skip, and each step is told what
+    # it said (retrain or update).
     root = spec["root"]["dag"]["tasks"]
     (branch,) = [t for t in root.values() if "triggerPolicy" in t]
     assert branch["dependentTasks"] == ["check-inputs"]
     condition = branch["triggerPolicy"]["condition"]
-    assert (
-        condition == "inputs.parameter_values['pipelinechannel--check-inputs-Output'] == 'retrain'"
-    )
+    assert condition == "inputs.parameter_values['pipelinechannel--check-inputs-Output'] != 'skip'"
     dag = _stage_dag(spec)
+    for task in dag.values():
+        decision = task["inputs"]["parameters"]["decision"]
+        assert decision == {"componentInputParameter": "pipelinechannel--check-inputs-Output"}
     by_stage = {}
     for name, inputs in tasks.items():
         by_stage.setdefault(inputs["stage"], []).append(name)
@@ -329,3 +332,22 @@ def test_the_input_check_sends_mlflows_login_only_to_the_sista_namespace():
         kubeflow.check_inputs.python_func(
             params_path="params.yaml", mlflow_tracking_uri="http://mlflow.attacker.example:5000"
         )
+
+
+def test_each_step_runs_what_the_input_check_decided(tmp_path):
+    assert [decision_of(code) for code in (0, 3, 4)] == ["retrain", "skip", "update"]
+    with pytest.raises(RuntimeError, match="exit code 2"):
+        decision_of(2)  # a bad params file or an unreachable registry: the run fails
+    keep, again = tmp_path / "keep.yaml", tmp_path / "again.yaml"
+    keep.write_text("retrain: {baselines: false}\n")
+    again.write_text("retrain: {baselines: true}\n")
+    assert stage_arguments("ingest", "", "update", str(keep)) == []
+    assert stage_arguments("pretrain", "sista", "retrain", str(keep)) == ["--variant", "sista"]
+    assert stage_arguments("pretrain", "sista", "update", str(keep)) == [
+        "--variant",
+        "sista",
+        "--warm-start",
+    ]
+    assert stage_arguments("pretrain", "convirt", "update", str(keep)) is None  # kept
+    assert stage_arguments("pretrain", "convirt", "update", str(again)) == ["--variant", "convirt"]
+    assert stage_arguments("pretrain", "dense", "retrain", str(keep)) == ["--variant", "dense"]

@@ -1,7 +1,9 @@
-"""The Kubeflow pipeline itself, run end to end by kfp's local runner on a trimmed CI profile:
-the same step functions a cluster runs, each launching its stage (here on a local Ray
-instance: an empty ray_address), in the compiled order; publish registers @champion. Run
-again with nothing changed, the pipeline stops after its input check."""
+"""The Kubeflow pipeline itself, run end to end by kfp's local runner on a trimmed CI profile
+whose pre-training source is a MIMIC-CXR-JPG folder: the same step functions a cluster runs,
+each launching its stage (here on a local Ray instance: an empty ray_address), in the compiled
+order. Run 1 trains everything and publishes @champion; run 2, with nothing changed, stops
+after its input check; run 3, after new studies were released into the folder, decodes only
+those, warm-starts SISTA from the champion, keeps the baselines and lets the gate decide."""
 
 import json
 import os
@@ -11,8 +13,12 @@ import sys
 import time
 
 import mlflow
+import pyarrow.parquet as pq
 import pytest
 from pipeline_helpers import write_ci_params
+from protocol_layouts import build_mimic_cxr_jpg, release_mimic_studies, withhold_mimic_studies
+
+from components.artifacts import read_manifest
 
 pytestmark = [pytest.mark.slow, pytest.mark.system]
 
@@ -30,10 +36,14 @@ print("PIPELINE SUCCEEDED")
 @pytest.mark.timeout(2400)
 def test_the_kubeflow_pipeline_runs_every_step_and_publishes_a_champion(tmp_path):
     data = tmp_path / "data"
+    source = build_mimic_cxr_jpg(tmp_path / "mimic-cxr-jpg", studies=64)
+    new_studies = withhold_mimic_studies(source, 8, tmp_path / "next-release")
     params = write_ci_params(
         tmp_path,
         ("phantom_classification",),
         **{
+            "ingest.source": "mimic_cxr",
+            "ingest.source_path": str(source),
             # Absolute: each step runs in a process of kfp's own.
             "storage.uri": str(data),
             "mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
@@ -73,6 +83,7 @@ def test_the_kubeflow_pipeline_runs_every_step_and_publishes_a_champion(tmp_path
 
     log, _ = run_pipeline()
     assert "Task 'check-inputs' finished with status SUCCESS" in log
+    assert read_manifest(data / "ingest")["counts"]["pretrain_decoded"] == 56
     finished = re.findall(r"Task '(run-stage[-\d]*)' finished with status SUCCESS", log)
     assert len(set(finished)) == 8  # ingest, reports, similarity, 3 x pretrain, evaluate, publish
     for variant in ("sista", "convirt", "dense"):
@@ -94,6 +105,38 @@ def test_the_kubeflow_pipeline_runs_every_step_and_publishes_a_champion(tmp_path
     decisions = client.search_runs([schedule.experiment_id], order_by=["attributes.start_time"])
     assert [run.info.run_name for run in decisions] == ["retrain", "skipped"]
     assert decisions[1].data.tags["lineage.data"] == champion.tags["lineage.data"]
+
+    # The next release of the source: 8 new studies. Only they are decoded, SISTA continues
+    # from the champion, the baselines of run 1 are kept, and the gate decides.
+    baselines = {v: read_manifest(data / "pretrain" / v) for v in ("convirt", "dense")}
+    release_mimic_studies(source, tmp_path / "next-release")
+    log, _ = run_pipeline()
+    decisions = client.search_runs([schedule.experiment_id], order_by=["attributes.start_time"])
+    assert [run.info.run_name for run in decisions] == ["retrain", "skipped", "update"]
+    counts = read_manifest(data / "ingest")["counts"]
+    assert (counts["pretrain_decoded"], counts["pretrain_reused"]) == (8, 56)
+    assert counts["phantom_classification_decoded"] == 0
+    ingested = pq.read_table(data / "ingest" / "manifest.parquet").column("record_id")
+    assert set(new_studies) <= set(ingested.to_pylist())
+    similarity = read_manifest(data / "similarity")["counts"]
+    assert (similarity["embedded"], similarity["topk"]) == (8, "merged")
+    warm = read_manifest(data / "pretrain" / "sista")["warm_start"]
+    assert warm == {"champion_version": str(champion.version), "epochs": 1}
+    assert "[pretrain] warm start from" in log
+    for variant, before in baselines.items():
+        assert read_manifest(data / "pretrain" / variant) == before, variant
+        assert f"pretrain ({variant}): kept from the last run" in log
+
+    decision = json.loads((data / "publish" / "registry.json").read_text())
+    assert str(decision["champion_version_before"]) == str(champion.version)
+    candidate = client.get_model_version("sista-encoder", decision["candidate_version"])
+    assert candidate.tags["retrain.warm_start_from"] == str(champion.version)
+    assert candidate.tags["gate.rule"] and candidate.tags["gate.interval"]
+    now = client.get_model_version_by_alias("sista-encoder", "champion").version
+    assert now == (candidate.version if decision["promoted"] else champion.version)
+    for version in client.search_model_versions("name = 'sista-encoder'"):
+        assert {"lineage.data", "lineage.params", "lineage.code"} <= set(version.tags)
+    assert candidate.tags["lineage.data"] != champion.tags["lineage.data"]
 
 
 def _plain(log: str) -> str:

@@ -108,15 +108,22 @@ def publish_run(params: Params, tags: dict[str, str], status: str = "FINISHED") 
     return run.info.run_id
 
 
-def test_the_scheduled_check_compares_with_the_last_finished_publish(
-    source, tmp_path, capsys, monkeypatch
-):
+@pytest.fixture
+def checked(source, tmp_path, monkeypatch):
+    """MIMIC params with their own SQLite store, written to a params file: (params, file, store)."""
     store = {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     store["artifact_root"] = str(tmp_path / "artifacts")
     params = mimic_params(source, mlflow=store)
     params_file = tmp_path / "params.yaml"
     params_file.write_text(params.model_dump_json())  # JSON is YAML
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return params, params_file, store
+
+
+def test_the_scheduled_check_compares_with_the_last_finished_publish(
+    source, checked, tmp_path, capsys
+):
+    params, params_file, store = checked
 
     assert lineage.main(["--params", str(params_file)]) == 0
     assert "(no finished run yet)" in capsys.readouterr().out
@@ -154,3 +161,65 @@ def test_the_registered_lineage_is_ingests_listing_with_the_current_params(sourc
     recorded = lineage.of_ingested(params)
     assert (recorded.data, recorded.sources) == (listed.data, listed.sources)
     assert recorded.params == lineage.params_hash(params)
+
+
+NOW = lineage.Lineage(data="d2", params="p", code="c", sources=3)
+BEFORE = lineage.Lineage(data="d1", params="p", code="c", sources=2)
+
+
+@pytest.mark.parametrize(
+    ("before", "champion", "start", "decision"),
+    [
+        (NOW, BEFORE, "champion", "skip"),  # nothing changed
+        (BEFORE, BEFORE, "champion", "update"),  # new data, champion of these params and code
+        (BEFORE, BEFORE, "scratch", "retrain"),  # the profile asks for a full retrain
+        (BEFORE, None, "champion", "retrain"),  # no champion (or one without lineage tags)
+        (None, BEFORE, "champion", "retrain"),  # no finished run to compare with
+        (BEFORE, NOW.__class__("d1", "p-old", "c", 2), "champion", "retrain"),  # its params
+        (BEFORE, NOW.__class__("d1", "p", "c-old", 2), "champion", "retrain"),  # its code
+        (NOW.__class__("d1", "p-old", "c", 2), BEFORE, "champion", "retrain"),  # params changed
+        (NOW.__class__("d2", "p", "c-old", 3), BEFORE, "champion", "retrain"),  # code changed
+    ],
+)
+def test_the_scheduled_run_warm_starts_only_when_nothing_but_the_data_changed(
+    before, champion, start, decision
+):
+    assert lineage.decide(NOW, before, champion, start) == decision
+
+
+def test_the_check_reads_the_champion_and_says_update_with_its_exit_code(
+    source, checked, tmp_path, capsys
+):
+    params, params_file, store = checked
+    assert lineage.champion(params) is None  # no registered model yet
+
+    made = lineage.current(params)
+    publish_run(params, made.tags())
+    client = mlflow.MlflowClient(store["tracking_uri"])
+    client.create_registered_model(params.mlflow.registered_model)
+    for _ in range(2):
+        client.create_model_version(
+            params.mlflow.registered_model, source=str(tmp_path), tags=made.tags()
+        )
+    assert lineage.champion(params) is None  # versions, none of them @champion
+    client.set_registered_model_alias(params.mlflow.registered_model, "champion", "1")
+    assert lineage.champion(params) == ("1", made)
+
+    (source / "files" / "p10" / "p10000032" / "s50414268.txt").write_text("FINDINGS: new.")
+    out = tmp_path / "compare.json"
+    code = lineage.main(["--params", str(params_file), "--record", "--out", str(out)])
+    assert code == lineage.EXIT_CODES["update"] == 4
+    assert "update (new records only, SISTA warm-started from @champion version 1" in (
+        capsys.readouterr().out
+    )
+    assert json.loads(out.read_text())["champion"] == "1"
+    schedule = client.get_experiment_by_name("sista-schedule")
+    (recorded,) = client.search_runs([schedule.experiment_id])
+    assert recorded.info.run_name == "update"
+    assert recorded.data.tags["schedule.champion"] == "1"
+
+    scratch = params_file.parent / "scratch.yaml"
+    from_scratch = mimic_params(source, mlflow=store, retrain={"start": "scratch"})
+    assert lineage.params_hash(from_scratch) == lineage.params_hash(params)
+    scratch.write_text(from_scratch.model_dump_json())
+    assert lineage.main(["--params", str(scratch)]) == lineage.EXIT_CODES["retrain"] == 0

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from sista_core.similarity import (
+    add_neighbours,
     duplicate_groups,
     sample_batches,
     similarity_statistics,
@@ -90,6 +91,42 @@ def test_ties_go_to_the_lowest_index_whatever_the_blocks(block_size, symmetric):
     for report in identical:
         others = [j for j in identical if j != report]
         assert indices[report].tolist() == others[:3]
+        assert similarity[report].tolist() == [1.0, 1.0, 1.0]
+
+
+def lists_before(embeddings: torch.Tensor, new_rows: torch.Tensor, k: int, block_size: int):
+    """The (N, k) lists of an earlier cache that held every row but ``new_rows``."""
+    old_rows = torch.tensor([i for i in range(len(embeddings)) if i not in set(new_rows.tolist())])
+    old_index, old_sim = topk_neighbours(embeddings[old_rows], k, block_size=block_size)
+    indices = torch.full((len(embeddings), k), -1)
+    similarity = torch.full((len(embeddings), k), float("-inf"))
+    indices[old_rows], similarity[old_rows] = old_rows[old_index], old_sim
+    return indices, similarity
+
+
+@pytest.mark.parametrize("new_count", [1, 150, 1200])
+@pytest.mark.parametrize("block_size", [97, 4096])
+def test_added_reports_give_the_top_k_of_the_whole_set(report_embeddings, new_count, block_size):
+    embeddings = report_embeddings.half()
+    generator = torch.Generator().manual_seed(new_count)
+    new_rows = torch.randperm(NUM_REPORTS, generator=generator)[:new_count]
+    before = lists_before(embeddings, new_rows, 16, block_size=300)
+    indices, similarity = add_neighbours(embeddings, *before, new_rows, block_size=block_size)
+    assert_matches_brute_force(embeddings, indices, similarity, 16, exclude_self=True)
+    # the old rows' lists are kept where no new report entered them
+    untouched = ~torch.isin(indices, new_rows).any(1)
+    untouched[new_rows] = False
+    assert untouched.any() or new_count == 1200
+    assert torch.equal(indices[untouched], before[0][untouched])
+
+
+def test_added_identical_reports_tie_to_the_lowest_index():
+    embeddings, identical = corpus_with_identical_reports()
+    new_rows = torch.tensor([4, 20, 29])  # three copies arrive later
+    before = lists_before(embeddings, new_rows, 3, block_size=7)
+    indices, similarity = add_neighbours(embeddings, *before, new_rows, block_size=5)
+    for report in identical:
+        assert indices[report].tolist() == [j for j in identical if j != report][:3]
         assert similarity[report].tolist() == [1.0, 1.0, 1.0]
 
 
