@@ -51,9 +51,9 @@ from .stage_storage import (  # noqa: E402
     stage_output,
 )
 from .tracking import (  # noqa: E402
+    MetricLog,
     champion_version,
     last_logged_step,
-    log_metrics_at,
     record_placement,
     stage_run,
 )
@@ -207,14 +207,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             f"({config['batch_size']} x {world_size} workers)"
         )
     total_steps = config["epochs"] * steps_per_epoch
-    tracker = mlflow.MlflowClient(config["tracking_uri"]) if rank == 0 else None
+    client = mlflow.MlflowClient(config["tracking_uri"]) if rank == 0 else None
+    # Rank 0's step metrics: sent as they come, kept while the server is away.
+    tracker = MetricLog(client, config["mlflow_run_id"]) if client else None
     if rank == 0:
         source = "read from the similarity stage" if data.has_text_states else "run every step"
         print(f"[pretrain] frozen text layers: {source}", flush=True)
     # After a worker failure Ray restarts here from the last checkpoint: steps that the failed
     # attempt already logged are run again but not logged again.
     logged_up_to = (
-        last_logged_step(tracker, config["mlflow_run_id"], ("loss", "epoch_loss")) if tracker else 0
+        last_logged_step(client, config["mlflow_run_id"], ("loss", "epoch_loss")) if client else 0
     )
     validation = PretrainData(data_root, "val", config["semantics"]) if rank == 0 else None
     # A sweep (components/sweep.py) reports every ``report_every`` steps too, with
@@ -263,13 +265,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 sums[name] = sums.get(name, 0.0) + value
             if tracker is not None and state["step"] % config["log_every"] == 0:
                 if state["step"] > logged_up_to:
-                    log_metrics_at(tracker, config["mlflow_run_id"], step_metrics, state["step"])
+                    tracker.log(step_metrics, state["step"])
                 state["history"].append({"step": state["step"], "epoch": epoch, **step_metrics})
             mid_epoch = state["step"] % steps_per_epoch != 0  # the epoch's end reports below
             if report_every and state["step"] % report_every == 0 and mid_epoch:
                 scores = scorer(core) if scorer and rank == 0 else {}
                 if tracker is not None and scores and state["step"] > logged_up_to:
-                    log_metrics_at(tracker, config["mlflow_run_id"], scores, state["step"])
+                    tracker.log(scores, state["step"])
                 ray.train.report({"step": state["step"], "epoch": epoch, **scores})
             tick = time.perf_counter()
 
@@ -282,10 +284,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 epoch_metrics.update(retrieval_recall(core, validation))
                 epoch_metrics.update(scorer(core) if scorer else {})
                 if state["step"] > logged_up_to:
-                    log_metrics_at(tracker, config["mlflow_run_id"], epoch_metrics, state["step"])
+                    tracker.log(epoch_metrics, state["step"])
                 save_training_state(Path(folder), core, optimizer, state)
                 epoch_checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(epoch_metrics, checkpoint=epoch_checkpoint)
+    if tracker is not None:
+        tracker.flush()  # the stage completes with every step's metrics on the server
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path, title: str) -> None:

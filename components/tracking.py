@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import time
+from collections import deque
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -156,15 +157,90 @@ def last_logged_step(client: mlflow.MlflowClient, run_id: str, keys: tuple[str, 
     return max(steps, default=0)
 
 
-def log_metrics_at(
-    client: mlflow.MlflowClient, run_id: str, metrics: Mapping[str, float], step: int
-) -> None:
-    """Log ``metrics`` at ``step`` in one request."""
+def _metrics_at(metrics: Mapping[str, float], step: int) -> list[mlflow.entities.Metric]:
     timestamp = int(time.time() * 1000)
-    client.log_batch(
-        run_id,
-        metrics=[mlflow.entities.Metric(k, float(v), timestamp, step) for k, v in metrics.items()],
-    )
+    return [mlflow.entities.Metric(k, float(v), timestamp, step) for k, v in metrics.items()]
+
+
+# MLflow error codes of a store that answered and refused the request (keeping it would not help)
+REFUSED = ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE", "BAD_REQUEST")
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server did not take kept metrics before the end of the run's patience."""
+
+
+@contextmanager
+def _quick_requests() -> Iterator[None]:
+    """MLflow's HTTP client without its retries (seven, backing off for minutes): a request
+    to a server that is away fails at once, and the caller decides what to do."""
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    before = {name: os.environ.get(name) for name in quick}
+    os.environ.update(quick)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+class MetricLog:
+    """A run's step metrics, sent to the tracking store as they are made; training never waits
+    for it. A batch the store does not take (a server that is down, restarting, unreachable) is
+    kept, in order, and sent before the next one once the store answers again. A batch leaves
+    the queue only once taken, with the time it was made: nothing is logged twice (MLflow drops
+    an identical metric sent again), nothing is lost while the process lives. ``flush``, at the
+    end of training, waits for the store to take what is kept."""
+
+    def __init__(self, client: mlflow.MlflowClient, run_id: str) -> None:
+        self.client, self.run_id = client, run_id
+        self.kept: deque[list[mlflow.entities.Metric]] = deque()
+        self.away_since: float | None = None
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        self.kept.append(_metrics_at(metrics, step))
+        self.send()
+
+    def send(self) -> bool:
+        """Send what is kept, oldest first; False when the store did not take it all."""
+        with _quick_requests():
+            while self.kept:
+                try:
+                    self.client.log_batch(self.run_id, metrics=self.kept[0])
+                except Exception as error:  # noqa: BLE001 (unreachable, down, overloaded: later)
+                    if getattr(error, "error_code", None) in REFUSED:
+                        raise  # the store answered and refused these metrics: not an outage
+                    if self.away_since is None:
+                        self.away_since = time.monotonic()
+                        reason = str(error).splitlines()[0][:200]
+                        print(
+                            f"[tracking] MLflow did not take the step metrics ({reason}); "
+                            "training goes on, they are kept and sent when it answers",
+                            flush=True,
+                        )
+                    return False
+                self.kept.popleft()
+        if self.away_since is not None:
+            away = time.monotonic() - self.away_since
+            print(
+                f"[tracking] MLflow answers again after {away:.0f} s: kept metrics sent", flush=True
+            )
+            self.away_since = None
+        return True
+
+    def flush(self, patience_s: float = 600.0, every_s: float = 5.0) -> None:
+        """Wait until the store took everything kept; TrackingUnavailable after ``patience_s``."""
+        deadline = time.monotonic() + patience_s
+        while not self.send():
+            if time.monotonic() > deadline:
+                raise TrackingUnavailable(
+                    f"MLflow has not answered for {patience_s:.0f} s: {len(self.kept)} batches "
+                    f"of step metrics of run {self.run_id} could not be logged"
+                )
+            time.sleep(every_s)
 
 
 def record_placement(placement: list[dict[str, Any]], path: Path) -> int:

@@ -98,22 +98,36 @@ def serve_on_free_port(
     on a fresh one. Returns the process and its port."""
 
     def start(port: int) -> tuple[subprocess.Popen, int]:
-        with open(log, "wb") as output:
-            process = subprocess.Popen(
-                command_for(port),
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                **popen,
-            )
-        try:
-            wait_until_up(f"http://{HOST}:{port}{health_path}", port, process, log, timeout_s)
-        except BaseException:
-            stop_process_tree(process)
-            raise
-        return process, port
+        return serve_on(port, command_for, health_path, log, timeout_s, **popen), port
 
     return start_on_free_port(start, what)
+
+
+def serve_on(
+    port: int,
+    command_for: Callable[[int], list[str]],
+    health_path: str,
+    log: Path,
+    timeout_s: float,
+    append: bool = False,
+    **popen: Any,
+) -> subprocess.Popen:
+    """Start the server process ``command_for(port)`` (its output to ``log``, after what is
+    there when ``append``) and wait until ``health_path`` answers from ``port``."""
+    with open(log, "ab" if append else "wb") as output:
+        process = subprocess.Popen(
+            command_for(port),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            **popen,
+        )
+    try:
+        wait_until_up(f"http://{HOST}:{port}{health_path}", port, process, log, timeout_s)
+    except BaseException:
+        stop_process_tree(process)
+        raise
+    return process
 
 
 @dataclass
@@ -216,10 +230,28 @@ class MLflowServer:
             Path(self.folder) / "mlflow-server.log",
             "MLflow server",
             timeout_s,
-            env={**os.environ, **self.env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            env=self._environment(),
             cwd=self.folder,
         )
         return self
+
+    def restart(self, timeout_s: float = 120.0) -> MLflowServer:
+        """Start the stopped server again on its port, with its store: clients keep its URL."""
+        self.stop()
+        self.process = serve_on(
+            self.port,
+            self.command,
+            "/health",
+            Path(self.folder) / "mlflow-server.log",
+            timeout_s,
+            append=True,
+            env=self._environment(),
+            cwd=self.folder,
+        )
+        return self
+
+    def _environment(self) -> dict[str, str]:
+        return {**os.environ, **self.env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
     def stop(self) -> None:
         if self.process is not None:

@@ -1,5 +1,9 @@
+import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
 from components.secrets import redacted
-from components.tracking import flatten
+from components.tracking import MetricLog, TrackingUnavailable, flatten
 
 
 def test_secrets_in_a_config_are_masked_before_mlflow_sees_them():
@@ -48,3 +52,54 @@ def test_urls_lose_their_user_information_and_query_values():
         "http://ray-head:8265/?token=***"
     )
     assert redacted("note", "plain text?a=b") == "plain text?a=b"  # not a URL
+
+
+class FlakyStore:
+    """A tracking client whose server is away for the calls listed in ``away`` (0-based)."""
+
+    def __init__(self, away: set[int], error: Exception | None = None) -> None:
+        self.away, self.calls, self.taken = away, 0, []
+        self.error = error or MlflowException("API request failed: Connection refused")
+
+    def log_batch(self, run_id, metrics):
+        call, self.calls = self.calls, self.calls + 1
+        if call in self.away:
+            raise self.error
+        self.taken.append([(m.key, m.step, m.timestamp) for m in metrics])
+
+
+def test_metrics_made_while_the_server_is_away_are_sent_in_order_once_it_answers(capsys):
+    store = FlakyStore(away={1, 2, 3})
+    log = MetricLog(store, "run")
+    for step in (5, 10, 15, 20):
+        log.log({"loss": 1.0 / step}, step)
+    # step 5 taken; step 10 refused (1), retried with 15 (2) and 20 (3); all go on call 4
+    assert [batch[0][1] for batch in store.taken] == [5]
+    assert len(log.kept) == 3
+    assert log.send()
+    assert [batch[0][1] for batch in store.taken] == [5, 10, 15, 20]
+    assert not log.kept
+    output = capsys.readouterr().out
+    assert output.count("did not take the step metrics") == 1
+    assert "answers again" in output
+    timestamps = [batch[0][2] for batch in store.taken]
+    assert timestamps == sorted(timestamps)  # the time each was made, not sent
+
+
+def test_a_store_that_refuses_the_metrics_is_an_error_not_an_outage():
+    refused = MlflowException("bad value", error_code=INVALID_PARAMETER_VALUE)
+    log = MetricLog(FlakyStore(away={0}, error=refused), "run")
+    with pytest.raises(MlflowException, match="bad value"):
+        log.log({"loss": 1.0}, 5)
+
+
+def test_flush_waits_for_the_server_and_gives_up_after_its_patience():
+    store = FlakyStore(away={0, 1, 2})
+    log = MetricLog(store, "run")
+    log.log({"loss": 1.0}, 5)
+    log.flush(patience_s=5, every_s=0.01)  # refused twice more, then taken
+    assert store.taken == [[("loss", 5, store.taken[0][0][2])]]
+    gone = MetricLog(FlakyStore(away=set(range(1000))), "run")
+    gone.log({"loss": 1.0}, 5)
+    with pytest.raises(TrackingUnavailable, match="1 batches of step metrics of run run"):
+        gone.flush(patience_s=0.05, every_s=0.01)
