@@ -116,19 +116,37 @@ def experiment_name(params: Params, stage: str) -> str:
 def experiment_for(params: Params, stage: str) -> str:
     """Create (in the driver, before any Ray worker asks) and return the stage's experiment."""
     uri = tracking_uri(params)
-    mlflow.set_tracking_uri(uri)
     name = experiment_name(params, stage)
-    if mlflow.get_experiment_by_name(name) is None:
-        root = params.mlflow.artifact_root
-        if "://" in root:
-            location = f"{root.rstrip('/')}/{name}"
-        elif uri.startswith(("http://", "https://")):
-            location = None  # a local folder of this machine means nothing to a server
-        else:
-            location = f"{Path(root).resolve().as_uri()}/{name}"
-        mlflow.create_experiment(name, artifact_location=location)
-    mlflow.set_experiment(name)
+    with _environment_kept(("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")):
+        mlflow.set_tracking_uri(uri)
+        if mlflow.get_experiment_by_name(name) is None:
+            root = params.mlflow.artifact_root
+            if "://" in root:
+                location = f"{root.rstrip('/')}/{name}"
+            elif uri.startswith(("http://", "https://")):
+                location = None  # a local folder of this machine means nothing to a server
+            else:
+                location = f"{Path(root).resolve().as_uri()}/{name}"
+            mlflow.create_experiment(name, artifact_location=location)
+        mlflow.set_experiment(name)
     return name
+
+
+@contextmanager
+def _environment_kept(names: tuple[str, ...]) -> Iterator[None]:
+    """These environment variables as they were before the block. mlflow.set_tracking_uri and
+    set_experiment write theirs, and ``MLFLOW_TRACKING_URI`` is the user's override
+    (:func:`tracking_uri`): a later stage in the same process with another store must not
+    read this one's back as an override."""
+    before = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextmanager
@@ -175,16 +193,9 @@ def _quick_requests() -> Iterator[None]:
     """MLflow's HTTP client without its retries (seven, backing off for minutes): a request
     to a server that is away fails at once, and the caller decides what to do."""
     quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-    before = {name: os.environ.get(name) for name in quick}
-    os.environ.update(quick)
-    try:
+    with _environment_kept(tuple(quick)):
+        os.environ.update(quick)
         yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 class MetricLog:

@@ -1,3 +1,6 @@
+import os
+
+import mlflow
 import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
@@ -103,3 +106,22 @@ def test_flush_waits_for_the_server_and_gives_up_after_its_patience():
     gone.log({"loss": 1.0}, 5)
     with pytest.raises(TrackingUnavailable, match="1 batches of step metrics of run run"):
         gone.flush(patience_s=0.05, every_s=0.01)
+
+
+def test_a_second_store_in_the_same_process_gets_its_own_runs(tmp_path, monkeypatch):
+    from components.config import Params
+    from components.tracking import stage_run
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    ids = {}
+    for name in ("first", "second"):
+        store = {"tracking_uri": f"sqlite:///{tmp_path / name}.db"}
+        params = Params.model_validate({"mlflow": {**store, "artifact_root": str(tmp_path)}})
+        with stage_run(params, "ingest") as run:
+            ids[name] = run.info.run_id
+        # mlflow.set_tracking_uri writes MLFLOW_TRACKING_URI, the user's override: put back
+        assert "MLFLOW_TRACKING_URI" not in os.environ
+    for name, run_id in ids.items():
+        client = mlflow.MlflowClient(f"sqlite:///{tmp_path / name}.db")
+        assert client.get_run(run_id).info.run_id == run_id
