@@ -227,11 +227,12 @@ def embed_new_reports(
     vectors = np.lib.format.open_memmap(
         out, mode="w+", dtype=np.float16, shape=(len(kept), previous.embeddings.shape[1])
     )
-    for position, row in enumerate(kept):
-        if row is not None:
-            vectors[position] = previous.embeddings[row]
-            if previous.states is not None and state_layers(params):
-                states.write(position, previous.report_states(row))
+    positions = np.array([i for i, row in enumerate(kept) if row is not None], np.int64)
+    rows = np.array([row for row in kept if row is not None], np.int64)
+    vectors[positions] = previous.embeddings[rows]
+    if previous.states is not None and state_layers(params):
+        for position, row in zip(positions.tolist(), rows.tolist(), strict=True):
+            states.write(position, previous.report_states(row))
     if len(new):
         partial = out.with_name("new_embeddings.npy")
         subset = reports.take(pa.array(new))
@@ -345,18 +346,21 @@ class PreviousSimilarity:
     def report_states(self, row: int) -> np.ndarray:
         return self.states[self.offsets[row] : self.offsets[row + 1]]
 
-    def topk(self, position: dict[str, int], k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The old lists as (N, k) positions in the new order (-1 rows for the new reports;
-        every old report must be among the new ones, unchanged), or None for another k."""
+    def topk(self, ids: pa.Array, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The old lists as (N, k) positions in ``ids``, the new order (-1 rows for the new
+        reports; every old report must be among them, unchanged), or None for another k."""
         table = pq.read_table(self.folder / "topk.parquet")
         neighbours = table.column("neighbour_ids").combine_chunks()
         if len(neighbours) and len(neighbours[0]) != k:
             return None
-        indices = torch.full((len(position), k), -1, dtype=torch.long)
-        sims = torch.full((len(position), k), float("-inf"))
-        rows = torch.tensor([position[r] for r in table.column("record_id").to_pylist()])
-        listed = [position[r] for r in neighbours.flatten().to_pylist()]
-        indices[rows] = torch.tensor(listed, dtype=torch.long).view(-1, k)
+
+        def positions(names: pa.Array) -> torch.Tensor:
+            return torch.from_numpy(pc.index_in(names, value_set=ids).to_numpy().astype(np.int64))
+
+        indices = torch.full((len(ids), k), -1, dtype=torch.long)
+        sims = torch.full((len(ids), k), float("-inf"))
+        rows = positions(table.column("record_id").combine_chunks())
+        indices[rows] = positions(neighbours.flatten()).view(-1, k)
         sims[rows] = torch.from_numpy(
             table.column("similarity").combine_chunks().flatten().to_numpy().reshape(-1, k)
         ).float()
@@ -416,11 +420,10 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
 
         vectors = torch.from_numpy(np.asarray(embeddings))
         k = min(config.top_k, len(ids) - 1)
-        position = {record_id: i for i, record_id in enumerate(ids.to_pylist())}
         # Merged only when every old report is still there, unchanged (reused).
         reused = len(kept) - len(new)
         appended = previous is not None and reused == len(previous.row)
-        old_lists = previous.topk(position, k) if appended else None
+        old_lists = previous.topk(ids, k) if appended else None
         if old_lists is not None and not len(new):
             indices, sims = old_lists
         elif old_lists is not None:
