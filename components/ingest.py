@@ -46,13 +46,12 @@ from sista_core.findings import OBSERVATIONS
 from sista_core.reports.sections import extract_sections
 
 from . import lineage, storage
-from .artifacts import read_manifest
 from .config import PRETRAIN_SET, IngestSection, Params
 from .downstream_sets import SetLabels, SetPlan, Split, plan_sets
 from .remote_sources import RemoteSource, mirrored, prepare
 from .runtime import ensure_ray, on_this_node
 from .stage import stage_main
-from .stage_storage import StageOutputMissing, pull, settings_for, stage_output
+from .stage_storage import previous_output, settings_for, stage_output
 from .tracking import stage_run
 
 RECORDS_PER_TASK = 64  # per-record work is milliseconds: amortise Ray's per-task overhead
@@ -237,22 +236,18 @@ class PreviousIngest:
         self.position = {(d, r): (f, i) for i, (d, r, f) in enumerate(keys)}
 
     @classmethod
-    def of(cls, params: Params) -> PreviousIngest | None:
+    def of(cls, params: Params, code: str) -> PreviousIngest | None:
         """The previous output of this pipeline's ingest, when there is one made with the
-        current ``ingest`` settings and code (anything else decodes every record again)."""
-        try:
-            root = pull(params.storage, ["ingest"])
-        except (StageOutputMissing, storage.ObjectNotFound):
+        current ``ingest`` settings and ``code`` (``lineage.code_version``; anything else
+        decodes every record again)."""
+        previous = previous_output(params, "ingest")
+        if previous is None:
             return None
-        folder = root / "ingest"
-        try:
-            manifest = read_manifest(folder)
-        except (OSError, ValueError):
-            return None
+        folder, manifest = previous
         if manifest.get("ingest_settings") != params.ingest.model_dump(mode="json"):
             print("[ingest] the previous output used other ingest settings: decoding everything")
             return None
-        if manifest.get("code") != lineage.code_version():
+        if manifest.get("code") != code:
             print("[ingest] the previous output was made by other code: decoding everything")
             return None
         try:
@@ -738,7 +733,7 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
         extra["lineage"] = asdict(inputs)
         extra["ingest_settings"] = params.ingest.model_dump(mode="json")
         extra["code"] = inputs.code
-        previous = PreviousIngest.of(params)
+        previous = PreviousIngest.of(params, inputs.code)
         settings = settings_for(params.storage)
         combined = IngestResult()
         counts: dict[str, int] = {}

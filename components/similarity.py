@@ -43,15 +43,13 @@ from sista_core.similarity import (  # noqa: E402
     topk_neighbours,
 )
 
-from .artifacts import read_manifest  # noqa: E402
 from .config import Params  # noqa: E402
 from .lineage import code_version  # noqa: E402
 from .pretrain_data import TOKEN_COLUMNS, label_semantics  # noqa: E402
 from .reports import TOKENS_FILE, read_token_table  # noqa: E402
 from .runtime import ensure_ray  # noqa: E402
 from .stage import stage_dir, stage_main  # noqa: E402
-from .stage_storage import StageOutputMissing, pull, stage_output  # noqa: E402
-from .storage import ObjectNotFound  # noqa: E402
+from .stage_storage import previous_output, stage_output  # noqa: E402
 from .tracking import stage_run  # noqa: E402
 
 TEXT_STATES = "text_states"  # folder: the pre-training text encoder's frozen-layer states
@@ -334,13 +332,14 @@ class PreviousSimilarity:
             self.states = np.load(folder / TEXT_STATES / "states.npy", mmap_mode="r")
 
     @classmethod
-    def of(cls, params: Params) -> PreviousSimilarity | None:
+    def of(cls, params: Params, settings: dict[str, Any]) -> PreviousSimilarity | None:
+        """The previous output, when made with ``settings`` (:func:`embedding_settings`)."""
+        previous = previous_output(params, "similarity")
+        if previous is None or previous[1].get("settings") != settings:
+            return None
         try:
-            folder = pull(params.storage, ["similarity"]) / "similarity"
-            if read_manifest(folder).get("settings") != embedding_settings(params):
-                return None
-            return cls(folder)
-        except (StageOutputMissing, ObjectNotFound, OSError, ValueError):
+            return cls(previous[0])
+        except (OSError, ValueError):
             return None
 
     def report_states(self, row: int) -> np.ndarray:
@@ -404,7 +403,8 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
         lengths = pc.list_value_length(reports.column("input_ids")).to_numpy()
         ids = reports.column("record_id").combine_chunks()
         digests = report_digests(reports)
-        previous = PreviousSimilarity.of(params)
+        settings = embedding_settings(params)  # reads every source file once (code version)
+        previous = PreviousSimilarity.of(params, settings)
         kept = [
             previous.row.get(pair) if previous else None
             for pair in zip(ids.to_pylist(), digests, strict=True)
@@ -432,7 +432,7 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
             )
         else:
             indices, sims = topk_neighbours(vectors, k, block_size=config.block_size)
-        extra["settings"] = embedding_settings(params)
+        extra["settings"] = settings
         extra["counts"] = {
             "embedded": len(new),
             "reused": reused,

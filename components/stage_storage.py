@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import storage
-from .artifacts import MANIFEST, atomic_output_dir, content_hashes
+from .artifacts import MANIFEST, atomic_output_dir, content_hashes, read_manifest
 from .config import Params, StorageSection
 
 # Where the launcher exports the files git versions for DVC (relative to the folder `dvc repro`
@@ -175,6 +175,16 @@ def push(section: StorageSection, folder: str) -> None:
     for stale in set(storage.list_prefix(remote, settings=settings)) - written:
         storage.delete(stale, settings=settings)
     storage.copy_file(str(local / MANIFEST), manifest, settings=settings)
+
+
+def previous_output(params: Params, folder: str) -> tuple[Path, dict[str, Any]] | None:
+    """A stage folder's last completed output (pulled when on S3) and its manifest, for a
+    stage that reuses what it made before; None when there is none or it is unreadable."""
+    try:
+        local = pull(params.storage, [folder]) / folder
+        return local, read_manifest(local)
+    except (storage.ObjectNotFound, OSError, ValueError):  # StageOutputMissing included
+        return None
 
 
 @contextmanager

@@ -19,6 +19,7 @@ from components.artifacts import read_manifest
 from components.config import Params
 from components.ingest import PreviousIngest, ShardImages, read_shard_masks
 from components.ingest import run as run_ingest
+from components.lineage import code_version
 from components.reports import run as run_reports
 from components.similarity import TEXT_STATES
 from components.similarity import run as run_similarity
@@ -170,8 +171,10 @@ def test_new_studies_are_decoded_alone_and_the_result_is_a_full_ingest(tmp_path,
         assert np.array(neighbours)[close].tolist() == np.array(rebuilt_ids)[close].tolist()
 
     # Other ingest settings: nothing of the previous output is reused.
-    assert PreviousIngest.of(ingest_params(tmp_path, source, image_size=48)) is None
-    assert PreviousIngest.of(params) is not None
+    code = code_version()
+    assert PreviousIngest.of(ingest_params(tmp_path, source, image_size=48), code) is None
+    assert PreviousIngest.of(params, "other code") is None
+    assert PreviousIngest.of(params, code) is not None
 
 
 def test_quarantined_records_are_not_read_again_until_they_change(tmp_path, local_ray):
