@@ -469,8 +469,12 @@ class SweepSection(Section):
 
     # Dotted params.yaml keys under pretrain (what `dvc exp run -S` takes) -> distribution.
     space: dict[str, Distribution] = Field(default_factory=_default_space)
-    trials: int = Field(10, ge=1)
-    include_current: bool = True  # the first trial is params.yaml's own values
+    trials: int = Field(10, ge=1)  # sampled settings, searched with ASHA
+    # params.yaml's own values are trained to the end once per pre-training seed here, never
+    # stopped early: the baseline and its spread over seeds, which a sampled trial must exceed
+    # to replace the defaults. Empty: no baseline, the best completed trial wins.
+    current_seeds: tuple[int, ...] = (0, 1, 2)
+    noise_sds: float = Field(2.0, ge=0)  # the margin: this many standard deviations over seeds
     # probe_auroc: mean validation macro AUROC of linear probes trained on the label subsets
     # of ``probe_fractions`` (every ingest seed); retrieval: image-to-report recall@5 on the
     # held-out pre-training pairs.

@@ -1,12 +1,20 @@
 """Job ``sweep``: Ray Tune over pre-training's loss weights, SIA threshold and temperatures.
 
 Every trial pre-trains through the pipeline's own ``TorchTrainer`` (``pretrain.build_trainer``)
-with the trial's settings, reports a cheap validation signal (``components.sweep_signal``)
-every ``sweep.report_every`` steps, and ASHA stops the trials that trail at its rungs. The
-sweep is one MLflow parent run in the ``<prefix>-sweep`` experiment with one child run per
-trial (its settings, loss curves and signal). The best trial that trained to the end is
-written as dotted ``params.yaml`` keys (``best_params.yaml``) for ``sista sweep --apply`` or
-``dvc exp run -S``. Not a DVC stage: ``dvc repro`` never starts a sweep.
+with the trial's settings and reports a cheap validation signal (``components.sweep_signal``)
+every ``sweep.report_every`` steps. Two phases:
+
+1. the baseline: params.yaml's own values, trained to the end once per seed of
+   ``sweep.current_seeds`` (never stopped): the signal's mean and its spread over seeds;
+2. the search: ``sweep.trials`` sampled settings, ASHA stopping the ones that trail at its rungs.
+
+The best sampled trial that trained to the end replaces the defaults only if it beats the
+baseline's mean by more than ``sweep.noise_sds`` standard deviations over seeds; otherwise the
+current values are kept, with the reason. The sweep is one MLflow parent run in the
+``<prefix>-sweep`` experiment with one child run per trial (its settings, loss curves and
+signal); the chosen settings are written as dotted ``params.yaml`` keys (``best_params.yaml``)
+for ``sista sweep --apply`` or ``dvc exp run -S``. Not a DVC stage: ``dvc repro`` never starts
+a sweep.
 
     python -m pipeline.launch sweep          # or: sista sweep
 """
@@ -17,6 +25,7 @@ import argparse
 import datetime as dt
 import json
 import re
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +33,7 @@ import mlflow
 import pyarrow.fs
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from .config import (
@@ -43,6 +52,7 @@ from .sweep_signal import SIGNALS, ValidationSignal
 from .tracking import stage_run
 
 TRIAL_TAG = "sweep.trial_id"
+SEED_KEY = "pretrain.seed"
 
 
 def sampler(distribution: Distribution) -> Any:
@@ -121,6 +131,8 @@ def run_trial(config: dict[str, float], params: Params, parent: dict[str, str]) 
 
     trial_id = tune.get_context().get_trial_id()
     overrides = trial_settings(config, params.sweep.space)
+    if SEED_KEY in config:  # a baseline trial: the current values with another seed
+        overrides[SEED_KEY] = int(config[SEED_KEY])
     section = trial_section(params, overrides)
     client = mlflow.MlflowClient(tracking_uri(params))
     child = client.create_run(
@@ -145,10 +157,10 @@ def run_trial(config: dict[str, float], params: Params, parent: dict[str, str]) 
 
 
 def trial_rows(
-    results: tune.ResultGrid, keys: list[str], metric: str, total_steps: int
+    results: tune.ResultGrid, keys: list[str], metric: str, total_steps: int, phase: str
 ) -> list[dict[str, Any]]:
-    """One row per trial in creation order: settings, the signal at each report, how far it
-    trained and why it stopped."""
+    """One row per trial of one phase (``current`` or ``search``) in creation order:
+    settings, seed, the signal at each report, how far it trained and why it stopped."""
     rows = []
     for result in results:
         history = result.metrics_dataframe
@@ -172,7 +184,9 @@ def trial_rows(
         rows.append(
             {
                 "trial_id": result.metrics.get("trial_id") or trial_id_of(result.path),
+                "phase": phase,
                 "settings": trial_settings(result.config, keys),
+                "seed": int(result.config[SEED_KEY]) if SEED_KEY in result.config else None,
                 "reports": reports,
                 "steps": steps,
                 "state": state,
@@ -210,16 +224,76 @@ def close_child_runs(params: Params, parent_run_id: str, rows: list[dict[str, An
         client.set_terminated(child.info.run_id, status)
 
 
-def best_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The completed trial with the highest final signal (a trial ASHA stopped early was
-    scored on less training, so it is not comparable)."""
+    scored on less training, so it is not comparable); None if none completed."""
     completed = [row for row in rows if row["state"] == "completed"]
+    return max(completed, key=lambda row: row["signal"]) if completed else None
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    """Mean and sample standard deviation (None below two values) of one signal over seeds."""
+    return {
+        "signals": values,
+        "mean": statistics.fmean(values),
+        "sd": statistics.stdev(values) if len(values) > 1 else None,
+    }
+
+
+def baseline(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The current values' signal over the seeds that trained to the end: at each report step
+    and at the end. None without a completed baseline trial."""
+    completed = [row for row in rows if row["phase"] == "current" and row["state"] == "completed"]
     if not completed:
-        raise RuntimeError("no sweep trial trained to the end; see the trials' errors")
-    return max(completed, key=lambda row: row["signal"])
+        return None
+    steps = sorted({report["step"] for row in completed for report in row["reports"]})
+    by_step = []
+    for step in steps:
+        values = [r["signal"] for row in completed for r in row["reports"] if r["step"] == step]
+        if len(values) == len(completed):
+            by_step.append({"step": step, **spread(values)})
+    return {
+        "seeds": [row["seed"] for row in completed],
+        "settings": completed[0]["settings"],
+        "by_step": by_step,
+        **spread([row["signal"] for row in completed]),
+    }
+
+
+def choose(rows: list[dict[str, Any]], noise_sds: float) -> dict[str, Any]:
+    """What the sweep recommends: the best completed sampled trial if it beats the baseline's
+    mean by more than ``noise_sds`` standard deviations over seeds, else the current values.
+    Without a baseline (no ``current_seeds``) the best completed trial wins outright."""
+    best = best_row([row for row in rows if row["phase"] == "search"])
+    current = baseline(rows)
+    if current is None:
+        if best is None:
+            raise RuntimeError("no sweep trial trained to the end; see the trials' errors")
+        return {"decision": "sampled", "row": best, "margin": None, "reason": "no baseline"}
+    margin = noise_sds * current["sd"] if current["sd"] is not None else 0.0
+    if best is None:
+        reason = "no sampled trial trained to the end"
+    elif best["signal"] - current["mean"] > margin:
+        gain = best["signal"] - current["mean"]
+        reason = f"trial {best['trial_id']} beats the current values by {gain:+.4f} > {margin:.4f}"
+        return {"decision": "sampled", "row": best, "margin": margin, "reason": reason}
+    else:
+        gain = best["signal"] - current["mean"]
+        reason = (
+            f"the best sampled trial ({best['trial_id']}, {gain:+.4f}) is within the noise "
+            f"({noise_sds:g} sd over {len(current['seeds'])} seeds = {margin:.4f})"
+        )
+    kept = {"trial_id": "current", "settings": current["settings"], "signal": current["mean"]}
+    return {"decision": "current", "row": kept, "margin": margin, "reason": reason}
+
+
+def _sd(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}"
 
 
 def results_markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    """The baseline's spread over seeds at each report, then every trial with its signal at
+    each report and its difference to the baseline's mean at the same step."""
     keys = list(rows[0]["settings"]) if rows else []
     short = [key.removeprefix("pretrain.") for key in keys]
     lines = [
@@ -227,21 +301,48 @@ def results_markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str
         f"(validation), reports every {summary['report_every']} steps of "
         f"{summary['total_steps']}.",
         "",
-        "| trial | " + " | ".join(short) + " | steps | signal at each report | final | note |",
-        "|---" * (len(keys) + 5) + "|",
+        f"Chosen: {summary['decision']} values: {summary['reason']}.",
+        "",
+    ]
+    current = summary.get("current")
+    mean_at = {}
+    if current:
+        seeds = current["seeds"]
+        lines += [
+            f"Current values over pre-training seeds {', '.join(map(str, seeds))}:",
+            "",
+            "| step | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | sd |",
+            "|---" * (len(seeds) + 3) + "|",
+        ]
+        for point in current["by_step"]:
+            mean_at[point["step"]] = point["mean"]
+            values = " | ".join(f"{v:.4f}" for v in point["signals"])
+            lines.append(
+                f"| {point['step']} | {values} | {point['mean']:.4f} | {_sd(point['sd'])} |"
+            )
+        lines.append("")
+    lines += [
+        "| trial | seed | " + " | ".join(short) + " | steps | signal at each report "
+        "(vs current mean) | final | note |",
+        "|---" * (len(keys) + 6) + "|",
     ]
     for row in rows:
         marks = []
-        if row["trial_id"] == summary.get("current_trial_id"):
+        if row["phase"] == "current":
             marks.append("current params.yaml")
         if row["trial_id"] == summary["best_trial_id"]:
-            marks.append("**best**")
-        history = ", ".join(f"{r['signal']:.3f}@{r['step']}" for r in row["reports"])
-        final = "—" if row["signal"] is None else f"{row['signal']:.3f}"
+            marks.append("**best sampled**")
+        history = ", ".join(
+            f"{r['signal']:.3f}@{r['step']}"
+            + (f" ({r['signal'] - mean_at[r['step']]:+.3f})" if r["step"] in mean_at else "")
+            for r in row["reports"]
+        )
+        final = "—" if row["signal"] is None else f"{row['signal']:.4f}"
         values = " | ".join(f"{row['settings'][key]:g}" for key in keys)
+        seed = "" if row["seed"] is None else str(row["seed"])
         lines.append(
-            f"| {row['trial_id']} | {values} | {row['steps']} ({row['state']}) | {history} "
-            f"| {final} | {', '.join(marks)} |"
+            f"| {row['trial_id']} | {seed} | {values} | {row['steps']} ({row['state']}) "
+            f"| {history} | {final} | {', '.join(marks)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -280,13 +381,40 @@ def anchored(params: Params) -> Params:
     )
 
 
+def tune_phase(
+    params: Params,
+    parent: dict[str, str],
+    name: str,
+    param_space: dict[str, Any],
+    **tune_config: Any,
+) -> tune.ResultGrid:
+    """One Ray Tune run of ``run_trial`` under the sweep's parent run."""
+    config = params.sweep
+    tuner = tune.Tuner(
+        tune.with_resources(
+            tune.with_parameters(run_trial, params=params, parent=parent),
+            {"cpu": config.cpus_per_trial},
+        ),
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric=SIGNALS[config.signal],
+            mode="max",
+            max_concurrent_trials=config.max_concurrent,
+            **tune_config,
+        ),
+        run_config=tune.RunConfig(name=name, verbose=1, **ray_storage(params, "tune")),
+    )
+    return tuner.fit()
+
+
 def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any]:
     check_inputs(params)
     params = anchored(params)
     config = params.sweep
     metric = SIGNALS[config.signal]
     keys = list(config.space)
-    total_steps = training_steps(params, trial_section(params, current_values(params)))
+    current = current_values(params)
+    total_steps = training_steps(params, trial_section(params, current))
     ensure_ray(params, dashboard=True)  # stopped trials' resources are freed via the State API
     date = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     with (
@@ -303,64 +431,68 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
             "experiment_id": parent_run.info.experiment_id,
             "name": f"sweep-{parent_run.info.run_id[:8]}",
         }
-        searcher = BasicVariantGenerator(
-            points_to_evaluate=[current_values(params)] if config.include_current else None,
-            max_concurrent=config.max_concurrent,
-            random_state=config.seed,
-        )
-        scheduler = ASHAScheduler(
-            time_attr="step",
-            # One past the end: ASHA stops a trial that reaches max_t, and a trial stopped
-            # while its last report is being handled would not shut down cleanly.
-            max_t=total_steps + 1,
-            grace_period=min(config.report_every, total_steps),
-            reduction_factor=config.reduction_factor,
-        )
-        tuner = tune.Tuner(
-            tune.with_resources(
-                tune.with_parameters(run_trial, params=params, parent=parent),
-                {"cpu": config.cpus_per_trial},
-            ),
-            param_space={key: sampler(config.space[key]) for key in keys},
-            tune_config=tune.TuneConfig(
-                metric=metric,
-                mode="max",
-                num_samples=config.trials,
-                search_alg=searcher,
-                scheduler=scheduler,
-                max_concurrent_trials=config.max_concurrent,
-            ),
-            run_config=tune.RunConfig(
-                name=parent["name"], verbose=1, **ray_storage(params, "tune")
-            ),
-        )
+        rows = []
         try:
-            results = tuner.fit()
-        finally:  # trial checkpoints are not kept: the best settings are re-run by the pipeline
+            if config.current_seeds:  # the baseline: every seed to the end, none stopped
+                results = tune_phase(
+                    params,
+                    parent,
+                    f"{parent['name']}-current",
+                    {**current, SEED_KEY: tune.grid_search(list(config.current_seeds))},
+                    scheduler=FIFOScheduler(),
+                )
+                rows += trial_rows(results, keys, metric, total_steps, "current")
+            results = tune_phase(
+                params,
+                parent,
+                f"{parent['name']}-search",
+                {key: sampler(config.space[key]) for key in keys},
+                num_samples=config.trials,
+                search_alg=BasicVariantGenerator(
+                    max_concurrent=config.max_concurrent, random_state=config.seed
+                ),
+                scheduler=ASHAScheduler(
+                    time_attr="step",
+                    # One past the end: ASHA stops a trial that reaches max_t, and a trial
+                    # stopped while its last report is being handled would not shut down
+                    # cleanly.
+                    max_t=total_steps + 1,
+                    grace_period=min(config.report_every, total_steps),
+                    reduction_factor=config.reduction_factor,
+                ),
+            )
+            rows += trial_rows(results, keys, metric, total_steps, "search")
+        finally:  # trial checkpoints are not kept: the chosen settings are re-run by the pipeline
             remove_trial_checkpoints(params, f"{parent['name']}-")
-        rows = trial_rows(results, keys, metric, total_steps)
         close_child_runs(params, parent["run_id"], rows)
-        best = best_row(rows)
-        current = rows[0] if config.include_current and rows else None
+        chosen = choose(rows, config.noise_sds)
+        best = best_row([row for row in rows if row["phase"] == "search"])
         summary = {
             "parent_run_id": parent["run_id"],
             "date": date,
             "metric": metric,
             "report_every": config.report_every,
             "total_steps": total_steps,
-            "best_trial_id": best["trial_id"],
-            "best_signal": best["signal"],
-            "current_trial_id": current["trial_id"] if current else None,
-            "current_signal": current["signal"] if current else None,
-            "current_state": current["state"] if current else None,
+            "current": baseline(rows),
+            "best_trial_id": best["trial_id"] if best else None,
+            "best_signal": best["signal"] if best else None,
+            "noise_sds": config.noise_sds,
+            "margin": chosen["margin"],
+            "decision": chosen["decision"],
+            "reason": chosen["reason"],
+            "chosen_trial_id": chosen["row"]["trial_id"],
         }
         (out / "trials.json").write_text(json.dumps({"summary": summary, "trials": rows}, indent=1))
         (out / "results.md").write_text(results_markdown(rows, summary))
-        (out / BEST_FILE).write_text(best_file_text(best, summary))
-        mlflow.log_metric(f"best_{metric}", best["signal"])
-        if current and current["signal"] is not None:
-            mlflow.log_metric(f"current_{metric}", current["signal"])
-        mlflow.log_params({f"best.{key}": value for key, value in best["settings"].items()})
+        (out / BEST_FILE).write_text(best_file_text(chosen["row"], summary))
+        if best:
+            mlflow.log_metric(f"best_{metric}", best["signal"])
+        if summary["current"]:
+            mlflow.log_metric(f"current_{metric}", summary["current"]["mean"])
+            if summary["current"]["sd"] is not None:
+                mlflow.log_metric(f"current_{metric}_sd", summary["current"]["sd"])
+        mlflow.set_tag("sweep.decision", chosen["decision"])
+        mlflow.log_params({f"chosen.{k}": v for k, v in chosen["row"]["settings"].items()})
         for name in ("trials.json", "results.md", BEST_FILE):
             mlflow.log_artifact(str(out / name))
         extra["summary"] = summary

@@ -16,21 +16,27 @@ from .config import ConfigError, load_params
 BEST_FILE = "best_params.yaml"
 
 
-def best_file_text(best: dict[str, Any], summary: dict[str, Any]) -> str:
-    """``best_params.yaml``: dotted keys with a header saying where they come from."""
+def best_file_text(chosen: dict[str, Any], summary: dict[str, Any]) -> str:
+    """``best_params.yaml``: dotted keys with a header saying which sweep chose them and why."""
     header = [
-        f"# Best trial of sista sweep, MLflow parent run {summary['parent_run_id']}, "
-        f"{summary['date']}",
-        f"# trial {best['trial_id']}: {summary['metric']} {best['signal']:.4f} on the validation "
-        f"split after {best['steps']} steps",
+        f"# Chosen by sista sweep, MLflow parent run {summary['parent_run_id']}, "
+        f"{summary['date']}: the {summary['decision']} values",
+        f"# {summary['reason']}",
     ]
-    if summary.get("current_signal") is not None:
+    current = summary.get("current")
+    if current:
+        sd = "" if current["sd"] is None else f" sd {current['sd']:.4f}"
         header.append(
-            f"# current params.yaml values: {summary['current_signal']:.4f} "
-            f"({best['signal'] - summary['current_signal']:+.4f})"
+            f"# current values: {summary['metric']} mean {current['mean']:.4f}{sd} over "
+            f"seeds {', '.join(map(str, current['seeds']))}"
+        )
+    if summary.get("best_trial_id"):
+        header.append(
+            f"# best sampled trial {summary['best_trial_id']}: {summary['best_signal']:.4f} "
+            f"after {summary['total_steps']} steps (validation split)"
         )
     header.append("# apply: sista sweep --apply, or dvc exp run $(sista sweep --dvc-args)")
-    body = yaml.safe_dump(best["settings"], sort_keys=False, default_flow_style=False)
+    body = yaml.safe_dump(chosen["settings"], sort_keys=False, default_flow_style=False)
     return "\n".join(header) + "\n" + body
 
 

@@ -11,7 +11,15 @@ import yaml
 from pipeline_helpers import ROOT, run_stages, write_ci_params
 
 from components.config import ConfigError, Params, load_params
-from components.sweep import best_row, current_values, trial_section, trial_settings
+from components.sweep import (
+    baseline,
+    best_row,
+    choose,
+    current_values,
+    results_markdown,
+    trial_section,
+    trial_settings,
+)
 from components.sweep_best import apply_best, dvc_arguments
 
 
@@ -60,16 +68,115 @@ def test_a_trial_trains_params_yaml_with_its_values_and_the_sweep_resources():
     ) == {"pretrain.loss.sia_weight": 0.95}
 
 
+def trial(trial_id, state, signal, phase="search", seed=None, reports=None):
+    """A trial row as ``trial_rows`` writes it; by default one report at the end (step 58)."""
+    if reports is None:
+        reports = [] if signal is None else [{"step": 58, "signal": signal}]
+    return {
+        "trial_id": trial_id,
+        "phase": phase,
+        "seed": seed,
+        "state": state,
+        "signal": signal,
+        "settings": {"pretrain.loss.sia_weight": 1.0 if phase == "current" else 0.5},
+        "reports": reports,
+        "steps": reports[-1]["step"] if reports else 0,
+    }
+
+
+def current_seeds(*signals):
+    return [trial(f"c{i}", "completed", s, "current", seed=i) for i, s in enumerate(signals)]
+
+
 def test_the_best_is_the_highest_trial_that_trained_to_the_end():
     rows = [
-        {"trial_id": "a", "state": "completed", "signal": 0.55},
-        {"trial_id": "b", "state": "stopped at step 30", "signal": 0.70},
-        {"trial_id": "c", "state": "completed", "signal": 0.58},
-        {"trial_id": "d", "state": "failed", "signal": None},
+        trial("a", "completed", 0.55),
+        trial("b", "stopped at step 30", 0.70),
+        trial("c", "completed", 0.58),
+        trial("d", "failed", None),
     ]
     assert best_row(rows)["trial_id"] == "c"
+    assert best_row([rows[1], rows[3]]) is None
+    chosen = choose(rows, noise_sds=2.0)  # no baseline: the best completed trial wins
+    assert chosen["decision"] == "sampled" and chosen["row"]["trial_id"] == "c"
     with pytest.raises(RuntimeError, match="no sweep trial trained to the end"):
-        best_row([rows[1], rows[3]])
+        choose([rows[1], rows[3]], noise_sds=2.0)
+
+
+def test_the_baseline_is_the_current_values_spread_over_seeds_at_each_report():
+    reports = [
+        [{"step": 20, "signal": a}, {"step": 58, "signal": b}]
+        for a, b in [(0.50, 0.60), (0.52, 0.61), (0.54, 0.62)]
+    ]
+    rows = [
+        trial(f"c{i}", "completed", r[-1]["signal"], "current", i, r) for i, r in enumerate(reports)
+    ]
+    rows.append(trial("c3", "failed", None, "current", 3))  # left out, not counted as a seed
+    current = baseline(rows + [trial("a", "completed", 0.9)])
+    assert current["seeds"] == [0, 1, 2]
+    assert current["mean"] == pytest.approx(0.61) and current["sd"] == pytest.approx(0.01)
+    assert [p["step"] for p in current["by_step"]] == [20, 58]
+    assert current["by_step"][0]["mean"] == pytest.approx(0.52)
+    assert current["by_step"][0]["sd"] == pytest.approx(0.02)
+    assert baseline([trial("a", "completed", 0.9)]) is None
+
+
+@pytest.mark.parametrize(
+    "sampled, decision, reason",
+    [
+        (0.625, "current", "within the noise (2 sd over 3 seeds = 0.0200)"),
+        (0.6301, "sampled", "trial a beats the current values by +0.0201 > 0.0200"),
+        (0.55, "current", "within the noise"),
+        (None, "current", "no sampled trial trained to the end"),
+    ],
+)
+def test_a_sampled_trial_replaces_the_defaults_only_beyond_the_seed_noise(
+    sampled, decision, reason
+):
+    rows = current_seeds(0.60, 0.61, 0.62)
+    rows.append(trial("a", "completed", sampled) if sampled else trial("a", "failed", None))
+    rows.append(trial("b", "stopped at step 20", 0.99))  # scored on less training: ignored
+    chosen = choose(rows, noise_sds=2.0)
+    assert chosen["decision"] == decision
+    assert reason in chosen["reason"]
+    assert chosen["margin"] == pytest.approx(0.02)
+    if decision == "current":
+        assert chosen["row"]["settings"] == rows[0]["settings"]
+        assert chosen["row"]["signal"] == pytest.approx(0.61)
+    else:
+        assert chosen["row"]["trial_id"] == "a"
+
+
+def test_one_seed_gives_no_noise_estimate_so_any_gain_counts():
+    rows = [*current_seeds(0.60), trial("a", "completed", 0.6001)]
+    chosen = choose(rows, noise_sds=2.0)
+    assert chosen["decision"] == "sampled" and chosen["margin"] == 0.0
+
+
+def test_the_results_table_shows_each_trial_against_the_current_mean_at_its_step():
+    reports = [
+        [{"step": 20, "signal": a}, {"step": 58, "signal": b}]
+        for a, b in [(0.50, 0.60), (0.54, 0.62)]
+    ]
+    rows = [
+        trial(f"c{i}", "completed", r[-1]["signal"], "current", i, r) for i, r in enumerate(reports)
+    ]
+    rows.append(trial("a", "stopped at step 20", 0.55, reports=[{"step": 20, "signal": 0.55}]))
+    chosen = choose(rows, noise_sds=2.0)
+    summary = {
+        "parent_run_id": "p",
+        "date": "d",
+        "metric": "val_probe_auroc",
+        "report_every": 20,
+        "total_steps": 58,
+        "current": baseline(rows),
+        "best_trial_id": None,
+        **chosen,
+    }
+    text = results_markdown(rows, summary)
+    assert "| 20 | 0.5000 | 0.5400 | 0.5200 | 0.0283 |" in text
+    assert "0.550@20 (+0.030)" in text
+    assert "Chosen: current values: no sampled trial trained to the end." in text
 
 
 BEST = "# from a sweep\npretrain.loss.sia_weight: 0.6\npretrain.sia.temperature: 0.05\n"
@@ -117,8 +224,9 @@ def test_apply_refuses_a_result_that_would_make_params_yaml_invalid(tmp_path):
 @pytest.mark.system
 @pytest.mark.timeout(2400)
 def test_a_ci_sweep_logs_child_runs_under_one_parent_and_its_best_applies(tmp_path):
-    """Three tiny trials (params.yaml's values first) with ASHA: every trial a child run of
-    the sweep's parent run, stopped trials closed as KILLED, the best file applies."""
+    """params.yaml's values on two seeds (the noise), then two sampled trials with ASHA: every
+    trial a child run of the sweep's parent run, stopped trials closed as KILLED, the chosen
+    settings follow the noise rule and apply."""
     write_ci_params(tmp_path, ("phantom_classification",))
     stages = [["ingest"], ["reports"], ["similarity"], ["sweep"]]
     result = run_stages(tmp_path, stages, timeout=2300)
@@ -127,16 +235,24 @@ def test_a_ci_sweep_logs_child_runs_under_one_parent_and_its_best_applies(tmp_pa
     out = tmp_path / "data" / "sweep"
     record = json.loads((out / "trials.json").read_text())
     summary, trials = record["summary"], record["trials"]
-    assert len(trials) == 3
-    current = trials[0]
-    assert current["trial_id"] == summary["current_trial_id"]
-    assert current["settings"] == current_values(load_params(tmp_path / "params.yaml"))
+    params = load_params(tmp_path / "params.yaml")
+    current = [t for t in trials if t["phase"] == "current"]
+    assert [t["seed"] for t in current] == [0, 1] and len(trials) == 4
+    for seed_trial in current:  # the baseline is never stopped early
+        assert seed_trial["state"] == "completed", seed_trial
+        assert seed_trial["settings"] == current_values(params)
+    assert summary["current"]["seeds"] == [0, 1]
     assert summary["total_steps"] > 4  # reports at step 4, 8, ... and at the end
+    assert summary["current"]["by_step"][-1]["step"] == summary["total_steps"]
+    assert summary["decision"] in ("current", "sampled") and summary["reason"]
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     parent = client.get_run(summary["parent_run_id"])
     assert parent.info.status == "FINISHED"
-    assert parent.data.metrics["best_val_probe_auroc"] == pytest.approx(summary["best_signal"])
+    assert parent.data.tags["sweep.decision"] == summary["decision"]
+    assert parent.data.metrics["current_val_probe_auroc"] == pytest.approx(
+        summary["current"]["mean"]
+    )
     children = client.search_runs(
         [parent.info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
@@ -146,15 +262,22 @@ def test_a_ci_sweep_logs_child_runs_under_one_parent_and_its_best_applies(tmp_pa
         child = client.get_run(trial["mlflow_run_id"])
         expected = "FINISHED" if trial["state"] == "completed" else "KILLED"
         assert child.info.status == expected, trial
-        assert child.data.params == {k: str(v) for k, v in trial["settings"].items()}
+        logged = {k: str(v) for k, v in trial["settings"].items()}
+        if trial["seed"] is not None:
+            logged["pretrain.seed"] = str(trial["seed"])
+        assert child.data.params == logged
         signal = client.get_metric_history(child.info.run_id, "val_probe_auroc")
         assert [m.step for m in signal] == [r["step"] for r in trial["reports"]]
-    assert any(t["state"] == "completed" for t in trials)
     assert all(t["steps"] >= 4 for t in trials)  # a stopped trial frees its CPUs for the next
 
     best = yaml.safe_load((out / "best_params.yaml").read_text())
-    assert set(best) == set(load_params(tmp_path / "params.yaml").sweep.space)
-    assert best == next(t for t in trials if t["trial_id"] == summary["best_trial_id"])["settings"]
+    assert set(best) == set(params.sweep.space)
+    if summary["decision"] == "current":
+        assert best == current_values(params)
+    else:
+        chosen = next(t for t in trials if t["trial_id"] == summary["chosen_trial_id"])
+        assert chosen["phase"] == "search" and best == chosen["settings"]
+        assert chosen["signal"] - summary["current"]["mean"] > summary["margin"]
     applied = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "sweep", "--apply"],
         cwd=tmp_path,
