@@ -34,7 +34,7 @@ class StorageSection(Section):
 
 class RaySection(Section):
     address: str | None = None  # None: local Ray; http://head:8265 submits jobs
-    num_cpus: int | None = Field(None, ge=1)
+    num_cpus: int | None = Field(2, ge=1)
 
 
 class MLflowSection(Section):
@@ -197,7 +197,7 @@ class DownstreamSetsSection(Section):
 class IngestSection(Section):
     source: Literal["embedded", "openi", "mimic_cxr"] = "embedded"
     source_path: str | None = None  # required for real sources
-    image_size: int = Field(128, ge=32, le=1024)
+    image_size: int = Field(96, ge=32, le=1024)
     seed: int = 0
     shard_size: int = Field(1024, ge=1)
     max_quarantine_fraction: Annotated[float, Field(ge=0, le=1)] = 0.05
@@ -212,29 +212,29 @@ class IngestSection(Section):
 
 
 class ReportsSection(Section):
-    max_length: int = Field(128, ge=8, le=512)  # text encoder tokens kept per report
+    max_length: int = Field(64, ge=8, le=512)  # text encoder tokens kept per report
 
 
 class SimilaritySection(Section):
     encoder: str | None = None  # None: the packaged all-MiniLM-L6-v2
     batch_size: int = Field(128, ge=1)
-    num_actors: int = Field(1, ge=1)
+    num_actors: int = Field(2, ge=1)
     top_k: int = Field(32, ge=1)
     block_size: int = Field(4096, ge=64)
     thresholds: tuple[Annotated[float, Field(ge=-1, le=1)], ...] = (0.8, 0.85, 0.9, 0.95)
 
 
 class ImageModelSection(Section):
-    name: str = "vit_tiny_patch16_224"
-    img_size: int = Field(128, ge=32)
-    pretrained: bool = False
+    name: str = "efficientnet_lite0"
+    img_size: int = Field(96, ge=32)
+    pretrained: bool = True
     checkpoint: str | None = None
 
 
 class TextModelSection(Section):
     name_or_path: str | None = None
-    max_length: int = Field(128, ge=8, le=512)
-    freeze_layers: int = Field(0, ge=-1)
+    max_length: int = Field(64, ge=8, le=512)
+    freeze_layers: int = Field(4, ge=-1)
 
 
 class SIASection(Section):
@@ -270,13 +270,13 @@ ModelPart = Literal[
 
 
 class OptimSection(Section):
-    lr: PositiveFloat = 3e-4
+    lr: PositiveFloat = 2e-3
     # Learning-rate multipliers per model part (the others: 1), e.g. {text_encoder: 0.1}.
-    lr_scales: dict[ModelPart, PositiveFloat] = {}
+    lr_scales: dict[ModelPart, PositiveFloat] = {"text_encoder": 0.1}
     weight_decay: Annotated[float, Field(ge=0)] = 0.05
-    warmup_steps: int = Field(20, ge=0)
+    warmup_steps: int = Field(10, ge=0)
     warmup_fraction: Annotated[float, Field(ge=0, lt=1)] | None = None  # set: replaces steps
-    epochs: int = Field(3, ge=1)
+    epochs: int = Field(2, ge=1)
     batch_size: int = Field(32, ge=2)  # per worker
     # Cut every epoch after this many steps: smoke runs and benchmarks, not training.
     max_steps_per_epoch: int | None = Field(None, ge=1)
@@ -298,7 +298,7 @@ class PretrainSection(Section):
     sta: STASection = STASection()
     loss: LossSection = LossSection()
     optim: OptimSection = OptimSection()
-    semantics: Literal["embedding", "labels"] = "embedding"
+    semantics: Literal["embedding", "labels"] = "labels"
     workers: int = Field(2, ge=1)
     cpus_per_worker: PositiveFloat = 1.0
     # Ray placement group strategy of the workers; STRICT_SPREAD puts each on its own node.
@@ -469,7 +469,7 @@ class SweepSection(Section):
 
     # Dotted params.yaml keys under pretrain (what `dvc exp run -S` takes) -> distribution.
     space: dict[str, Distribution] = Field(default_factory=_default_space)
-    trials: int = Field(10, ge=1)  # sampled settings, searched with ASHA
+    trials: int = Field(16, ge=1)  # sampled settings, searched with ASHA
     # params.yaml's own values are trained to the end once per pre-training seed here, never
     # stopped early: the baseline and its spread over seeds, which a sampled trial must exceed
     # to replace the defaults. Empty: no baseline, the best completed trial wins.
@@ -480,7 +480,7 @@ class SweepSection(Section):
     # held-out pre-training pairs.
     signal: Literal["probe_auroc", "retrieval"] = "probe_auroc"
     probe_fractions: tuple[Fraction, ...] = (0.01, 0.1)
-    report_every: int = Field(15, ge=1)  # steps between validation reports: ASHA's rungs
+    report_every: int = Field(20, ge=1)  # steps between validation reports: ASHA's rungs
     epochs: int | None = Field(None, ge=1)  # None: pretrain.optim.epochs, as the pipeline
     reduction_factor: int = Field(3, ge=2)  # ASHA keeps the best 1/rf at each rung
     max_concurrent: int = Field(1, ge=1)
@@ -524,6 +524,22 @@ class Params(Section):
     publish: PublishSection = PublishSection()
     retrain: RetrainSection = RetrainSection()
     sweep: SweepSection = SweepSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _token_length_from_reports(cls, data: Any) -> Any:
+        """The token length is set once, as ``reports.max_length``: pre-training's text
+        encoder takes it from there unless ``pretrain.text.max_length`` is given."""
+        if not isinstance(data, dict):
+            return data
+        reports, pretrain = data.get("reports", {}), data.get("pretrain", {})
+        if not (isinstance(reports, dict) and isinstance(pretrain, dict)):
+            return data
+        text = pretrain.get("text", {})
+        if not isinstance(text, dict) or "max_length" in text:
+            return data
+        length = reports.get("max_length", ReportsSection.model_fields["max_length"].default)
+        return {**data, "pretrain": {**pretrain, "text": {**text, "max_length": length}}}
 
     @model_validator(mode="after")
     def _one_token_length(self) -> Params:
@@ -642,6 +658,23 @@ def _deep_merge(base: dict, override: dict) -> dict:
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def profile_merge(base: dict, overlay: dict, kind: type[Section] | None = None) -> dict:
+    """``base`` with a profile's ``overlay``: a settings section (fixed keys) is merged key by
+    key; a collection of named entries (downstream sets, evaluation tasks, baselines, the sweep
+    space) is replaced whole, so a profile lists exactly its own."""
+    kind = kind or Params
+    merged = dict(base)
+    for key, value in overlay.items():
+        field = kind.model_fields.get(key)
+        section = field.annotation if field else None
+        is_section = isinstance(section, type) and issubclass(section, Section)
+        if is_section and isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = profile_merge(merged[key], value, section)
         else:
             merged[key] = value
     return merged

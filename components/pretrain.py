@@ -11,6 +11,7 @@ run on new data, ``components.lineage``) starts SISTA from the @champion's weigh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import itertools
 import json
@@ -39,10 +40,15 @@ from sista_core.losses import mean_over_workers  # noqa: E402
 from sista_core.retrieval import recall_at_k  # noqa: E402
 from sista_core.schedule import cosine_with_warmup  # noqa: E402
 
-from . import lineage  # noqa: E402
+from . import lineage, storage  # noqa: E402
 from .config import Params, PretrainSection, StorageSection, tracking_uri  # noqa: E402
 from .pretrain_data import PretrainData  # noqa: E402
-from .runtime import ensure_ray, require_nodes, worker_placement  # noqa: E402
+from .runtime import (  # noqa: E402
+    ensure_ray,
+    require_nodes,
+    stop_when_nodes_are_lost,
+    worker_placement,
+)
 from .stage import stage_main  # noqa: E402
 from .stage_storage import (  # noqa: E402
     PRETRAIN_INPUTS,
@@ -374,14 +380,12 @@ def train_variant(
             {"mlflow_run_id": run_.info.run_id, "variant": variant, "fingerprint": fingerprint},
         ) as (out, extra),
     ):
+        ray_run = f"pretrain-{variant}-{fingerprint}"  # the same settings resume this run
         trainer = build_trainer(
-            params,
-            section,
-            run_.info.run_id,
-            f"pretrain-{variant}-{fingerprint}",
-            init_from=warm["source"] if warm else None,
+            params, section, run_.info.run_id, ray_run, init_from=warm["source"] if warm else None
         )
-        result = trainer.fit()
+        with lost_nodes_stop(params, section, ray_run):
+            result = trainer.fit()
         model = SISTAModel(model_config)
         with result.checkpoint.as_directory() as folder:
             state = load_training_state(Path(folder), model, optimizer=None)
@@ -402,6 +406,22 @@ def train_variant(
         if variant == "sista":
             register_candidate(params, run_.info.run_id, warm["version"] if warm else None)
     return {k: round(v, 4) for k, v in metrics.items()}
+
+
+def lost_nodes_stop(
+    params: Params, section: PretrainSection, run_name: str
+) -> contextlib.AbstractContextManager:
+    """With one worker per node (STRICT_SPREAD), a lost node stops the run at once, naming it,
+    instead of Ray Train waiting for a node that may never come back."""
+    if section.placement_strategy != "STRICT_SPREAD":
+        return contextlib.nullcontext()
+    checkpoints = storage.join(params.storage.uri, f"checkpoints/{run_name}")
+    return stop_when_nodes_are_lost(
+        section.workers,
+        "pretrain.placement_strategy STRICT_SPREAD",
+        then=f"the last checkpoint is kept in {checkpoints}: run the stage again once the "
+        "cluster has the nodes, and it resumes from there",
+    )
 
 
 def build_trainer(

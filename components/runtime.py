@@ -3,14 +3,19 @@ a stage's Ray Train workers ran."""
 
 from __future__ import annotations
 
+import _thread
 import os
 import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import ray
 
 from .config import Params
 from .ports import HOST, start_on_free_port
+from .stage import StageStopped
 
 
 def ensure_ray(params: Params, dashboard: bool = False) -> None:
@@ -56,12 +61,72 @@ def ensure_ray(params: Params, dashboard: bool = False) -> None:
 def require_nodes(count: int, why: str) -> None:
     """Fail at once, naming the nodes, when the cluster has fewer than ``count`` alive nodes
     (a placement that needs them would otherwise wait for nodes that never come)."""
-    alive = [node for node in ray.nodes() if node["Alive"]]
+    alive = list(_alive_nodes().values())
     if len(alive) < count:
-        names = ", ".join(f"{n['NodeID'][:8]} ({n['NodeManagerAddress']})" for n in alive)
+        names = _named(alive)
         raise RuntimeError(
             f"{why} needs {count} Ray nodes, the cluster has {len(alive)}: {names or 'none'}"
         )
+
+
+class NodeLost(StageStopped):
+    """Ray nodes died while a placement that needs them ran, and too few are left."""
+
+
+def _alive_nodes() -> dict[str, dict[str, Any]]:
+    return {node["NodeID"]: node for node in ray.nodes() if node["Alive"]}
+
+
+def _named(nodes: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{n['NodeID'][:8]} ({n['NodeManagerAddress']})" for n in nodes)
+
+
+@contextmanager
+def stop_when_nodes_are_lost(
+    needed: int, why: str, then: str, interval_s: float = 2.0
+) -> Iterator[None]:
+    """Run the block (a ``trainer.fit()`` in the main thread) while a thread watches the
+    cluster's nodes. When a node that was alive at the start dies and fewer than ``needed``
+    are left, the block is interrupted as a Ctrl-C would (Ray Train aborts its run and frees
+    the workers) and :class:`NodeLost` names the lost nodes; ``then`` says what to do next.
+    Without it, a placement that needs the lost node waits for ever: Ray Train retries a
+    worker group that cannot start without limit."""
+    at_start = _alive_nodes()
+    lost: list[dict[str, Any]] = []
+    left: list[int] = []
+    finished = threading.Event()
+
+    def watch() -> None:
+        while not finished.wait(interval_s):
+            try:
+                alive = _alive_nodes()
+            except Exception:  # noqa: BLE001 - the GCS did not answer this time; ask again
+                continue
+            gone = [node for node_id, node in at_start.items() if node_id not in alive]
+            if gone and len(alive) < needed and not finished.is_set():
+                lost.extend(gone)
+                left.append(len(alive))
+                _thread.interrupt_main()  # Ray Train's SIGINT handler aborts the run
+                return
+
+    watcher = threading.Thread(target=watch, name="node-watch", daemon=True)
+    watcher.start()
+
+    def failure() -> NodeLost:
+        return NodeLost(
+            f"Ray node {_named(lost)} was lost: {why} needs {needed} nodes, {left[0]} left; {then}"
+        )
+
+    try:
+        yield
+    except BaseException:
+        finished.set()
+        if lost:
+            raise failure() from None
+        raise
+    finished.set()
+    if lost:
+        raise failure()
 
 
 def worker_placement() -> list[dict[str, Any]]:

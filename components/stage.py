@@ -21,6 +21,10 @@ JOBS = (*STAGES, "sweep")
 __all__ = ["JOBS", "STAGES", "stage_dir", "stage_main"]
 
 
+class StageStopped(RuntimeError):
+    """The stage stopped for a reason its message states in one line (exit status 1)."""
+
+
 def stage_main(
     stage: str,
     run: Callable[[Params, argparse.Namespace], dict[str, Any]],
@@ -30,7 +34,7 @@ def stage_main(
     """``python -m components.<stage> [--params params.yaml]``: a config error, or a location
     or storage that does not answer, exits with status 2 and one line per problem naming the
     key, before Ray or any data is touched; a missing input (its stage has not run) with
-    status 1."""
+    status 1; a :class:`StageStopped` (a lost Ray node) with status 1 and its one line."""
     parser = argparse.ArgumentParser(prog=f"python -m components.{stage}")
     parser.add_argument("--params", default="params.yaml", help="parameters file")
     if add_arguments:
@@ -53,6 +57,10 @@ def stage_main(
         print(error, file=sys.stderr)
         raise SystemExit(1) from None
     started = time.perf_counter()
-    summary = run(params, args)
+    try:
+        summary = run(params, args)
+    except StageStopped as error:
+        print(f"[{stage}] stopped: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     print(f"[{stage}] finished in {time.perf_counter() - started:.1f} s: {summary}", flush=True)
     return summary

@@ -3,7 +3,7 @@
 sista run STAGE [--variant NAME]   run one stage (a Ray job; see pipeline.launch); pretrain
                                    trains SISTA and every baseline unless given --variant
 sista status                       what each stage last produced; @champion and @candidate
-sista profile NAME                 switch params.yaml to profiles/NAME.yaml
+sista profile NAME                 params.yaml becomes the base with profiles/NAME.yaml's changes
 sista explain IMAGE "REPORT"       heat maps of the report's words on the image (PNG)
 sista sweep                        Ray Tune over loss weights (a Ray job; see components.sweep)
 sista sweep --apply [FILE]         write the sweep's best settings into params.yaml
@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import shutil
 import sys
 from pathlib import Path
 
+from components import profiles
 from components.artifacts import read_manifest
 from components.config import ConfigError, load_params
 from components.stage import STAGES, stage_dir
 
 from .launch import launch
-
-PROFILES = Path("profiles")
 
 
 def status(params_path: str) -> int:
@@ -90,14 +88,16 @@ def registry_status(params) -> None:
 
 
 def switch_profile(name: str) -> int:
-    source = PROFILES / f"{name}.yaml"
-    if not source.is_file():
-        known = sorted(p.stem for p in PROFILES.glob("*.yaml"))
-        print(f"no profile {name!r}; known: {', '.join(known)}", file=sys.stderr)
+    """Write profile ``name`` (the base with profiles/NAME.yaml's changes) into params.yaml."""
+    try:
+        profiles.switch(name, Path.cwd())
+    except ConfigError as error:
+        print(error, file=sys.stderr)
         return 2
-    load_params(source)  # never switch to an invalid file
-    shutil.copyfile(source, "params.yaml")
-    print(f"params.yaml is now the {name} profile ({source})")
+    if name == profiles.BASE:
+        print("params.yaml is the base (default profile)")
+    else:
+        print(f"params.yaml is now the {name} profile: the base with profiles/{name}.yaml")
     return 0
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from components.config import with_overrides
+from components.profiles import profile_data
 
 from .launch import PIPELINE
 from .local_cluster import LocalRayCluster
@@ -67,13 +68,27 @@ class ClusterRun:
             "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
         }
 
-    def launch(self, *stage_args: str, timeout_s: float = 900) -> subprocess.CompletedProcess:
-        """``python -m pipeline.launch STAGE ...`` in the work folder, as dvc.yaml runs it."""
+    def start(self, *stage_args: str, log: Path) -> subprocess.Popen:
+        """:meth:`launch` in the background, its output to ``log``."""
+        with open(log, "wb") as output:
+            return subprocess.Popen(
+                [sys.executable, "-m", "pipeline.launch", *stage_args],
+                cwd=self.work,
+                env=self.env,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+
+    def launch(
+        self, *stage_args: str, timeout_s: float = 900, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess:
+        """``python -m pipeline.launch STAGE ...`` in the work folder, as dvc.yaml runs it;
+        ``env`` changes the launcher's environment (which the job inherits) for this run."""
         started = time.perf_counter()
         result = subprocess.run(
             [sys.executable, "-m", "pipeline.launch", *stage_args],
             cwd=self.work,
-            env=self.env,
+            env={**self.env, **(env or {})},
             capture_output=True,
             text=True,
             timeout=timeout_s,
@@ -100,13 +115,13 @@ def run_name(stage_args: tuple[str, ...] | list[str]) -> str:
 
 
 def write_params(work: Path, storage_uri: str = STORAGE_URI, **overrides: Any) -> Path:
-    """profiles/ci.yaml with stage folders on S3 and one pre-training worker per node."""
+    """The ci profile with stage folders on S3 and one pre-training worker per node."""
     cluster = {
         "storage.uri": storage_uri,
         "ray.num_cpus": None,  # the cluster's, not a local instance's
         "pretrain.placement_strategy": "STRICT_SPREAD",
     }
-    params = yaml.safe_load((ROOT / "profiles" / "ci.yaml").read_text())
+    params = profile_data("ci")
     params = with_overrides(params, {**cluster, **overrides})
     path = work / "params.yaml"
     path.write_text(yaml.safe_dump(params))

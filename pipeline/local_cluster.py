@@ -317,6 +317,15 @@ class LocalRayCluster:
         node.process.wait(timeout=grace_s)
         self.started.remove(node)
 
+    def restart_node(self, node: RayNode) -> RayNode:
+        """Stop what is left of worker ``node`` (after a crash, say) and start it again on
+        fresh ports; returns once the cluster has all its nodes."""
+        if node in self.started:
+            self.stop_node(node)
+        again = self._start_node(int(node.name.removeprefix("worker")))
+        self.wait_for_nodes(self.nodes, restarts=ATTEMPTS)
+        return again
+
     def stop(self) -> None:
         """Stop the workers, then the head; remove the temporary folder."""
         for node in reversed(list(self.started)):

@@ -7,11 +7,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
 
 from components.config import with_overrides
+from components.profiles import profile_data
 from pipeline.launch import PIPELINE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,9 +21,9 @@ STAGE_COMMANDS = [list(command) for command in PIPELINE]
 
 
 def write_ci_params(folder: Path, only_sets: tuple[str, ...] | None = None, **overrides) -> Path:
-    """profiles/ci.yaml with every path inside ``folder`` (plus dotted-key overrides);
+    """The ci profile with every path inside ``folder`` (plus dotted-key overrides);
     ``only_sets``: the downstream sets kept, and the tasks only on them."""
-    params = yaml.safe_load((ROOT / "profiles" / "ci.yaml").read_text())
+    params = profile_data("ci")
     if only_sets is not None:
         downstream = params["ingest"]["downstream"]
         downstream["sets"] = {k: v for k, v in downstream["sets"].items() if k in only_sets}
@@ -162,3 +164,15 @@ def init_dvc_repository(folder: Path, env: dict, message: str) -> None:
         ["git", "commit", "-qm", message],
     ):
         sh(command, folder, env)
+
+
+def wait_for(condition, job, what: str, timeout: float = 900):
+    """Poll ``condition()`` until it returns something truthy; fail if the job ends first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        assert job.poll() is None, f"the job ended (exit {job.returncode}) before {what}"
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")

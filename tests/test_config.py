@@ -1,9 +1,12 @@
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
-from components.config import ConfigError, load_params
+from components import profiles
+from components.config import ConfigError, Params, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,14 +92,53 @@ def test_a_baseline_added_for_an_ablation_can_be_evaluated(tmp_path):
     assert params.pretrain.model_config_for("intra_off").loss.intra_weight == 0.0
 
 
-def test_every_profile_validates():
-    """`sista profile NAME` copies a profile over params.yaml: each must pass validation."""
-    from pathlib import Path
+def test_every_profile_validates_and_reads_the_same_alone_or_composed(tmp_path):
+    """A profile file lists only its changes: `sista profile NAME` writes them over the base,
+    and `--params profiles/NAME.yaml` reads the file alone; both give the same settings."""
+    for name in profiles.known()[1:]:
+        composed = tmp_path / f"{name}.yaml"
+        composed.write_text(profiles.profile_text(name))
+        assert load_params(composed) == load_params(ROOT / "profiles" / f"{name}.yaml"), name
+        assert load_params(composed) == Params.model_validate(profiles.profile_data(name))
 
-    from components.config import load_params
 
-    for profile in sorted(Path(__file__).resolve().parents[1].glob("profiles/*.yaml")):
-        load_params(profile)
+def test_the_code_defaults_are_the_base_params_yaml():
+    """One value per setting: a key missing from a params file means the base's value."""
+    assert Params() == load_params(ROOT / "params.yaml")
+
+
+def test_a_profile_changes_only_what_it_lists_and_replaces_named_collections():
+    base, ci = profiles.profile_data("default"), profiles.profile_data("ci")
+    overlay = yaml.safe_load((ROOT / "profiles" / "ci.yaml").read_text())
+    assert ci["pretrain"]["image"]["name"] == overlay["pretrain"]["image"]["name"]
+    assert ci["pretrain"]["sia"] == base["pretrain"]["sia"]  # not in the overlay: the base's
+    # a collection of named sets is the profile's own, not merged with the base's
+    assert ci["ingest"]["downstream"]["sets"] == overlay["ingest"]["downstream"]["sets"]
+    assert "val_fraction" not in ci["ingest"]["downstream"]["sets"]["phantom_opacity"]
+
+
+def test_the_token_length_is_set_once():
+    params = load_params(ROOT / "profiles" / "ci.yaml")
+    assert params.pretrain.text.max_length == params.reports.max_length == 48
+    with pytest.raises(ValidationError, match="must equal pretrain.text.max_length"):
+        Params.model_validate(
+            {"reports": {"max_length": 32}, "pretrain": {"text": {"max_length": 64}}}
+        )
+
+
+def test_switching_profiles_keeps_the_base_and_puts_it_back(tmp_path):
+    shutil.copytree(ROOT / "profiles", tmp_path / "profiles")
+    shutil.copyfile(ROOT / "params.yaml", tmp_path / "params.yaml")
+    base = (tmp_path / "params.yaml").read_text()
+    profiles.switch("ci", tmp_path)
+    assert load_params(tmp_path / "params.yaml") == load_params(tmp_path / "profiles/ci.yaml")
+    profiles.switch("paper", tmp_path)  # from the kept base, not from ci
+    assert load_params(tmp_path / "params.yaml") == load_params(tmp_path / "profiles/paper.yaml")
+    with pytest.raises(ConfigError, match="no profile 'nope'; known: default, ci, paper"):
+        profiles.switch("nope", tmp_path)
+    profiles.switch("default", tmp_path)
+    assert (tmp_path / "params.yaml").read_text() == base
+    assert not (tmp_path / profiles.SAVED_BASE).exists()
 
 
 def test_dotted_overrides_set_one_number_and_keep_the_rest():

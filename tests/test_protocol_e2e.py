@@ -19,7 +19,6 @@ import pytest
 import yaml
 from pipeline_helpers import (
     GIT_IDENTITY,
-    ROOT,
     dvc_executable,
     dvc_yaml_for,
     init_dvc_repository,
@@ -27,6 +26,8 @@ from pipeline_helpers import (
     stage_environment,
 )
 from protocol_layouts import build_all
+
+from components.profiles import profile_data
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -43,9 +44,8 @@ TASKS = {
 
 
 def protocol_params(layouts: dict[str, Path]) -> dict:
-    """profiles/ci.yaml on the real layouts, with the paper profile's sets and tasks."""
-    params = yaml.safe_load((ROOT / "profiles" / "ci.yaml").read_text())
-    paper = yaml.safe_load((ROOT / "profiles" / "paper.yaml").read_text())
+    """The ci profile on the real layouts, with the paper profile's sets and tasks."""
+    params, paper = profile_data("ci"), profile_data("paper")
     ingest = params["ingest"]
     ingest.update(source="mimic_cxr", source_path=str(layouts["mimic_cxr"]))
     ingest["max_quarantine_fraction"] = 0.0  # every record of these layouts loads
@@ -74,7 +74,7 @@ def protocol_params(layouts: dict[str, Path]) -> dict:
 
 def sista_only(pipeline: dict) -> dict:
     """dvc.yaml without the baselines' pre-training outputs (the protocol run trains none)."""
-    baselines = yaml.safe_load((ROOT / "profiles" / "ci.yaml").read_text())["pretrain"]["baselines"]
+    baselines = profile_data("ci")["pretrain"]["baselines"]
 
     def kept(entry) -> bool:
         return not any(f"/{name}" in str(entry) for name in baselines)

@@ -10,14 +10,13 @@ import os
 import shutil
 import signal
 import tempfile
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import mlflow
 import psutil
 import pytest
-from pipeline_helpers import kill_job, run_stages, start_stage, write_ci_params
+from pipeline_helpers import kill_job, run_stages, start_stage, wait_for, write_ci_params
 
 from components.artifacts import content_hashes, read_manifest
 
@@ -33,18 +32,6 @@ ENVIRONMENT_SECRETS = {
     "HF_TOKEN": "hf_reliabilitytokennotreal",
 }
 CONFIG_SECRET = "reliability-config-secret-a7e4"
-
-
-def wait_for(condition, job, what: str, timeout: float = 900):
-    """Poll ``condition()`` until it returns something truthy; fail if the job ends first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = condition()
-        if found:
-            return found
-        assert job.poll() is None, f"the job ended (exit {job.returncode}) before {what}"
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def history_steps(client, run_id: str, key: str) -> list[int]:

@@ -1,0 +1,51 @@
+"""The watch that stops pre-training when a Ray node it needs is lost: the block is
+interrupted at once and the error names the node; a loss that leaves enough nodes, or a block
+that ends first, is left alone."""
+
+import time
+
+import pytest
+
+from components import runtime
+from components.runtime import NodeLost, stop_when_nodes_are_lost
+
+
+@pytest.fixture
+def nodes(monkeypatch):
+    cluster = [
+        {"NodeID": "a1" * 14, "NodeManagerAddress": "127.0.0.2", "Alive": True},
+        {"NodeID": "b2" * 14, "NodeManagerAddress": "127.0.0.3", "Alive": True},
+        {"NodeID": "c3" * 14, "NodeManagerAddress": "127.0.0.4", "Alive": True},
+    ]
+    monkeypatch.setattr(runtime.ray, "nodes", lambda: [dict(node) for node in cluster])
+    return cluster
+
+
+def test_a_lost_node_interrupts_the_block_and_is_named(nodes):
+    nodes[2]["Alive"] = False  # not there at the start: never counted as lost
+    started = time.monotonic()
+    with pytest.raises(NodeLost) as error:
+        with stop_when_nodes_are_lost(2, "STRICT_SPREAD", "rerun it", interval_s=0.05):
+            nodes[1]["Alive"] = False
+            while time.monotonic() - started < 10:  # a trainer.fit() that would wait for ever
+                time.sleep(0.01)
+    assert time.monotonic() - started < 5
+    assert str(error.value) == (
+        "Ray node b2b2b2b2 (127.0.0.3) was lost: STRICT_SPREAD needs 2 nodes, 1 left; rerun it"
+    )
+
+
+def test_a_loss_that_leaves_enough_nodes_or_a_block_that_ends_first_is_left_alone(nodes):
+    with stop_when_nodes_are_lost(2, "STRICT_SPREAD", "rerun it", interval_s=0.05):
+        nodes[2]["Alive"] = False  # two of the three are left: the placement still fits
+        time.sleep(0.5)
+    with stop_when_nodes_are_lost(3, "STRICT_SPREAD", "rerun it", interval_s=0.05):
+        pass
+    nodes[0]["Alive"] = False  # after the block: nothing is interrupted
+    time.sleep(0.3)
+
+
+def test_another_error_in_the_block_is_raised_as_it_is(nodes):
+    with pytest.raises(ValueError, match="bad batch"):
+        with stop_when_nodes_are_lost(2, "STRICT_SPREAD", "rerun it", interval_s=0.05):
+            raise ValueError("bad batch")
