@@ -24,6 +24,9 @@ from typing import Any
 import yaml
 from kfp import compiler, dsl, kubernetes
 
+from components.config import Params
+from components.stage import STAGES
+
 IMAGE = "ghcr.io/your-org/sista:0.1.0"  # `make image` builds it; push it where the cluster pulls
 NAMESPACE = "sista"
 PIPELINE_FILE = Path("infra/kubeflow/sista_pipeline.yaml")
@@ -33,7 +36,7 @@ PARAMS_MOUNT = "/etc/sista"
 CREDENTIALS_SECRET = "sista-s3"
 CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
 RAY_TOKEN_SECRET = "sista-ray-token"  # Ray's token authentication, as on the Ray pods
-PRETRAIN_VARIANTS = ("sista", "convirt", "dense")
+PRETRAIN_VARIANTS = ("sista", *Params().pretrain.baselines)  # the base params.yaml's
 # KubeRay names the head's service <RayCluster name>-head-svc.
 RAY_DASHBOARD = f"http://sista-head-svc.{NAMESPACE}.svc.cluster.local:8265"
 MLFLOW_SERVER = f"http://mlflow.{NAMESPACE}.svc.cluster.local:5000"
@@ -130,12 +133,10 @@ def sista_pipeline(
         return _on_cluster(task, f"{name} ({variant})" if variant else name)
 
     with dsl.If(check.output != "skip", name="inputs-changed"):
-        ingest = stage("ingest")
-        reports = stage("reports").after(ingest)
-        similarity = stage("similarity").after(reports)
-        pretrained = [stage("pretrain", variant).after(similarity) for variant in PRETRAIN_VARIANTS]
-        evaluate = stage("evaluate").after(*pretrained)
-        stage("publish").after(evaluate)
+        previous: list[dsl.PipelineTask] = []
+        for name in STAGES:  # in order; pre-training runs its variants side by side
+            variants = PRETRAIN_VARIANTS if name == "pretrain" else ("",)
+            previous = [stage(name, variant).after(*previous) for variant in variants]
 
 
 def compile_pipeline(path: Path = PIPELINE_FILE) -> Path:

@@ -32,7 +32,7 @@ import yaml
 from components.config import ConfigError, Params, load_params, tracking_uri
 from components.preflight import check_resources
 from components.secrets import redacted
-from components.stage import JOBS
+from components.stage import JOBS, STAGES
 from components.stage_storage import (
     absolute,
     check_access,
@@ -44,15 +44,22 @@ from components.stage_storage import (
 from components.storage import StorageError
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-# The stage runs of dvc.yaml, in order: what `dvc repro` launches.
-PIPELINE = (
-    ("ingest",),
-    ("reports",),
-    ("similarity",),
-    ("pretrain",),  # SISTA, then each baseline
-    ("evaluate",),
-    ("publish",),
-)
+# The stage runs of dvc.yaml, in order: what `dvc repro` launches (pretrain: SISTA, then
+# each baseline, in one run).
+PIPELINE = tuple((stage,) for stage in STAGES)
+
+
+def stage_runs(variants: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """The pipeline with one pre-training run per variant (a cluster runs them apart)."""
+    runs: list[tuple[str, ...]] = []
+    for stage in STAGES:
+        if stage == "pretrain":
+            runs += [("pretrain", "--variant", variant) for variant in variants]
+        else:
+            runs.append((stage,))
+    return runs
+
+
 # Passed to a submitted job: where things are, never credentials (the cluster's nodes have
 # their own: instance profile, service account, or the environment `ray start` ran in).
 FORWARDED_ENV = (

@@ -16,6 +16,7 @@ from components.config import Params
 from components.stage import JOBS, STAGES
 from pipeline import kubeflow
 from pipeline.kubeflow_step import decision_of, stage_arguments
+from pipeline.launch import stage_runs
 
 MANIFESTS = manifests()
 
@@ -132,8 +133,25 @@ def test_every_stage_the_manifests_run_exists():
         if "--variant" in arguments:
             variant = arguments[arguments.index("--variant") + 1]
             assert variant == "sista" or variant in Params().pretrain.baselines
-    assert {command[0] for command in _launched(entrypoints["rayjob-pipeline.yaml"])} == set(STAGES)
     assert _launched(entrypoints["rayjob-sweep.yaml"])[0][0] == "sweep"
+
+
+def test_the_rayjob_and_dvc_yaml_run_the_declared_stages_in_order():
+    """The stage list is declared once (components.stage.STAGES, the variants by the base
+    params.yaml's pretrain.baselines); the files that spell it out follow it."""
+    variants = ("sista", *Params().pretrain.baselines)
+    (rayjob,) = [d for p, d in MANIFESTS if p.name == "rayjob-pipeline.yaml"]
+    launched = [tuple(c[: c.index("--params")]) for c in _launched(rayjob["spec"]["entrypoint"])]
+    assert launched == stage_runs(variants)
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    assert list(dvc["stages"]) == list(STAGES)
+    pretrain, evaluate = dvc["stages"]["pretrain"], dvc["stages"]["evaluate"]
+    outputs = [out for out in pretrain["outs"] if isinstance(out, str)]
+    assert outputs == [f"data/pretrain/{variant}" for variant in variants]
+    plots = [next(iter(plot)) for plot in pretrain["plots"]]
+    assert plots == [f"metrics/history/{variant}.json" for variant in variants]
+    models = [dep for dep in evaluate["deps"] if dep.startswith("data/pretrain/")]
+    assert models == [f"data/pretrain/{variant}/model" for variant in variants]
 
 
 def _compiled(path) -> tuple[dict, dict]:
