@@ -96,16 +96,20 @@ def stop_when_nodes_are_lost(
     left: list[int] = []
     finished = threading.Event()
 
+    def too_few_left() -> bool:
+        try:
+            alive = _alive_nodes()
+        except Exception:  # noqa: BLE001 - the GCS did not answer this time; ask again
+            return False
+        gone = [node for node_id, node in at_start.items() if node_id not in alive]
+        if gone and len(alive) < needed:
+            lost.extend(gone)
+            left.append(len(alive))
+        return bool(lost)
+
     def watch() -> None:
         while not finished.wait(interval_s):
-            try:
-                alive = _alive_nodes()
-            except Exception:  # noqa: BLE001 - the GCS did not answer this time; ask again
-                continue
-            gone = [node for node_id, node in at_start.items() if node_id not in alive]
-            if gone and len(alive) < needed and not finished.is_set():
-                lost.extend(gone)
-                left.append(len(alive))
+            if too_few_left() and not finished.is_set():
                 _thread.interrupt_main()  # Ray Train's SIGINT handler aborts the run
                 return
 
@@ -121,7 +125,7 @@ def stop_when_nodes_are_lost(
         yield
     except BaseException:
         finished.set()
-        if lost:
+        if lost or too_few_left():  # Ray Train may give up on the lost worker first
             raise failure() from None
         raise
     finished.set()

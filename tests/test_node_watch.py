@@ -49,3 +49,11 @@ def test_another_error_in_the_block_is_raised_as_it_is(nodes):
     with pytest.raises(ValueError, match="bad batch"):
         with stop_when_nodes_are_lost(2, "STRICT_SPREAD", "rerun it", interval_s=0.05):
             raise ValueError("bad batch")
+
+
+def test_a_run_that_fails_because_its_node_died_names_the_node(nodes):
+    """Ray Train may give up on the lost worker before the watch's next look."""
+    with pytest.raises(NodeLost, match=r"Ray node a1a1a1a1 \(127.0.0.2\) was lost"):
+        with stop_when_nodes_are_lost(3, "STRICT_SPREAD", "rerun it", interval_s=60):
+            nodes[0]["Alive"] = False
+            raise RuntimeError("worker group failed")
