@@ -20,52 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from sista_core.cpu import retain_freed_memory
-from sista_core.losses import false_negative_mask, sia_loss, sparse_normalize, sta_loss
-
-
-def sta_loss_per_sample_loop(
-    words: torch.Tensor,
-    word_mask: torch.Tensor,
-    patches: torch.Tensor,
-    *,
-    temperature_attn: float = 0.1,
-    temperature_local: float = 0.1,
-    sparse: str = "sparsemax",
-    topk: int = 8,
-) -> torch.Tensor:
-    """Reference STA: a Python loop over reports, unpadded tensors per report."""
-    per_sample = []
-    for i in range(words.shape[0]):
-        w = F.normalize(words[i][word_mask[i]].float(), dim=-1)  # (n_i, d)
-        if w.shape[0] == 0:
-            continue
-        p = F.normalize(patches[i].float(), dim=-1)  # (Np, d)
-        affinity = w @ p.T / temperature_attn
-        word_to_patch = sparse_normalize(affinity, sparse, topk=topk, dim=-1)
-        grounded_visual = F.normalize(word_to_patch @ p, dim=-1)
-        word_scores = w @ grounded_visual.T / temperature_local
-        word_term = -F.log_softmax(word_scores, dim=-1).diagonal().mean()
-
-        patch_to_word = sparse_normalize(affinity.T, sparse, topk=topk, dim=-1)
-        grounded_text = F.normalize(patch_to_word @ w, dim=-1)
-        patch_scores = p @ grounded_text.T / temperature_local
-        selected = (word_to_patch.amax(dim=0) > 0).float()
-        patch_log_prob = F.log_softmax(patch_scores, dim=-1).diagonal()
-        patch_term = -(selected * patch_log_prob).sum() / selected.sum()
-        per_sample.append(0.5 * (word_term + patch_term))
-    return torch.stack(per_sample).mean()
-
-
-def sia_loss_per_row_loop(img, txt, report_sim, *, temperature=0.07, threshold=0.9):
-    """Reference SIA (eliminate): one row of the similarity matrix at a time."""
-    img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
-    eliminated = false_negative_mask(report_sim, threshold)
-    rows = []
-    for i in range(img.shape[0]):
-        for queries, keys in ((img, txt), (txt, img)):
-            logits = queries[i] @ keys.T / temperature
-            rows.append(-F.log_softmax(logits.masked_fill(eliminated[i], float("-inf")), 0)[i])
-    return torch.stack(rows).sum() / (2 * img.shape[0])
+from sista_core.losses import sia_loss, sta_loss
+from sista_core.losses.reference import sia_loss_per_row_loop, sta_loss_per_sample_loop
 
 
 def _inputs(batch: int, num_words: int, num_patches: int, dim: int, seed: int = 0):

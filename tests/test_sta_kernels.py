@@ -8,6 +8,7 @@ from entmax import entmax_bisect
 from entmax import sparsemax as entmax_sparsemax
 
 from sista_core.losses import sta_loss
+from sista_core.losses.reference import reference_normalise, sta_loss_per_sample_loop
 from sista_core.losses.sparse_attention import sparse_normalize, sparsemax
 from sista_core.losses.sta import (
     _PaddedAffinity,
@@ -240,54 +241,6 @@ def test_rows_with_weight_packs_weighted_rows_first_in_order():
 # --- the whole loss against the per-sample loop ----------------------------------------------
 
 
-def reference_normalise(scores, sparse, topk):
-    """Each map of docs/method.md written out along the last dim, without the library's
-    normalisers: sparsemax by its sort-based closed form, 1.5-entmax by the entmax package's
-    bisection, top-k as a softmax renormalised over the k largest scores."""
-    if sparse == "softmax":
-        exp = (scores - scores.amax(-1, keepdim=True)).exp()
-        return exp / exp.sum(-1, keepdim=True)
-    if sparse == "topk":
-        kept = scores >= scores.topk(min(topk, scores.shape[-1]), dim=-1).values[..., -1:]
-        exp = (scores - scores.amax(-1, keepdim=True)).exp() * kept
-        return exp / exp.sum(-1, keepdim=True)
-    if sparse == "entmax15":
-        return entmax_bisect(scores.double(), alpha=1.5, dim=-1, n_iter=100).to(scores.dtype)
-    # sparsemax: sorted z, support size k = max{k : 1 + k z_(k) > sum_{j<=k} z_(j)}, threshold
-    # (sum of the support - 1) / k.
-    ordered = scores.sort(-1, descending=True).values
-    cumulative = ordered.cumsum(-1)
-    ranks = torch.arange(1, scores.shape[-1] + 1, dtype=scores.dtype)
-    support = (1 + ranks * ordered > cumulative).sum(-1, keepdim=True)
-    threshold = (cumulative.gather(-1, support - 1) - 1) / support
-    return (scores - threshold).clamp(min=0)
-
-
-def sta_loss_per_sample_loop(
-    words, word_mask, patches, *, temperature_attn, temperature_local, sparse, topk
-):
-    """STA as docs/method.md states it, one report at a time on its real words only."""
-    per_sample = []
-    for i in range(words.shape[0]):
-        w = F.normalize(words[i][word_mask[i]], dim=-1)  # (n_i, d)
-        if w.shape[0] == 0:
-            continue  # an empty report is left out of the mean
-        p = F.normalize(patches[i], dim=-1)  # (Np, d)
-        affinity = w @ p.T / temperature_attn
-        alpha = reference_normalise(affinity, sparse, topk)  # each word over the patches
-        grounded_visual = F.normalize(alpha @ p, dim=-1)
-        word_scores = w @ grounded_visual.T / temperature_local
-        word_term = -F.log_softmax(word_scores, dim=-1).diagonal().mean()
-        beta = reference_normalise(affinity.T, sparse, topk)  # each patch over the words
-        grounded_text = F.normalize(beta @ w, dim=-1)
-        patch_scores = p @ grounded_text.T / temperature_local
-        selected = (alpha.amax(dim=0) > 0).float()  # patches some real word selects
-        patch_log_prob = F.log_softmax(patch_scores, dim=-1).diagonal()
-        patch_term = -(selected * patch_log_prob).sum() / selected.sum()
-        per_sample.append(0.5 * (word_term + patch_term))
-    return torch.stack(per_sample).mean()
-
-
 @pytest.mark.parametrize("sparse", ["sparsemax", "entmax15", "topk", "softmax"])
 def test_reference_maps_are_normalised_and_as_sparse_as_documented(sparse):
     weights = reference_normalise(randn(6, 30) * 5, sparse, topk=4)
@@ -296,6 +249,9 @@ def test_reference_maps_are_normalised_and_as_sparse_as_documented(sparse):
         assert ((weights > 0).sum(-1) == 4).all()
     if sparse == "sparsemax":
         assert torch.allclose(weights, entmax_sparsemax(randn(6, 30) * 5, dim=-1), atol=1e-6)
+    if sparse == "entmax15":  # the entmax package's own bisection agrees
+        expected = entmax_bisect((randn(6, 30) * 5).double(), alpha=1.5, dim=-1, n_iter=100)
+        assert torch.allclose(weights, expected.float(), atol=1e-5)
 
 
 @pytest.mark.parametrize("temperatures", [(0.1, 0.1), (0.05, 0.2)])  # attention, local
