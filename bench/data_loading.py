@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from components.config import load_params
-from components.ingest import ShardWriter, read_shard_images
+from components.shards import ShardWriter, read_shard_images
 from sista_core.assets import real_radiograph_files
 from sista_core.datasets.images import read_image, resize_uint8
 from sista_core.encoders.image import ImageEncoder

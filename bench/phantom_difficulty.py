@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from components.config import load_params
-from components.ingest import read_shard_images
+from components.shards import read_shard_images
 from sista_core.encoders import ImageEncoder
 from sista_core.findings import CHEXPERT_COMPETITION
 from sista_core.probe import macro_auroc

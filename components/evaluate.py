@@ -39,9 +39,9 @@ from tqdm import tqdm  # noqa: E402
 from .config import LANGUAGE_TASKS, PRETRAIN_SET, TRAINED_TASKS, Params  # noqa: E402
 from .evaluation_cells import examples_path, features_path, load_encoder  # noqa: E402
 from .evaluation_trial import evaluation_cell  # noqa: E402
-from .ingest import read_shard_images, read_shard_masks, row_boxes, subset_file_name  # noqa: E402
 from .paired_bootstrap import GATE_OUTPUTS, ablation, save_gate_outputs  # noqa: E402
 from .runtime import ensure_ray, on_this_node, this_node_resource  # noqa: E402
+from .shards import read_shard_images, read_shard_masks, row_boxes, subset_file_name  # noqa: E402
 from .stage import stage_dir, stage_main  # noqa: E402
 from .stage_storage import data_root, ray_storage, stage_output  # noqa: E402
 from .tracking import stage_run  # noqa: E402

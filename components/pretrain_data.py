@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 
 from sista_core.findings import OBSERVATIONS
 
-from .ingest import ShardImages
 from .reports import TOKEN_COLUMNS, TOKENS_FILE, read_token_table
+from .shards import ShardImages
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 from sista_core import SISTAModel
 from sista_core.probe import accuracy, macro_auroc, standardise, train_linear_probe
 
-from .ingest import read_shard_images, subset_file_name
+from .shards import read_shard_images, subset_file_name
 
 SIGNALS = {"probe_auroc": "val_probe_auroc", "retrieval": "val_recall_at_5"}
 

@@ -17,10 +17,11 @@ from protocol_layouts import build_mimic_cxr_jpg, release_mimic_studies, withhol
 
 from components.artifacts import read_manifest
 from components.config import Params
-from components.ingest import PreviousIngest, ShardImages, read_shard_masks
+from components.ingest import PreviousIngest
 from components.ingest import run as run_ingest
 from components.lineage import code_version
 from components.reports import run as run_reports
+from components.shards import ShardImages, read_shard_masks
 from components.similarity import TEXT_STATES
 from components.similarity import run as run_similarity
 from sista_core.similarity import topk_neighbours

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import torch
 
 import components.sweep_signal as sweep_signal
-from components.ingest import subset_file_name
+from components.shards import subset_file_name
 from components.sweep_signal import ValidationSignal
 
 SET = "phantom_classification"
