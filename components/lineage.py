@@ -35,9 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from . import storage
-from .artifacts import read_manifest
 from .config import ConfigError, Params, load_params, tracking_uri
-from .stage_storage import settings_for, stage_dir
+from .stage_storage import read_manifest, settings_for, stage_dir
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CODE_FOLDERS = ("sista_core", "components", "pipeline")

@@ -38,8 +38,6 @@ from botocore.config import Config
 
 from sista_core.datasets.paths import PathOutsideRoot, inside
 
-from .artifacts import replace_dir
-
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 S3_SCHEME = "s3://"
@@ -147,6 +145,17 @@ def join(uri: str | os.PathLike, *parts: str) -> str:
         return str(Path(uri, *parts))
     pieces = [str(uri).rstrip("/")] + [p.strip("/") for p in parts if p.strip("/")]
     return "/".join(pieces)
+
+
+def replace_dir(source: Path, target: Path) -> None:
+    """Move ``source`` to ``target``, replacing it; the old copy goes only after the swap."""
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, old)
+    os.replace(source, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---- S3 client, error mapping and retries -----------------------------------------------

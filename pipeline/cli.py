@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 from components import profiles
-from components.artifacts import read_manifest
 from components.config import ConfigError, load_params
 from components.stage import STAGES, stage_dir
+from components.stage_storage import read_manifest
 
 from .launch import launch
 

@@ -15,7 +15,6 @@ import torch
 from dataset_fixtures import build_mimic_with_every_problem, write_radiograph
 from protocol_layouts import build_mimic_cxr_jpg, release_mimic_studies, withhold_mimic_studies
 
-from components.artifacts import read_manifest
 from components.config import Params
 from components.ingest import PreviousIngest
 from components.ingest import run as run_ingest
@@ -24,6 +23,7 @@ from components.reports import run as run_reports
 from components.shards import ShardImages, read_shard_masks
 from components.similarity import TEXT_STATES
 from components.similarity import run as run_similarity
+from components.stage_storage import read_manifest
 from sista_core.similarity import topk_neighbours
 
 pytestmark = pytest.mark.slow

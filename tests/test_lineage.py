@@ -12,8 +12,8 @@ import mlflow
 import pytest
 
 from components import lineage
-from components.artifacts import atomic_output_dir
 from components.config import Params
+from components.stage_storage import atomic_output_dir
 from components.tracking import experiment_for
 
 

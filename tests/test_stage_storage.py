@@ -11,10 +11,9 @@ import pytest
 import yaml
 
 from components import remote_sources, stage_storage, storage
-from components.artifacts import MANIFEST, content_hashes
 from components.config import Params
 from components.stage import stage_main
-from components.stage_storage import StageOutputMissing
+from components.stage_storage import MANIFEST, StageOutputMissing, content_hashes
 from sista_core.datasets import SiimPneumothorax
 
 
