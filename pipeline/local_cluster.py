@@ -199,7 +199,13 @@ class LocalRayCluster:
         with open(log, "wb") as output:
             process = subprocess.Popen(
                 command,
-                env=self._node_env(),
+                env={
+                    **self._node_env(),
+                    # Ray's metrics servers default to fixed ports (44217, 44227): another
+                    # Ray instance on the machine holds them, so each node gets its own.
+                    "AUTOSCALER_METRIC_PORT": str(offered_port()),
+                    "DASHBOARD_METRIC_PORT": str(offered_port()),
+                },
                 stdout=output,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # a Ctrl-C of the caller does not reach the nodes

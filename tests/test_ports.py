@@ -13,7 +13,7 @@ import ray
 
 from components import ports
 from components.config import Params
-from components.ports import PortTaken, lost_port_race, start_on_free_port
+from components.ports import HOST, PortTaken, lost_port_race, start_on_free_port
 
 
 @pytest.fixture
@@ -123,8 +123,24 @@ def test_the_ray_dashboard_starts_when_its_first_port_is_taken(first_port_taken,
 @pytest.mark.cluster
 @pytest.mark.system
 def test_a_ray_head_node_starts_when_its_first_port_is_taken(first_port_taken):
+    """Also beside another Ray instance: its metrics servers hold Ray's fixed default ports
+    (44217, 44227), which a node must not reach for (a failed bind there reads as a lost race)."""
     from pipeline.local_cluster import LocalRayCluster
 
-    with LocalRayCluster(nodes=1, cpus_per_node=1) as cluster:
-        assert len(cluster.alive_nodes()) == 1
-        assert str(first_port_taken) not in cluster.dashboard_url
+    holders = []
+    for port in (44217, 44227):  # held here, unless another Ray instance holds them already
+        holder = socket.socket()
+        try:
+            holder.bind((HOST, port))
+            holder.listen()
+            holders.append(holder)
+        except OSError:
+            holder.close()
+    try:
+        with LocalRayCluster(nodes=1, cpus_per_node=1) as cluster:
+            assert len(cluster.alive_nodes()) == 1
+            assert str(first_port_taken) not in cluster.dashboard_url
+            assert not cluster.started[0].lost_port_race()
+    finally:
+        for holder in holders:
+            holder.close()
