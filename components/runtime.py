@@ -3,8 +3,8 @@ a stage's Ray Train workers ran."""
 
 from __future__ import annotations
 
-import _thread
 import os
+import signal
 import socket
 import threading
 from collections.abc import Iterator
@@ -87,10 +87,15 @@ def stop_when_nodes_are_lost(
 ) -> Iterator[None]:
     """Run the block (a ``trainer.fit()`` in the main thread) while a thread watches the
     cluster's nodes. When a node that was alive at the start dies and fewer than ``needed``
-    are left, the block is interrupted as a Ctrl-C would (Ray Train aborts its run and frees
-    the workers) and :class:`NodeLost` names the lost nodes; ``then`` says what to do next.
-    Without it, a placement that needs the lost node waits for ever: Ray Train retries a
-    worker group that cannot start without limit."""
+    are left, the block is interrupted and :class:`NodeLost` names the lost nodes; ``then``
+    says what to do next. Without it, a placement that needs the lost node waits for ever:
+    Ray Train retries a worker group that cannot start without limit, and its own Ctrl-C
+    abort waits behind that retry. The interrupt is a signal (SIGUSR1) whose handler raises:
+    a blocking ``ray.get`` runs signal handlers while it waits. The training run's actors go
+    with the stage's process, which owns them."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach only it
+        yield
+        return
     at_start = _alive_nodes()
     lost: list[dict[str, Any]] = []
     left: list[int] = []
@@ -102,25 +107,28 @@ def stop_when_nodes_are_lost(
         except Exception:  # noqa: BLE001 - the GCS did not answer this time; ask again
             return False
         gone = [node for node_id, node in at_start.items() if node_id not in alive]
-        if gone and len(alive) < needed:
+        if gone and len(alive) < needed and not lost:
             lost.extend(gone)
             left.append(len(alive))
         return bool(lost)
 
+    def interrupted(signum: int, frame: Any) -> None:
+        raise NodeLost("interrupted")  # replaced by the full message below
+
     def watch() -> None:
         while not finished.wait(interval_s):
             if too_few_left() and not finished.is_set():
-                _thread.interrupt_main()  # Ray Train's SIGINT handler aborts the run
+                os.kill(os.getpid(), signal.SIGUSR1)
                 return
-
-    watcher = threading.Thread(target=watch, name="node-watch", daemon=True)
-    watcher.start()
 
     def failure() -> NodeLost:
         return NodeLost(
             f"Ray node {_named(lost)} was lost: {why} needs {needed} nodes, {left[0]} left; {then}"
         )
 
+    previous = signal.signal(signal.SIGUSR1, interrupted)
+    watcher = threading.Thread(target=watch, name="node-watch", daemon=True)
+    watcher.start()
     try:
         yield
     except BaseException:
@@ -128,7 +136,10 @@ def stop_when_nodes_are_lost(
         if lost or too_few_left():  # Ray Train may give up on the lost worker first
             raise failure() from None
         raise
-    finished.set()
+    finally:
+        finished.set()
+        watcher.join()
+        signal.signal(signal.SIGUSR1, previous)
     if lost:
         raise failure()
 

@@ -33,6 +33,7 @@ class OutageProxy:
     target_port: int
     port: int = 0
     outages: list[Outage] = field(default_factory=list)
+    sightings: dict[bytes, int] = field(default_factory=dict)
     _listener: socket.socket | None = field(default=None, init=False)
     _connections: set[socket.socket] = field(default_factory=set, init=False)
     _armed: tuple[bytes, float] | None = field(default=None, init=False)
@@ -60,7 +61,10 @@ class OutageProxy:
         self.stop()
 
     def trip_on(self, pattern: bytes, seconds: float) -> None:
+        """Arm the outage; ``sightings[pattern]`` then counts every request that carries it
+        (the one that tripped included): a client that retried sent it again."""
         self._armed = (pattern, seconds)
+        self.sightings[pattern] = 0
 
     def _listen(self, patience_s: float = 10.0) -> None:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -105,6 +109,9 @@ class OutageProxy:
     def _relay(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
         with contextlib.suppress(OSError):
             while chunk := source.recv(65536):
+                if from_client:
+                    for pattern in self.sightings:
+                        self.sightings[pattern] += pattern in chunk
                 armed = self._armed
                 if from_client and armed and armed[0] in chunk:
                     self._armed = None

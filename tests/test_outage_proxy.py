@@ -52,3 +52,4 @@ def test_the_port_refuses_connections_for_the_outage_then_answers_again(server):
         assert get(f"{proxy.endpoint}/trip") == "/trip"
         [outage] = proxy.outages
         assert outage.trigger == b"GET /trip" and 1.5 <= outage.seconds < 2.5
+        assert proxy.sightings == {b"GET /trip": 2}  # the dropped request and the later one
