@@ -347,6 +347,53 @@ def results_markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str
     return "\n".join(lines) + "\n"
 
 
+def plot_signal(rows: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> None:
+    """The signal by step: the current values' mean and its spread over seeds (a band of
+    ``noise_sds`` standard deviations), each sampled trial as a line ending where ASHA
+    stopped it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 4.5))
+    current = summary.get("current")
+    if current:
+        steps = [point["step"] for point in current["by_step"]]
+        means = [point["mean"] for point in current["by_step"]]
+        width = [summary["noise_sds"] * (point["sd"] or 0) for point in current["by_step"]]
+        axis.fill_between(
+            steps,
+            [m - w for m, w in zip(means, width, strict=True)],
+            [m + w for m, w in zip(means, width, strict=True)],
+            color="grey",
+            alpha=0.3,
+            label=f"current values: mean ± {summary['noise_sds']:g} sd over seeds",
+        )
+        axis.plot(steps, means, color="black", linewidth=2)
+    for row in rows:
+        if row["phase"] != "search" or not row["reports"]:
+            continue
+        steps = [report["step"] for report in row["reports"]]
+        signals = [report["signal"] for report in row["reports"]]
+        best = row["trial_id"] == summary["best_trial_id"]
+        axis.plot(
+            steps,
+            signals,
+            marker="o",
+            markersize=3,
+            linewidth=2 if best else 1,
+            label=f"trial {row['trial_id']}" + (" (best sampled)" if best else ""),
+        )
+    axis.set_xlabel("training step")
+    axis.set_ylabel(summary["metric"] + " (validation)")
+    axis.set_title("sista sweep: sampled trials against the current values' seed spread")
+    axis.legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 def check_inputs(params: Params) -> None:
     root = data_root(params.storage)
     needed = ["ingest/manifest.parquet", "reports/tokens.arrow", "similarity/embeddings.npy"]
@@ -485,6 +532,7 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
         (out / "trials.json").write_text(json.dumps({"summary": summary, "trials": rows}, indent=1))
         (out / "results.md").write_text(results_markdown(rows, summary))
         (out / BEST_FILE).write_text(best_file_text(chosen["row"], summary))
+        plot_signal(rows, summary, out / "signal.png")
         if best:
             mlflow.log_metric(f"best_{metric}", best["signal"])
         if summary["current"]:
@@ -493,7 +541,7 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
                 mlflow.log_metric(f"current_{metric}_sd", summary["current"]["sd"])
         mlflow.set_tag("sweep.decision", chosen["decision"])
         mlflow.log_params({f"chosen.{k}": v for k, v in chosen["row"]["settings"].items()})
-        for name in ("trials.json", "results.md", BEST_FILE):
+        for name in ("trials.json", "results.md", BEST_FILE, "signal.png"):
             mlflow.log_artifact(str(out / name))
         extra["summary"] = summary
     print((data_root(params.storage) / "sweep" / "results.md").read_text())

@@ -16,6 +16,7 @@ from components.sweep import (
     best_row,
     choose,
     current_values,
+    plot_signal,
     results_markdown,
     trial_section,
     trial_settings,
@@ -153,7 +154,7 @@ def test_one_seed_gives_no_noise_estimate_so_any_gain_counts():
     assert chosen["decision"] == "sampled" and chosen["margin"] == 0.0
 
 
-def test_the_results_table_shows_each_trial_against_the_current_mean_at_its_step():
+def test_the_results_table_shows_each_trial_against_the_current_mean_at_its_step(tmp_path):
     reports = [
         [{"step": 20, "signal": a}, {"step": 58, "signal": b}]
         for a, b in [(0.50, 0.60), (0.54, 0.62)]
@@ -177,6 +178,8 @@ def test_the_results_table_shows_each_trial_against_the_current_mean_at_its_step
     assert "| 20 | 0.5000 | 0.5400 | 0.5200 | 0.0283 |" in text
     assert "0.550@20 (+0.030)" in text
     assert "Chosen: current values: no sampled trial trained to the end." in text
+    plot_signal(rows, {**summary, "noise_sds": 2.0}, tmp_path / "signal.png")
+    assert (tmp_path / "signal.png").read_bytes().startswith(b"\x89PNG")
 
 
 BEST = "# from a sweep\npretrain.loss.sia_weight: 0.6\npretrain.sia.temperature: 0.05\n"
@@ -270,6 +273,7 @@ def test_a_ci_sweep_logs_child_runs_under_one_parent_and_its_best_applies(tmp_pa
         assert [m.step for m in signal] == [r["step"] for r in trial["reports"]]
     assert all(t["steps"] >= 4 for t in trials)  # a stopped trial frees its CPUs for the next
 
+    assert (out / "signal.png").read_bytes().startswith(b"\x89PNG")
     best = yaml.safe_load((out / "best_params.yaml").read_text())
     assert set(best) == set(params.sweep.space)
     if summary["decision"] == "current":
