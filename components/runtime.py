@@ -90,9 +90,10 @@ def stop_when_nodes_are_lost(
     are left, the block is interrupted and :class:`NodeLost` names the lost nodes; ``then``
     says what to do next. Without it, a placement that needs the lost node waits for ever:
     Ray Train retries a worker group that cannot start without limit, and its own Ctrl-C
-    abort waits behind that retry. The interrupt is a signal (SIGUSR1) whose handler raises:
-    a blocking ``ray.get`` runs signal handlers while it waits. The training run's actors go
-    with the stage's process, which owns them."""
+    abort waits behind that retry. The interrupt is a signal (SIGUSR1) whose handler raises
+    KeyboardInterrupt: a blocking ``ray.get`` runs signal handlers while it waits and lets
+    that one through. The training run's actors go with the stage's process, which owns
+    them."""
     if threading.current_thread() is not threading.main_thread():  # signals reach only it
         yield
         return
@@ -113,7 +114,9 @@ def stop_when_nodes_are_lost(
         return bool(lost)
 
     def interrupted(signum: int, frame: Any) -> None:
-        raise NodeLost("interrupted")  # replaced by the full message below
+        # KeyboardInterrupt: the one exception a waiting ray.get lets through (it swallows
+        # others raised by signal handlers); turned into NodeLost below.
+        raise KeyboardInterrupt
 
     def watch() -> None:
         while not finished.wait(interval_s):

@@ -57,3 +57,27 @@ def test_a_run_that_fails_because_its_node_died_names_the_node(nodes):
         with stop_when_nodes_are_lost(3, "STRICT_SPREAD", "rerun it", interval_s=60):
             nodes[0]["Alive"] = False
             raise RuntimeError("worker group failed")
+
+
+@pytest.mark.slow
+def test_a_ray_get_waiting_on_a_run_that_cannot_go_on_is_interrupted(monkeypatch):
+    """trainer.fit() waits in ray.get, which lets only a KeyboardInterrupt out of a signal
+    handler: the watch must get through it (a real local Ray, the node loss simulated)."""
+    import ray
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        cluster = [
+            {"NodeID": "a1" * 14, "NodeManagerAddress": "127.0.0.2", "Alive": True},
+            {"NodeID": "b2" * 14, "NodeManagerAddress": "127.0.0.3", "Alive": True},
+        ]
+        monkeypatch.setattr(runtime.ray, "nodes", lambda: [dict(node) for node in cluster])
+        never_done = ray.remote(lambda: time.sleep(120)).remote()
+        started = time.monotonic()
+        with pytest.raises(NodeLost, match=r"b2b2b2b2 \(127.0.0.3\) was lost"):
+            with stop_when_nodes_are_lost(2, "STRICT_SPREAD", "rerun it", interval_s=0.2):
+                cluster[1]["Alive"] = False
+                ray.get(never_done)
+        assert time.monotonic() - started < 30
+    finally:
+        ray.shutdown()
