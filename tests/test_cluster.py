@@ -156,6 +156,9 @@ def test_a_node_lost_in_epoch_2_stops_pretraining_naming_it_and_a_rerun_resumes(
         if job.poll() is None:
             job.kill()
     output = log.read_text(errors="replace")
+    (run.work / "logs" / "node-lost.json").write_text(
+        json.dumps({"stopped_after_s": stopped_after})
+    )
     assert job.returncode != 0, output[-3000:]
     [line] = [line for line in output.splitlines() if "[pretrain] stopped: " in line]
     assert f"Ray node {lost_id[:8]} (127.0.0.3) was lost: " in line
