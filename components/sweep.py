@@ -271,14 +271,13 @@ def choose(rows: list[dict[str, Any]], noise_sds: float) -> dict[str, Any]:
             raise RuntimeError("no sweep trial trained to the end; see the trials' errors")
         return {"decision": "sampled", "row": best, "margin": None, "reason": "no baseline"}
     margin = noise_sds * current["sd"] if current["sd"] is not None else 0.0
-    if best is None:
+    gain = best["signal"] - current["mean"] if best else None
+    if gain is None:
         reason = "no sampled trial trained to the end"
-    elif best["signal"] - current["mean"] > margin:
-        gain = best["signal"] - current["mean"]
+    elif gain > margin:
         reason = f"trial {best['trial_id']} beats the current values by {gain:+.4f} > {margin:.4f}"
         return {"decision": "sampled", "row": best, "margin": margin, "reason": reason}
     else:
-        gain = best["signal"] - current["mean"]
         reason = (
             f"the best sampled trial ({best['trial_id']}, {gain:+.4f}) is within the noise "
             f"({noise_sds:g} sd over {len(current['seeds'])} seeds = {margin:.4f})"
