@@ -670,14 +670,19 @@ def profile_merge(base: dict, overlay: dict, kind: type[Section] | None = None) 
     kind = kind or Params
     merged = dict(base)
     for key, value in overlay.items():
-        field = kind.model_fields.get(key)
-        section = field.annotation if field else None
-        is_section = isinstance(section, type) and issubclass(section, Section)
-        if is_section and isinstance(value, dict) and isinstance(merged.get(key), dict):
+        section = section_of(kind, key)
+        if section and isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = profile_merge(merged[key], value, section)
         else:
             merged[key] = value
     return merged
+
+
+def section_of(kind: type[Section], key: str) -> type[Section] | None:
+    """The settings section ``kind.key`` is (None: a value or a collection of named entries)."""
+    field = kind.model_fields.get(key)
+    annotation = field.annotation if field else None
+    return annotation if isinstance(annotation, type) and issubclass(annotation, Section) else None
 
 
 def nested(dotted: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, Params, Section, load_params, profile_merge
+from .config import ConfigError, Params, Section, load_params, profile_merge, section_of
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "default"
@@ -52,10 +52,8 @@ def profile_data(name: str, root: Path = ROOT) -> dict[str, Any]:
 def _apply(document: Any, overlay: dict[str, Any], kind: type[Section]) -> None:
     """``profile_merge`` on ruamel's round-trip document, so the base's comments stay."""
     for key, value in overlay.items():
-        field = kind.model_fields.get(key)
-        section = field.annotation if field else None
-        is_section = isinstance(section, type) and issubclass(section, Section)
-        if is_section and isinstance(value, dict) and isinstance(document.get(key), dict):
+        section = section_of(kind, key)
+        if section and isinstance(value, dict) and isinstance(document.get(key), dict):
             _apply(document[key], value, section)
         else:
             document[key] = value
