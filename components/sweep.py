@@ -6,15 +6,18 @@ every ``sweep.report_every`` steps. Two phases:
 
 1. the baseline: params.yaml's own values, trained to the end once per seed of
    ``sweep.current_seeds`` (never stopped): the signal's mean and its spread over seeds;
-2. the search: ``sweep.trials`` sampled settings, ASHA stopping the ones that trail at its rungs.
+2. the search: ``sweep.trials`` sampled settings, ASHA stopping the ones that trail at its rungs;
+3. the confirmation: when the best sampled trial that trained to the end beats the baseline's
+   mean by more than ``sweep.noise_sds`` standard deviations over seeds, its settings are
+   trained on the baseline's other seeds too (the best of many noisy trials looks better
+   than it is).
 
-The best sampled trial that trained to the end replaces the defaults only if it beats the
-baseline's mean by more than ``sweep.noise_sds`` standard deviations over seeds; otherwise the
-current values are kept, with the reason. The sweep is one MLflow parent run in the
-``<prefix>-sweep`` experiment with one child run per trial (its settings, loss curves and
-signal); the chosen settings are written as dotted ``params.yaml`` keys (``best_params.yaml``)
-for ``sista sweep --apply`` or ``dvc exp run -S``. Not a DVC stage: ``dvc repro`` never starts
-a sweep.
+The candidate replaces the defaults only if its mean over those seeds still beats the
+baseline's mean by that margin; otherwise the current values are kept, with the reason.
+The sweep is one MLflow parent run in the ``<prefix>-sweep`` experiment with one child run
+per trial (its settings, loss curves and signal); the chosen settings are written as dotted
+``params.yaml`` keys (``best_params.yaml``) for ``sista sweep --apply`` or ``dvc exp run -S``.
+Not a DVC stage: ``dvc repro`` never starts a sweep.
 
     python -m pipeline.launch sweep          # or: sista sweep
 """
@@ -260,10 +263,22 @@ def baseline(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     }
 
 
+def beats_on_one_seed(rows: list[dict[str, Any]], noise_sds: float) -> dict[str, Any] | None:
+    """The best completed sampled trial if its one run beats the current values' mean by more
+    than ``noise_sds`` standard deviations over seeds: a candidate to confirm on the other
+    seeds (the best of many noisy trials looks better than it is)."""
+    best = best_row([row for row in rows if row["phase"] == "search"])
+    current = baseline(rows)
+    if best is None or current is None or current["sd"] is None:
+        return None
+    return best if best["signal"] - current["mean"] > noise_sds * current["sd"] else None
+
+
 def choose(rows: list[dict[str, Any]], noise_sds: float) -> dict[str, Any]:
     """What the sweep recommends: the best completed sampled trial if it beats the baseline's
-    mean by more than ``noise_sds`` standard deviations over seeds, else the current values.
-    Without a baseline (no ``current_seeds``) the best completed trial wins outright."""
+    mean by more than ``noise_sds`` standard deviations over seeds (on its mean over the
+    seeds it was confirmed on, when it was), else the current values. Without a baseline (no
+    ``current_seeds``) the best completed trial wins outright."""
     best = best_row([row for row in rows if row["phase"] == "search"])
     current = baseline(rows)
     if current is None:
@@ -271,18 +286,44 @@ def choose(rows: list[dict[str, Any]], noise_sds: float) -> dict[str, Any]:
             raise RuntimeError("no sweep trial trained to the end; see the trials' errors")
         return {"decision": "sampled", "row": best, "margin": None, "reason": "no baseline"}
     margin = noise_sds * current["sd"] if current["sd"] is not None else 0.0
-    gain = best["signal"] - current["mean"] if best else None
-    if gain is None:
+    kept = {"trial_id": "current", "settings": current["settings"], "signal": current["mean"]}
+    if best is None:
         reason = "no sampled trial trained to the end"
-    elif gain > margin:
-        reason = f"trial {best['trial_id']} beats the current values by {gain:+.4f} > {margin:.4f}"
-        return {"decision": "sampled", "row": best, "margin": margin, "reason": reason}
-    else:
+        return {"decision": "current", "row": kept, "margin": margin, "reason": reason}
+    gain = best["signal"] - current["mean"]
+    confirmed = [
+        row["signal"]
+        for row in rows
+        if row["phase"] == "confirm"
+        and row["state"] == "completed"
+        and row["settings"] == best["settings"]
+    ]
+    if gain <= margin:
         reason = (
             f"the best sampled trial ({best['trial_id']}, {gain:+.4f}) is within the noise "
             f"({noise_sds:g} sd over {len(current['seeds'])} seeds = {margin:.4f})"
         )
-    kept = {"trial_id": "current", "settings": current["settings"], "signal": current["mean"]}
+        return {"decision": "current", "row": kept, "margin": margin, "reason": reason}
+    if not confirmed:
+        reason = f"trial {best['trial_id']} beats the current values by {gain:+.4f} > {margin:.4f}"
+        return {"decision": "sampled", "row": best, "margin": margin, "reason": reason}
+    mean = statistics.fmean([best["signal"], *confirmed])
+    over = f"over {len(confirmed) + 1} seeds"
+    if mean - current["mean"] > margin:
+        reason = (
+            f"trial {best['trial_id']} beats the current values by {mean - current['mean']:+.4f} "
+            f"> {margin:.4f} {over} (confirmed)"
+        )
+        return {
+            "decision": "sampled",
+            "row": {**best, "signal": mean},
+            "margin": margin,
+            "reason": reason,
+        }
+    reason = (
+        f"trial {best['trial_id']} beat the current values by {gain:+.4f} on one seed but by "
+        f"{mean - current['mean']:+.4f} {over}, within the noise ({margin:.4f})"
+    )
     return {"decision": "current", "row": kept, "margin": margin, "reason": reason}
 
 
@@ -329,6 +370,8 @@ def results_markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str
         marks = []
         if row["phase"] == "current":
             marks.append("current params.yaml")
+        if row["phase"] == "confirm":
+            marks.append(f"confirms {summary['best_trial_id']} on another seed")
         if row["trial_id"] == summary["best_trial_id"]:
             marks.append("**best sampled**")
         history = ", ".join(
@@ -508,6 +551,17 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
                 ),
             )
             rows += trial_rows(results, keys, metric, total_steps, "search")
+            candidate = beats_on_one_seed(rows, config.noise_sds)
+            others = [seed for seed in config.current_seeds if seed != params.pretrain.seed]
+            if candidate and others:  # the same seeds as the current values, none stopped
+                results = tune_phase(
+                    params,
+                    parent,
+                    f"{parent['name']}-confirm",
+                    {**candidate["settings"], SEED_KEY: tune.grid_search(others)},
+                    scheduler=FIFOScheduler(),
+                )
+                rows += trial_rows(results, keys, metric, total_steps, "confirm")
         finally:  # trial checkpoints are not kept: the chosen settings are re-run by the pipeline
             remove_trial_checkpoints(params, f"{parent['name']}-")
         close_child_runs(params, parent["run_id"], rows)

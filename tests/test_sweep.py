@@ -13,6 +13,7 @@ from pipeline_helpers import ROOT, run_stages, write_ci_params
 from components.config import ConfigError, Params, load_params
 from components.sweep import (
     baseline,
+    beats_on_one_seed,
     best_row,
     choose,
     current_values,
@@ -148,6 +149,31 @@ def test_a_sampled_trial_replaces_the_defaults_only_beyond_the_seed_noise(
         assert chosen["row"]["trial_id"] == "a"
 
 
+@pytest.mark.parametrize(
+    "others, decision, reason",
+    [
+        (
+            (0.64, 0.65),
+            "sampled",
+            "trial a beats the current values by +0.0367 > 0.0200 over 3 seeds",
+        ),
+        ((0.60, 0.61), "current", "by +0.0400 on one seed but by +0.0100 over 3 seeds, within"),
+    ],
+)
+def test_a_winner_on_one_seed_must_hold_on_the_baseline_seeds(others, decision, reason):
+    """The best of many noisy trials looks better than it is: its settings are trained on the
+    baseline's other seeds, and its mean over them decides."""
+    rows = [*current_seeds(0.60, 0.61, 0.62), trial("a", "completed", 0.65)]
+    assert beats_on_one_seed(rows, noise_sds=2.0)["trial_id"] == "a"
+    rows += [trial(f"a{i}", "completed", s, "confirm", seed=i + 1) for i, s in enumerate(others)]
+    chosen = choose(rows, noise_sds=2.0)
+    assert chosen["decision"] == decision and reason in chosen["reason"]
+    if decision == "sampled":
+        assert chosen["row"]["settings"] == rows[3]["settings"]
+        assert chosen["row"]["signal"] == pytest.approx(0.6467, abs=1e-4)
+    assert beats_on_one_seed(current_seeds(0.60, 0.61, 0.62), noise_sds=2.0) is None
+
+
 def test_one_seed_gives_no_noise_estimate_so_any_gain_counts():
     rows = [*current_seeds(0.60), trial("a", "completed", 0.6001)]
     chosen = choose(rows, noise_sds=2.0)
@@ -240,7 +266,11 @@ def test_a_ci_sweep_logs_child_runs_under_one_parent_and_its_best_applies(tmp_pa
     summary, trials = record["summary"], record["trials"]
     params = load_params(tmp_path / "params.yaml")
     current = [t for t in trials if t["phase"] == "current"]
-    assert [t["seed"] for t in current] == [0, 1] and len(trials) == 4
+    assert [t["seed"] for t in current] == [0, 1]
+    assert len([t for t in trials if t["phase"] == "search"]) == 2
+    for confirming in [t for t in trials if t["phase"] == "confirm"]:  # the winner, seed 1
+        best = next(t for t in trials if t["trial_id"] == summary["best_trial_id"])
+        assert confirming["settings"] == best["settings"] and confirming["seed"] == 1
     for seed_trial in current:  # the baseline is never stopped early
         assert seed_trial["state"] == "completed", seed_trial
         assert seed_trial["settings"] == current_values(params)
