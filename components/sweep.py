@@ -398,7 +398,7 @@ def plot_signal(rows: list[dict[str, Any]], summary: dict[str, Any], path: Path)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(8, 4.5))
+    figure, axis = plt.subplots(figsize=(10, 4.5))
     current = summary.get("current")
     if current:
         steps = [point["step"] for point in current["by_step"]]
@@ -430,7 +430,7 @@ def plot_signal(rows: list[dict[str, Any]], summary: dict[str, Any], path: Path)
     axis.set_xlabel("training step")
     axis.set_ylabel(summary["metric"] + " (validation)")
     axis.set_title("sista sweep: sampled trials against the current values' seed spread")
-    axis.legend(fontsize=7, loc="lower right")
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the lines
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
