@@ -45,8 +45,8 @@ def test_the_port_refuses_connections_for_the_outage_then_answers_again(server):
         proxy.trip_on(b"GET /trip", seconds=1.5)
         with pytest.raises((urllib.error.URLError, ConnectionError)):
             get(f"{proxy.endpoint}/trip")  # not forwarded: the connection is reset
-        with pytest.raises(urllib.error.URLError, match="Connection refused"):
-            get(f"{proxy.endpoint}/b")
+        with pytest.raises((urllib.error.URLError, ConnectionError)):  # refused, or reset
+            get(f"{proxy.endpoint}/b")  # if the kernel had queued it before the close
         time.sleep(2.0)
         assert get(f"{proxy.endpoint}/c") == "/c"  # same port, and the trip is spent
         assert get(f"{proxy.endpoint}/trip") == "/trip"
