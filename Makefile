@@ -70,16 +70,18 @@ test-cluster: venv  ## only the multi-node Ray cluster tests (part of test-syste
 # tested side by side.
 MUTATION_JOBS ?= 2
 MUTATION_TARGETS := 'sista_core.losses.*' 'sista_core.probe.*' 'sista_core.datasets.splits.*' \
-  'components.evaluation_cells.*' 'components.pretrain_data.*' \
-  'components.evaluate.x_summarise__mutmut_*' 'components.evaluate.x_metric_names__mutmut_*' \
-  'components.ingest.x_write_subsets__mutmut_*' \
-  'components.publish.x_metric_value__mutmut_*' 'components.publish.x_should_promote__mutmut_*' \
-  'components.publish.x_current_champion__mutmut_*' \
-  'components.publish.x_promote_if_better__mutmut_*' \
-  'components.publish.x_beats_beyond_noise__mutmut_*' \
-  'components.publish.x_compare_with_champion__mutmut_*' \
-  'components.paired_bootstrap.x_save_gate_outputs__mutmut_*' \
-  'components.paired_bootstrap.x_gate_difference__mutmut_*'
+  'components.stages.evaluation_cells.*' 'components.stages.pretrain_data.*' \
+  'components.stages.evaluate.x_summarise__mutmut_*' \
+  'components.stages.evaluate.x_metric_names__mutmut_*' \
+  'components.stages.ingest.x_write_subsets__mutmut_*' \
+  'components.stages.publish.x_metric_value__mutmut_*' \
+  'components.stages.publish.x_should_promote__mutmut_*' \
+  'components.stages.publish.x_current_champion__mutmut_*' \
+  'components.stages.publish.x_promote_if_better__mutmut_*' \
+  'components.stages.publish.x_beats_beyond_noise__mutmut_*' \
+  'components.stages.publish.x_compare_with_champion__mutmut_*' \
+  'components.stages.paired_bootstrap.x_save_gate_outputs__mutmut_*' \
+  'components.stages.paired_bootstrap.x_gate_difference__mutmut_*'
 mutation: venv  ## mutation testing of the claim's modules: bench/results/mutation.md
 	@mkdir -p mutants; start=$$(date +%s); \
 	$(BIN)/mutmut run --max-children $(MUTATION_JOBS) $(MUTATION_TARGETS) > mutants/run.log 2>&1 \

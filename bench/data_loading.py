@@ -2,7 +2,7 @@
 
 The baseline decodes every radiograph from its JPEG file at every step (PIL decode, resize
 to the training size, to tensor), as MGCA's loader does. SISTA decodes once at ingest and
-training reads the uint8 shards (``components.ingest.read_shard_images``). Both sides end
+training reads the uint8 shards (``components.stages.ingest.read_shard_images``). Both sides end
 in the same normalised float batch (B, 3, S, S) (``ImageEncoder.normalize``), built inside
 torch DataLoader workers (1 and 2), so only the way pixels are obtained differs.
 
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from components.config import load_params
-from components.shards import ShardWriter, read_shard_images
+from components.platform.config import load_params
+from components.platform.shards import ShardWriter, read_shard_images
 from sista_core.assets import real_radiograph_files
 from sista_core.datasets.images import read_image, resize_uint8
 from sista_core.encoders.image import ImageEncoder

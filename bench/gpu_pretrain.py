@@ -1,5 +1,5 @@
 """GPU pre-training benchmark: samples/s of the SISTA training step at ViT-B/16 224 px, fp32
-against the GPU path of ``components.pretrain`` (bf16 autocast, channels-last, pinned
+against the GPU path of ``components.stages.pretrain`` (bf16 autocast, channels-last, pinned
 host memory, and ``torch.compile`` as a separate row), for a fixed number of steps.
 
 One process, one GPU, no Ray: the step is ``bench.pretrain_scaling``'s (the training step of
@@ -26,7 +26,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.pretrain_scaling import synthetic_pairs
-from components.pretrain import accelerate
+from components.stages.pretrain import accelerate
 from sista_core import SISTAConfig, SISTAModel
 from sista_core.encoders.text import collate_tokens
 

@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", type=Path, default=Path("bench/results/losses.json"))
     args = parser.parse_args(argv)
 
-    # As in training (components/pretrain.py), for both implementations alike.
+    # As in training (components/stages/pretrain.py), for both implementations alike.
     allocator_tuned = retain_freed_memory()
     torch.manual_seed(0)
     rows = []

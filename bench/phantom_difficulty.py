@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from components.config import load_params
-from components.shards import read_shard_images
+from components.platform.config import load_params
+from components.platform.shards import read_shard_images
 from sista_core.encoders import ImageEncoder
 from sista_core.findings import CHEXPERT_COMPETITION
 from sista_core.probe import macro_auroc

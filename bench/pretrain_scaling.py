@@ -1,7 +1,7 @@
 """Pre-training scaling benchmark: samples/s with 1 vs 2 data-parallel workers, and where a
 step's time goes (data, forward, loss, backward, optimizer).
 
-It runs the training step of ``components.pretrain.train_loop_per_worker`` (the function
+It runs the training step of ``components.stages.pretrain.train_loop_per_worker`` (the function
 Ray Train's ``TorchTrainer`` runs on every worker) for a fixed number of steps: the default
 profile's model (``params.yaml`` ``pretrain``), AdamW, the warm-up cosine schedule, batches
 cut by ``PretrainData.batches`` (one seeded shuffle, each global batch split into equal
@@ -39,9 +39,9 @@ import torch.multiprocessing as mp
 import transformers
 from torch.nn.parallel import DistributedDataParallel
 
-from components.config import load_params
-from components.ports import join_process_group, rendezvous_store
-from components.pretrain_data import PretrainData
+from components.platform.config import load_params
+from components.platform.ports import join_process_group, rendezvous_store
+from components.stages.pretrain_data import PretrainData
 from sista_core import SISTAConfig, SISTAModel
 from sista_core.cpu import retain_freed_memory
 from sista_core.encoders.text import collate_tokens, split_tokens, tokenize_texts

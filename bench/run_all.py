@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from bench import data_loading, gpu_pretrain, losses, pretrain_scaling, scale, similarity
-from components.stage import STAGES
+from components.platform.stage import STAGES
 
 RESULTS_DIR = Path("bench/results")  # each benchmark's own JSON, as when run alone
 Section = dict[str, Any]  # title, columns, rows (cells), notes, data (raw rows), seconds
@@ -197,8 +197,8 @@ def run_pretrain(quick: bool, out: Path) -> Section:
         ],
         "notes": [
             f"Per-worker batch {base['global_batch']}; the global batch grows with the workers "
-            "as in Ray Train. The training step of components/pretrain.py in plain processes "
-            "(DDP, gloo), without Ray's start-up: see bench/pretrain_scaling.py.",
+            "as in Ray Train. The training step of components/stages/pretrain.py in plain "
+            "processes (DDP, gloo), without Ray's start-up: see bench/pretrain_scaling.py.",
             *_pretrain_explanation(rows),
         ],
         "data": rows,

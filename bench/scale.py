@@ -41,7 +41,7 @@ import psutil
 import yaml
 from PIL import Image
 
-from components import storage
+from components.platform import storage
 from pipeline.local_services import S3Server
 from sista_core.datasets.embedded import as_free_text
 from sista_core.datasets.mimic_cxr import (

@@ -5,7 +5,7 @@ sista run STAGE [--variant NAME]   run one stage (a Ray job; see pipeline.launch
 sista status                       what each stage last produced; @champion and @candidate
 sista profile NAME                 params.yaml becomes the base with profiles/NAME.yaml's changes
 sista explain IMAGE "REPORT"       heat maps of the report's words on the image (PNG)
-sista sweep                        Ray Tune over loss weights (a Ray job; see components.sweep)
+sista sweep                        Ray Tune over loss weights (a Ray job: components.stages.sweep)
 sista sweep --apply [FILE]         write the sweep's best settings into params.yaml
 sista sweep --dvc-args [FILE]      the same settings as `dvc exp run` -S arguments
 """
@@ -17,10 +17,10 @@ import datetime as dt
 import sys
 from pathlib import Path
 
-from components import profiles
-from components.config import ConfigError, load_params
-from components.stage import STAGES, stage_dir
-from components.stage_storage import read_manifest
+from components.platform import profiles
+from components.platform.config import ConfigError, load_params
+from components.platform.stage import STAGES, stage_dir
+from components.platform.stage_storage import read_manifest
 
 from .launch import launch
 
@@ -61,8 +61,8 @@ def registry_status(params) -> None:
     data, params and code produced them) and the promotion gate's decision."""
     import mlflow
 
-    from components.config import tracking_uri
-    from components.lineage import TAG_PREFIX
+    from components.platform.config import tracking_uri
+    from components.platform.lineage import TAG_PREFIX
 
     name = params.mlflow.registered_model
     client = mlflow.MlflowClient(tracking_uri(params))
@@ -133,7 +133,7 @@ def explain(
 
 def sweep(params_path: str, apply: str | None, dvc_args: str | None, rest: list[str]) -> int:
     """Run the sweep, or apply / print the best settings it wrote."""
-    from components.sweep_best import BEST_FILE, apply_best, dvc_arguments
+    from components.stages.sweep_best import BEST_FILE, apply_best, dvc_arguments
 
     chosen = apply or dvc_args
     if chosen is None:

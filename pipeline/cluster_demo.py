@@ -30,8 +30,8 @@ from typing import Any
 
 import yaml
 
-from components.config import with_overrides
-from components.profiles import profile_data
+from components.platform.config import with_overrides
+from components.platform.profiles import profile_data
 
 from .launch import PIPELINE
 from .local_cluster import LocalRayCluster
@@ -158,7 +158,7 @@ def pretraining_evidence(run: ClusterRun, variant: str = "sista") -> dict[str, A
     checkpoints below ``<storage.uri>/checkpoints`` on S3."""
     import mlflow
 
-    from components import storage
+    from components.platform import storage
 
     folder = f"pretrain/{variant}"
     placement = json.loads(storage.read_bytes(f"{STORAGE_URI}/{folder}/workers.json"))

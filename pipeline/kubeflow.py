@@ -4,13 +4,13 @@ cluster, and the recurring run that retrains on a schedule.
 Every step is a lightweight component in the project's image (``infra/Dockerfile``) that runs
 ``python -m pipeline.launch STAGE --params PARAMS`` with ``RAY_ADDRESS`` set to the KubeRay
 head's dashboard: the launcher submits the stage as a Ray job, streams its logs and fails the
-step when the job fails. The first step checks the inputs (``components.lineage``: the
+step when the job fails. The first step checks the inputs (``components.platform.lineage``: the
 sources' listing, params, code) against the last published run's and the stages run only when
 something changed. They follow dvc.yaml (pre-training's three variants side by side); the last
 one, publish, moves ``@champion`` to the new encoder only when it beats the current champion
-beyond noise on ``publish.metric`` (``components.publish.promote_if_better``). Parameters come
-from the ConfigMap ``sista-params``, S3 credentials from the Secret ``sista-s3`` and Ray's
-token from ``sista-ray-token``, as on the Ray pods (``infra/kuberay/``).
+beyond noise on ``publish.metric`` (``components.stages.publish.promote_if_better``).
+Parameters come from the ConfigMap ``sista-params``, S3 credentials from the Secret
+``sista-s3`` and Ray's token from ``sista-ray-token``, as on the Ray pods (``infra/kuberay/``).
 
     python -m pipeline.kubeflow compile      # -> infra/kubeflow/sista_pipeline.yaml
     python -m pipeline.kubeflow schedule --host https://KFP-HOST  # recurring_run.yaml
@@ -24,8 +24,8 @@ from typing import Any
 import yaml
 from kfp import compiler, dsl, kubernetes
 
-from components.config import Params
-from components.stage import STAGES
+from components.platform.config import Params
+from components.platform.stage import STAGES
 
 IMAGE = "ghcr.io/your-org/sista:0.1.0"  # `make image` builds it; push it where the cluster pulls
 NAMESPACE = "sista"
@@ -53,7 +53,14 @@ def check_inputs(params_path: str, mlflow_tracking_uri: str) -> str:
 
     from pipeline.kubeflow_step import decision_of, step_environment
 
-    command = [sys.executable, "-m", "components.lineage", "--params", params_path, "--record"]
+    command = [
+        sys.executable,
+        "-m",
+        "components.platform.lineage",
+        "--params",
+        params_path,
+        "--record",
+    ]
     print("running:", " ".join(command), flush=True)
     checked = subprocess.run(command, env=step_environment("", mlflow_tracking_uri))
     return decision_of(checked.returncode)

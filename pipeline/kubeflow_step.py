@@ -9,8 +9,8 @@ from urllib.parse import urlsplit
 
 
 def decision_of(returncode: int) -> str:
-    """The input check's decision from ``python -m components.lineage``'s exit code."""
-    from components.lineage import EXIT_CODES
+    """The input check's decision from ``python -m components.platform.lineage``'s exit code."""
+    from components.platform.lineage import EXIT_CODES
 
     decisions = {code: decision for decision, code in EXIT_CODES.items()}
     if returncode not in decisions:
@@ -27,7 +27,7 @@ def stage_arguments(stage: str, variant: str, decision: str, params_path: str) -
         return arguments
     if variant == "sista":
         return [*arguments, "--warm-start"]
-    from components.config import load_params
+    from components.platform.config import load_params
 
     return arguments if load_params(params_path).retrain.baselines else None
 

@@ -7,8 +7,8 @@ A submitted job carries only its parameters (a working_dir holding the resolved
 (endpoints, MLflow server); the code and credentials are the cluster's own. With
 ``storage.uri: s3://...`` the launcher then pulls the stage's output into ``storage.local_dir``,
 so DVC finds it where dvc.yaml says. When DVC runs the launcher (``DVC_STAGE`` set), it then
-exports the small files git versions for DVC into ``metrics/`` (components.stage_storage), for
-a stage run here or on a cluster alike.
+exports the small files git versions for DVC into ``metrics/``
+(components.platform.stage_storage), for a stage run here or on a cluster alike.
 
     python -m pipeline.launch ingest
     python -m pipeline.launch pretrain --variant convirt
@@ -29,11 +29,11 @@ from pathlib import Path
 
 import yaml
 
-from components.config import ConfigError, Params, load_params, tracking_uri
-from components.preflight import check_resources
-from components.secrets import redacted
-from components.stage import JOBS, STAGES
-from components.stage_storage import (
+from components.platform.config import ConfigError, Params, load_params, tracking_uri
+from components.platform.preflight import check_resources
+from components.platform.secrets import redacted
+from components.platform.stage import JOBS, STAGES
+from components.platform.stage_storage import (
     absolute,
     check_access,
     export_tracked,
@@ -41,7 +41,7 @@ from components.stage_storage import (
     output_folders,
     pull,
 )
-from components.storage import StorageError
+from components.platform.storage import StorageError
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 # The stage runs of dvc.yaml, in order: what `dvc repro` launches (pretrain: SISTA, then
@@ -78,7 +78,14 @@ FORWARDED_ENV = (
 def entrypoint(stage: str, params_path: str, stage_args: list[str]) -> str:
     """The job's command: this interpreter by absolute path (a job runs with the head's
     PATH, which may not hold our venv)."""
-    command = [sys.executable, "-m", f"components.{stage}", "--params", params_path, *stage_args]
+    command = [
+        sys.executable,
+        "-m",
+        f"components.stages.{stage}",
+        "--params",
+        params_path,
+        *stage_args,
+    ]
     return shlex.join(command)
 
 
@@ -175,7 +182,7 @@ def launch(stage: str, params_path: str, stage_args: list[str]) -> int:
         return code
     # No address: a local Ray instance. A bare GCS address (head:6379) is what Ray sets inside
     # a running job (a KubeRay RayJob's entrypoint): the stage attaches to that cluster.
-    module = importlib.import_module(f"components.{stage}")
+    module = importlib.import_module(f"components.stages.{stage}")
     module.main(["--params", params_path, *stage_args])
     export_for_dvc(params, stage, stage_args)
     return 0

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import psutil
 
-from components.ports import (
+from components.platform.ports import (
     ATTEMPTS,
     HOST,
     PortTaken,

@@ -20,7 +20,7 @@ from typing import Any
 
 import psutil
 
-from components.ports import HOST, PortTaken, says_address_in_use, start_on_free_port
+from components.platform.ports import HOST, PortTaken, says_address_in_use, start_on_free_port
 
 from .local_cluster import stop_processes
 

@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from components.ports import HOST
+from components.platform.ports import HOST
 
 
 @dataclass

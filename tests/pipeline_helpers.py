@@ -12,8 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from components.config import with_overrides
-from components.profiles import profile_data
+from components.platform.config import with_overrides
+from components.platform.profiles import profile_data
 from pipeline.launch import PIPELINE
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from components.stage_storage import MANIFEST, atomic_output_dir, read_manifest
+from components.platform.stage_storage import MANIFEST, atomic_output_dir, read_manifest
 
 
 def test_a_failed_stage_leaves_the_previous_output_untouched(tmp_path):

@@ -71,7 +71,7 @@ def test_weights_of_another_architecture_fail_naming_the_file(tmp_path):
 @pytest.fixture(scope="module")
 def training_state(tmp_path_factory):
     """A pre-training checkpoint folder as the pretrain stage writes it, plus its parts."""
-    from components.pretrain import save_training_state
+    from components.stages.pretrain import save_training_state
 
     folder = tmp_path_factory.mktemp("checkpoint")
     model = SISTAModel(tiny(16))
@@ -85,7 +85,7 @@ def training_state(tmp_path_factory):
 
 
 def test_a_resumable_checkpoint_round_trips(training_state):
-    from components.pretrain import load_training_state
+    from components.stages.pretrain import load_training_state
 
     folder, model, optimizer = training_state
     fresh = SISTAModel(tiny(16))
@@ -100,7 +100,7 @@ def test_a_resumable_checkpoint_round_trips(training_state):
 
 
 def test_a_resumable_checkpoint_with_a_pickle_payload_is_refused(training_state, tmp_path):
-    from components.pretrain import load_training_state
+    from components.stages.pretrain import load_training_state
 
     folder, _, _ = training_state
     copy = tmp_path / "checkpoint"
@@ -116,7 +116,7 @@ def test_a_resumable_checkpoint_with_a_pickle_payload_is_refused(training_state,
 
 
 def test_a_truncated_resumable_checkpoint_fails_naming_the_file(training_state, tmp_path):
-    from components.pretrain import load_training_state
+    from components.stages.pretrain import load_training_state
 
     folder, _, _ = training_state
     weights = tmp_path / "model.safetensors"

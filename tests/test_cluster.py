@@ -15,7 +15,7 @@ import pytest
 from outage_proxy import OutageProxy
 from pipeline_helpers import wait_for
 
-from components import storage
+from components.platform import storage
 from pipeline.cluster_demo import (
     STORAGE_URI,
     ClusterRun,

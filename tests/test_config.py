@@ -5,8 +5,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from components import profiles
-from components.config import ConfigError, Params, load_params
+from components.platform import profiles
+from components.platform.config import ConfigError, Params, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -142,7 +142,7 @@ def test_switching_profiles_keeps_the_base_and_puts_it_back(tmp_path):
 
 
 def test_dotted_overrides_set_one_number_and_keep_the_rest():
-    from components.config import with_overrides
+    from components.platform.config import with_overrides
 
     data = {"pretrain": {"loss": {"sta_weight": 1.0, "sia_weight": 1.0}}, "ray": {"num_cpus": 2}}
     changed = with_overrides(data, {"pretrain.loss.sta_weight": 0.5, "ray.num_cpus": None})
@@ -170,8 +170,8 @@ def test_a_loss_weight_reruns_pretrain_and_no_stage_before_it(key):
 def test_lr_scales_name_the_model_parts_and_group_their_parameters():
     from typing import get_args
 
-    from components.config import ModelPart
-    from components.pretrain import parameter_groups
+    from components.platform.config import ModelPart
+    from components.stages.pretrain import parameter_groups
     from sista_core import SISTAModel
     from sista_core.config import SISTAConfig
 

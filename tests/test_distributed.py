@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from components.ports import join_process_group, rendezvous_store
+from components.platform.ports import join_process_group, rendezvous_store
 from sista_core.losses import IntraLoss, SIALoss, STALoss, gather_with_grad, mean_over_workers
 
 WORLD_SIZE, LOCAL_BATCH, DIM = 2, 3, 8

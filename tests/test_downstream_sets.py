@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from protocol_layouts import build_chexpert_small, build_covidx, build_object_cxr, build_siim_acr
 
-from components.config import IngestSection, load_params
-from components.downstream_sets import SetLabels, plan_set
+from components.platform.config import IngestSection, load_params
+from components.stages.downstream_sets import SetLabels, plan_set
 from sista_core.datasets import Sample
 from sista_core.datasets.chexpert import five_by_200, only_positive
 from sista_core.findings import CHEXPERT_COMPETITION

@@ -4,7 +4,7 @@ import statistics
 
 import pytest
 
-from components.evaluate import summarise
+from components.stages.evaluate import summarise
 
 SETS = {
     "chexpert": {"images": "real", "single_label": False},
@@ -83,7 +83,7 @@ def test_one_seed_gives_a_zero_std_and_n_one():
 
 
 def test_a_set_is_multi_label_unless_it_says_otherwise():
-    from components.evaluate import metric_names
+    from components.stages.evaluate import metric_names
 
     assert metric_names("classification") == ("auroc",)
     assert metric_names("classification", single_label=True) == ("accuracy",)

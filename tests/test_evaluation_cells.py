@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from components.evaluation_cells import (
+from components.stages.evaluation_cells import (
     classification_cell,
     detection_cell,
     features_path,
@@ -121,11 +121,11 @@ def test_best_threshold_picks_the_validation_optimum():
 
 def test_the_tune_trainable_module_starts_without_torch():
     """Tune starts each trial actor by importing the trainable's module; a heavy import there
-    gets starting actors replaced by reused ones (components/evaluation_trial.py)."""
+    gets starting actors replaced by reused ones (components/stages/evaluation_trial.py)."""
     import subprocess
     import sys
 
-    code = "import sys, components.evaluation_trial; print('torch' in sys.modules)"
+    code = "import sys, components.stages.evaluation_trial; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
@@ -196,7 +196,7 @@ def square(rows, columns):
 def test_the_segmentation_cell_scores_the_test_images_with_the_finding(tmp_path, monkeypatch):
     """A stand-in head whose probabilities are the cached "features" themselves, so the
     cell's row selection alone decides the score."""
-    import components.evaluation_cells as cells
+    import components.stages.evaluation_cells as cells
 
     monkeypatch.setattr(cells, "train_segmenter", lambda pyramid, masks, **options: "head")
     monkeypatch.setattr(
@@ -219,7 +219,7 @@ def test_the_segmentation_cell_scores_the_test_images_with_the_finding(tmp_path,
 def test_the_detection_cell_scores_the_test_images(tmp_path, monkeypatch):
     """A stand-in detector that returns the box and score cached as each image's "features":
     two test images found exactly (the higher scores), two with a box far from the truth."""
-    import components.evaluation_cells as cells
+    import components.stages.evaluation_cells as cells
 
     def predict(head, pyramid, size, batch_size):
         return [
@@ -259,7 +259,7 @@ def test_a_tune_trial_runs_its_grid_cell_on_the_saved_subset_and_reports_its_siz
     """run_cell, the body of Tune's trainable: the grid's (task, set) merged into the trial's
     config, the set's split read from the work folder, the metrics reported with the size of
     the subset the cell trained on."""
-    import components.evaluation_cells as cells
+    import components.stages.evaluation_cells as cells
 
     split = {"test": [9], "val": [], "subsets": {"0.1/2": [0, 1, 2], "1/2": list(range(9))}}
     (tmp_path / "chest.split.json").write_text(json.dumps(split))
@@ -291,7 +291,7 @@ def test_the_classification_cell_hands_its_settings_to_the_probe_on_its_device(
 ):
     """The probe gets the cell's epochs, learning rate, weight decay, seed and head type, and
     its inputs on the device the cell chose (meta here: a device that is not the CPU)."""
-    import components.evaluation_cells as cells
+    import components.stages.evaluation_cells as cells
 
     split = {"test": [4, 5], "val": [], "subsets": {"0.5/3": [0, 1, 2, 3]}}
     labels = np.eye(2)[[0, 1, 0, 1, 0, 1]]
@@ -325,7 +325,7 @@ def test_the_classification_cell_hands_its_settings_to_the_probe_on_its_device(
 
 
 def test_a_cell_uses_the_gpu_only_when_evaluate_asks_and_ray_gave_one(monkeypatch):
-    from components.evaluation_cells import cell_device
+    from components.stages.evaluation_cells import cell_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert cell_device({"use_gpu": True}) == torch.device("cuda")
@@ -335,7 +335,7 @@ def test_a_cell_uses_the_gpu_only_when_evaluate_asks_and_ray_gave_one(monkeypatc
 
 
 def test_only_the_chosen_rows_of_each_level_move_to_the_device():
-    from components.evaluation_cells import rows_on
+    from components.stages.evaluation_cells import rows_on
 
     levels = [torch.arange(12.0).reshape(4, 3), torch.arange(8.0).reshape(4, 2)]
     moved = rows_on(levels, [0, 2], torch.device("meta"))
@@ -349,7 +349,7 @@ def test_a_rewritten_pyramid_is_read_again(tmp_path):
     with other values (same size), or to another size at the same time, is read anew."""
     import os
 
-    from components.evaluation_cells import load_pyramid
+    from components.stages.evaluation_cells import load_pyramid
 
     path = tmp_path / "random.findings.pyramid.npz"
     np.savez(path, level_0=np.zeros((2, 3), np.float16))
@@ -364,7 +364,7 @@ def test_a_rewritten_pyramid_is_read_again(tmp_path):
 
 
 def test_the_detector_setting_picks_the_head():
-    from components.evaluation_cells import detector_functions
+    from components.stages.evaluation_cells import detector_functions
     from sista_core.heads import torchvision_detection
     from sista_core.heads.detection import predict_boxes, train_detector
 
@@ -378,7 +378,7 @@ def test_the_detector_setting_picks_the_head():
 def stand_in_head(monkeypatch):
     """A segmentation head whose probabilities are the cached "features" themselves; it
     checks that the cell predicts with the head it trained, in integer batches."""
-    import components.evaluation_cells as cells
+    import components.stages.evaluation_cells as cells
 
     def predict(head, pyramid, batch_size):
         assert head == "head" and isinstance(batch_size, int) and batch_size > 0
@@ -446,7 +446,7 @@ def test_a_fine_tuned_segmenter_gets_the_cells_levels_and_picks_its_threshold_on
 
 
 def test_boxes_are_read_four_numbers_at_a_time():
-    from components.evaluation_cells import boxes_of
+    from components.stages.evaluation_cells import boxes_of
 
     two_boxes = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
     found = boxes_of([[9.0, 9.0, 10.0, 10.0], two_boxes, []], [1, 2])
@@ -458,7 +458,7 @@ def test_frozen_heads_train_and_predict_on_the_cells_device(tmp_path, monkeypatc
     """Every tensor a frozen segmentation or detection head reads (pyramid rows, masks,
     boxes; training, validation and test) is on the device the cell chose: meta here, a
     device that is not the CPU."""
-    import components.evaluation_cells as cells
+    import components.stages.evaluation_cells as cells
 
     devices = []
 
@@ -499,7 +499,7 @@ def test_frozen_heads_train_and_predict_on_the_cells_device(tmp_path, monkeypatc
 
 
 def test_a_head_trains_for_about_its_steps_whatever_the_subset_size():
-    from components.evaluation_cells import _epochs_for
+    from components.stages.evaluation_cells import _epochs_for
 
     steps = {"head_steps": 10, "head_batch_size": 4}
     assert _epochs_for(steps, 9) == 3  # 3 batches an epoch (the last one short): 10 / 3

@@ -12,8 +12,8 @@ import pytest
 import yaml
 from infra_schemas import ROOT, manifests, validation_errors
 
-from components.config import Params
-from components.stage import JOBS, STAGES
+from components.platform.config import Params
+from components.platform.stage import JOBS, STAGES
 from pipeline import kubeflow
 from pipeline.kubeflow_step import decision_of, stage_arguments
 from pipeline.launch import stage_runs
@@ -104,7 +104,7 @@ def _launched(text: str) -> list[list[str]]:
 
 def _stage_exists(stage: str) -> None:
     assert stage in JOBS, f"{stage!r} is not a job pipeline.launch runs ({JOBS})"
-    module = importlib.import_module(f"components.{stage}")
+    module = importlib.import_module(f"components.stages.{stage}")
     assert callable(module.main) and callable(module.run)
 
 
@@ -137,7 +137,7 @@ def test_every_stage_the_manifests_run_exists():
 
 
 def test_the_rayjob_and_dvc_yaml_run_the_declared_stages_in_order():
-    """The stage list is declared once (components.stage.STAGES, the variants by the base
+    """The stage list is declared once (components.platform.stage.STAGES, the variants by the base
     params.yaml's pretrain.baselines); the files that spell it out follow it."""
     variants = ("sista", *Params().pretrain.baselines)
     (rayjob,) = [d for p, d in MANIFESTS if p.name == "rayjob-pipeline.yaml"]

@@ -15,15 +15,15 @@ import torch
 from dataset_fixtures import build_mimic_with_every_problem, write_radiograph
 from protocol_layouts import build_mimic_cxr_jpg, release_mimic_studies, withhold_mimic_studies
 
-from components.config import Params
-from components.ingest import PreviousIngest
-from components.ingest import run as run_ingest
-from components.lineage import code_version
-from components.reports import run as run_reports
-from components.shards import ShardImages, read_shard_masks
-from components.similarity import TEXT_STATES
-from components.similarity import run as run_similarity
-from components.stage_storage import read_manifest
+from components.platform.config import Params
+from components.platform.lineage import code_version
+from components.platform.shards import ShardImages, read_shard_masks
+from components.platform.stage_storage import read_manifest
+from components.stages.ingest import PreviousIngest
+from components.stages.ingest import run as run_ingest
+from components.stages.reports import run as run_reports
+from components.stages.similarity import TEXT_STATES
+from components.stages.similarity import run as run_similarity
 from sista_core.similarity import topk_neighbours
 
 pytestmark = pytest.mark.slow

@@ -10,11 +10,11 @@ import pytest
 import ray
 from dataset_fixtures import build_mimic_with_every_problem, build_rsna, check_counts_add_up
 
-from components.config import IngestSection, Params
-from components.ingest import QuarantineLimitExceeded, ingest_dataset, patient_fractions
-from components.ingest import run as run_ingest
-from components.shards import read_shard_masks, row_boxes
-from components.stage_storage import read_manifest
+from components.platform.config import IngestSection, Params
+from components.platform.shards import read_shard_masks, row_boxes
+from components.platform.stage_storage import read_manifest
+from components.stages.ingest import QuarantineLimitExceeded, ingest_dataset, patient_fractions
+from components.stages.ingest import run as run_ingest
 from sista_core.datasets import MimicCxrJpg, RsnaPneumonia
 from sista_core.datasets.embedded_tasks import PhantomPneumothoraxSegmentation
 from sista_core.datasets.images import resize_boxes, resize_mask

@@ -18,7 +18,7 @@ import pytest
 from pipeline_helpers import write_ci_params
 from protocol_layouts import build_mimic_cxr_jpg, release_mimic_studies, withhold_mimic_studies
 
-from components.stage_storage import read_manifest
+from components.platform.stage_storage import read_manifest
 
 pytestmark = [pytest.mark.slow, pytest.mark.system]
 

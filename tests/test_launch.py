@@ -164,7 +164,7 @@ def test_a_stage_started_as_a_cluster_job_checks_its_locations_too(tmp_path):
     params = {"ingest": {"source": "mimic_cxr", "source_path": str(missing)}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     result = subprocess.run(
-        [sys.executable, "-m", "components.ingest", "--params", "params.yaml"],
+        [sys.executable, "-m", "components.stages.ingest", "--params", "params.yaml"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -194,11 +194,11 @@ def test_job_entrypoint_names_this_interpreter():
 
     command = entrypoint("pretrain", "params.yaml", ["--variant", "convirt"])
     assert command.startswith(sys.executable)
-    assert command.endswith("-m components.pretrain --params params.yaml --variant convirt")
+    assert command.endswith("-m components.stages.pretrain --params params.yaml --variant convirt")
 
 
 def test_a_submitted_job_gets_absolute_local_paths(tmp_path, monkeypatch):
-    from components.config import load_params
+    from components.platform.config import load_params
     from pipeline.launch import job_params
 
     monkeypatch.chdir(tmp_path)

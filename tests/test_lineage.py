@@ -1,5 +1,5 @@
-"""Lineage (components/lineage.py): the data hash follows the sources' listing (a new study,
-a replaced image) and nothing else, the params hash follows what is computed and not where it
+"""Lineage (components/platform/lineage.py): the data hash follows the sources' listing (a new
+study, a replaced image) and nothing else, the params hash follows what is computed and not where it
 runs, and the scheduled run's comparison reads the last finished publish run in a real store."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from components import lineage
-from components.config import Params
-from components.stage_storage import atomic_output_dir
-from components.tracking import experiment_for
+from components.platform import lineage
+from components.platform.config import Params
+from components.platform.stage_storage import atomic_output_dir
+from components.platform.tracking import experiment_for
 
 
 def mimic_params(source: Path, chexpert: Path | None = None, **sections) -> Params:

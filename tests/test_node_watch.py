@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from components import runtime
-from components.runtime import NodeLost, stop_when_nodes_are_lost
+from components.platform import runtime
+from components.platform.runtime import NodeLost, stop_when_nodes_are_lost
 
 
 @pytest.fixture

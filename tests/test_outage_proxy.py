@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 from outage_proxy import OutageProxy
 
-from components.ports import HOST
+from components.platform.ports import HOST
 
 
 class Answer(http.server.BaseHTTPRequestHandler):

@@ -1,4 +1,4 @@
-"""The paired bootstrap over test images (components/paired_bootstrap.py): its metrics on a
+"""The paired bootstrap over test images (components/stages/paired_bootstrap.py): its metrics on a
 resample against sklearn on the resampled arrays, the pairing, the table evaluate writes and
 publish renders, and the cells' saved outputs reproducing their own scores."""
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from components.paired_bootstrap import (
+from components.stages.paired_bootstrap import (
     NotComparable,
     ablation,
     bootstrap_weights,
@@ -26,7 +26,7 @@ from components.paired_bootstrap import (
     resampled_mean,
     save_gate_outputs,
 )
-from components.publish import ablation_markdown
+from components.stages.publish import ablation_markdown
 
 # Scores with ties (0.4 twice across the classes, 0.9 twice), as a probe's logits can have.
 SCORES = np.array([0.1, 0.4, 0.35, 0.8, 0.4, 0.9, 0.9, 0.2, 0.65, 0.5, 0.3, 0.7])
@@ -323,7 +323,7 @@ def cell_config(task, dataset, single_label=False):
 
 
 def test_a_probe_cell_saves_the_test_logits_its_auroc_and_accuracy_come_from(tmp_path):
-    from components.evaluation_cells import classification_cell, features_path
+    from components.stages.evaluation_cells import classification_cell, features_path
 
     rng = np.random.default_rng(0)
     features = rng.normal(size=(40, 4)).astype(np.float32)
@@ -352,7 +352,7 @@ def test_a_probe_cell_saves_the_test_logits_its_auroc_and_accuracy_come_from(tmp
 def test_a_segmentation_cell_saves_the_dice_of_each_test_image_it_scores(tmp_path, monkeypatch):
     """A stand-in head whose probabilities are the cached pyramid (as in
     test_evaluation_cells): the cell's own Dice against the mean of what it saved."""
-    import components.evaluation_cells as cells
+    import components.stages.evaluation_cells as cells
 
     monkeypatch.setattr(cells, "train_segmenter", lambda pyramid, masks, **options: "head")
     monkeypatch.setattr(

@@ -172,7 +172,7 @@ def test_mlflow_holds_every_stage_and_the_registered_candidate(pipeline_run):
 def test_a_scheduled_run_with_nothing_new_has_nothing_to_retrain(pipeline_run):
     folder, _ = pipeline_run
     check = subprocess.run(
-        [sys.executable, "-m", "components.lineage", "--params", "params.yaml"],
+        [sys.executable, "-m", "components.platform.lineage", "--params", "params.yaml"],
         cwd=folder,
         env=stage_environment(),
         capture_output=True,

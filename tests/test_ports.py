@@ -11,9 +11,9 @@ from collections.abc import Iterator
 import pytest
 import ray
 
-from components import ports
-from components.config import Params
-from components.ports import HOST, PortTaken, lost_port_race, start_on_free_port
+from components.platform import ports
+from components.platform.config import Params
+from components.platform.ports import HOST, PortTaken, lost_port_race, start_on_free_port
 
 
 @pytest.fixture
@@ -102,7 +102,7 @@ def test_the_mlflow_server_starts_when_its_first_port_is_taken(first_port_taken,
 
 @pytest.mark.slow
 def test_the_ray_dashboard_starts_when_its_first_port_is_taken(first_port_taken, monkeypatch):
-    from components.runtime import ensure_ray
+    from components.platform.runtime import ensure_ray
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)

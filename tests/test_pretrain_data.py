@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from components.pretrain_data import PretrainData
-from components.reports import TOKENS_FILE, token_table_writer
+from components.stages.pretrain_data import PretrainData
+from components.stages.reports import TOKENS_FILE, token_table_writer
 from sista_core.findings import OBSERVATIONS
 
 RECORDS = 24  # pre-training train records; a few more rows that must be left out

@@ -27,7 +27,7 @@ from pipeline_helpers import (
 )
 from protocol_layouts import build_all
 
-from components.profiles import profile_data
+from components.platform.profiles import profile_data
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 

@@ -10,9 +10,9 @@ import mlflow
 import numpy as np
 import pytest
 
-from components.config import Params
-from components.paired_bootstrap import Difference
-from components.publish import (
+from components.platform.config import Params
+from components.stages.paired_bootstrap import Difference
+from components.stages.publish import (
     PromotionRefused,
     beats_beyond_noise,
     metric_value,
@@ -233,7 +233,7 @@ def test_a_failing_registry_refuses_to_promote(registry, monkeypatch, failing, e
 
 
 def test_a_refused_promotion_fails_the_stage_with_its_message(monkeypatch, capsys):
-    import components.publish as publish
+    import components.stages.publish as publish
 
     def refuse(*args):
         raise PromotionRefused("registered model 'sista-encoder' version 3: no score")

@@ -18,7 +18,7 @@ import psutil
 import pytest
 from pipeline_helpers import kill_job, run_stages, start_stage, wait_for, write_ci_params
 
-from components.stage_storage import content_hashes, read_manifest
+from components.platform.stage_storage import content_hashes, read_manifest
 
 pytestmark = pytest.mark.slow
 

@@ -12,11 +12,11 @@ import pytest
 import ray
 from dataset_fixtures import build_mimic_with_every_problem, check_counts_add_up
 
-from components import storage
-from components.config import Params
-from components.downstream_sets import OfficialSplits
-from components.ingest import ingest_dataset, patient_fractions
-from components.remote_sources import listed, mirrored, prepare
+from components.platform import storage
+from components.platform.config import Params
+from components.platform.remote_sources import listed, mirrored, prepare
+from components.stages.downstream_sets import OfficialSplits
+from components.stages.ingest import ingest_dataset, patient_fractions
 from sista_core.datasets import CheXpert, MimicCxrJpg, RecordRef
 
 

@@ -16,8 +16,8 @@ import pytest
 import yaml
 from pipeline_helpers import ROOT, dvc_yaml_for, local_s3_environment, sh, write_ci_params
 
-from components import storage
-from components.stage_storage import MANIFEST, content_hashes
+from components.platform import storage
+from components.platform.stage_storage import MANIFEST, content_hashes
 from pipeline.local_services import serve_on_free_port, stop_process_tree
 
 # A few minutes on a quiet 2-core machine; a loaded one can take several times that.

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from components.shards import ShardImages, read_shard_images
+from components.platform.shards import ShardImages, read_shard_images
 
 
 def test_shard_images_return_the_rows_read_shard_images_returns(tmp_path):

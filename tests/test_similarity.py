@@ -287,8 +287,8 @@ def test_a_zero_semantics_row_is_similar_to_nothing():
 
 
 def test_text_states_written_as_they_arrive_read_back_in_record_order(tmp_path):
-    from components.config import Params
-    from components.similarity import TextStatesWriter
+    from components.platform.config import Params
+    from components.stages.similarity import TextStatesWriter
 
     rng = np.random.default_rng(0)
     counts = [3, 1, 4, 2]
@@ -310,7 +310,7 @@ def test_text_states_written_as_they_arrive_read_back_in_record_order(tmp_path):
 def test_neighbour_table_names_each_reports_neighbours_in_rank_order():
     import pyarrow as pa
 
-    from components.similarity import neighbour_table
+    from components.stages.similarity import neighbour_table
 
     ids = pa.array(["a", "b", "c", "d"])
     indices = torch.tensor([[1, 2], [0, 3], [3, 0], [2, 1]])

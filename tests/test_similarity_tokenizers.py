@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from components.config import ConfigError, Params, load_params
-from components.reports import process_reports
-from components.similarity import SentenceEmbedder, shares_tokens
+from components.platform.config import ConfigError, Params, load_params
+from components.stages.reports import process_reports
+from components.stages.similarity import SentenceEmbedder, shares_tokens
 from sista_core.encoders import TextEncoder
 from sista_core.encoders.text import default_text_encoder_path
 

@@ -24,12 +24,12 @@ def test_subsets_are_nested_identical_per_seed_and_never_empty():
 
 
 def test_ingest_saves_each_seeds_subsets_as_whole_patients_of_the_sets_training_split(tmp_path):
-    """components.ingest.write_subsets: the id lists evaluation reads, checked against the
+    """components.stages.ingest.write_subsets: the id lists evaluation reads, checked against the
     manifest rows by hand (file names spelled out, patients counted with ceil)."""
     import math
     from types import SimpleNamespace
 
-    from components.ingest import write_subsets
+    from components.stages.ingest import write_subsets
 
     rows = []
     for p in range(8):  # set "chest": 8 training patients with 1 to 3 records each

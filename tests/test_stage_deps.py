@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.stage import STAGES
+from components.platform.stage import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("components", "sista_core", "pipeline")
@@ -50,7 +50,7 @@ def imported_files(file: Path) -> set[Path]:
 
 
 def run_by(stage: str) -> set[str]:
-    todo, seen = [ROOT / "pipeline/launch.py", ROOT / f"components/{stage}.py"], set()
+    todo, seen = [ROOT / "pipeline/launch.py", ROOT / f"components/stages/{stage}.py"], set()
     while todo:
         file = todo.pop()
         if file not in seen:

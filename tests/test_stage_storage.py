@@ -10,10 +10,10 @@ import pyarrow.fs
 import pytest
 import yaml
 
-from components import remote_sources, stage_storage, storage
-from components.config import Params
-from components.stage import stage_main
-from components.stage_storage import MANIFEST, StageOutputMissing, content_hashes
+from components.platform import remote_sources, stage_storage, storage
+from components.platform.config import Params
+from components.platform.stage import stage_main
+from components.platform.stage_storage import MANIFEST, StageOutputMissing, content_hashes
 from sista_core.datasets import SiimPneumothorax
 
 
@@ -126,7 +126,7 @@ def test_local_storage_keeps_ray_storage_in_the_data_folder(tmp_path):
 
 
 def run_stage(folder, stage: str, storage_section: dict, capsys) -> tuple[int, str]:
-    """``python -m components.<stage>`` as the stage's main runs it (in this process: the
+    """``python -m components.stages.<stage>`` as the stage's main runs it (in this process: the
     checks under test run before the stage's own code); returns exit status and stderr."""
     (folder / "params.yaml").write_text(yaml.safe_dump({"storage": storage_section}))
     ran = []

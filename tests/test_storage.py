@@ -14,8 +14,8 @@ from moto.core.authorization import enable_iam_authentication
 from moto.server import ThreadedMotoServer
 from s3_helpers import SECRET, set_aws_variables, start_moto
 
-from components import storage
-from components.storage import (
+from components.platform import storage
+from components.platform.storage import (
     BucketNotFound,
     CredentialsError,
     EndpointUnreachable,
@@ -296,7 +296,7 @@ def test_read_survives_the_endpoint_restarting(local_s3, caplog):
             result["error"] = error
 
     reader = threading.Thread(target=read_while_down)
-    with caplog.at_level(logging.WARNING, logger="components.storage"):
+    with caplog.at_level(logging.WARNING, logger="components.platform.storage"):
         reader.start()
         # Started again only once a refused attempt is seen: on a busy machine the reader's
         # first request can come later than any fixed delay.
@@ -315,7 +315,7 @@ def test_endpoint_down_longer_than_the_budget_is_a_clear_error(local_s3, caplog)
         request_attempts=2, retry_budget_s=1.5, first_delay_s=0.2, max_delay_s=0.5
     )
     started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="components.storage"):
+    with caplog.at_level(logging.WARNING, logger="components.platform.storage"):
         with pytest.raises(EndpointUnreachable) as caught:
             storage.read_bytes(f"s3://{BUCKET}/k.txt", settings=settings)
     message = str(caught.value)

@@ -11,8 +11,8 @@ import threading
 import pytest
 from s3_helpers import SECRET, MotoProcess, set_aws_variables
 
-from components import storage
-from components.storage import EndpointUnreachable, StorageSettings
+from components.platform import storage
+from components.platform.storage import EndpointUnreachable, StorageSettings
 
 BUCKET = "sista-data"
 FILES = {f"shards/pretrain-train-{i:05d}.npy": bytes([i]) * (256 << 10) for i in range(6)}
@@ -78,7 +78,7 @@ def test_download_survives_the_s3_process_dying_and_coming_back(s3, tmp_path, ca
     target = tmp_path / "ingest"
     forget, _ = on_request("GetObject", 3, kill_then_restart_in_a_second)
     try:
-        with caplog.at_level(logging.WARNING, logger="components.storage"):
+        with caplog.at_level(logging.WARNING, logger="components.platform.storage"):
             storage.download_dir(f"s3://{BUCKET}/runs/ingest", target, settings=SETTINGS)
     finally:
         forget()

@@ -10,8 +10,8 @@ import pytest
 import yaml
 from pipeline_helpers import ROOT, run_stages, write_ci_params
 
-from components.config import ConfigError, Params, load_params
-from components.sweep import (
+from components.platform.config import ConfigError, Params, load_params
+from components.stages.sweep import (
     baseline,
     beats_on_one_seed,
     best_row,
@@ -22,7 +22,7 @@ from components.sweep import (
     trial_section,
     trial_settings,
 )
-from components.sweep_best import apply_best, dvc_arguments
+from components.stages.sweep_best import apply_best, dvc_arguments
 
 
 def write(tmp_path, data):

@@ -8,9 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-import components.sweep_signal as sweep_signal
-from components.shards import subset_file_name
-from components.sweep_signal import ValidationSignal
+import components.stages.sweep_signal as sweep_signal
+from components.platform.shards import subset_file_name
+from components.stages.sweep_signal import ValidationSignal
 
 SET = "phantom_classification"
 SPLITS = ["train"] * 16 + ["val"] * 8 + ["test"] * 8

@@ -8,10 +8,10 @@ import subprocess
 
 import yaml
 
-from components.config import Params, load_params
-from components.evaluate import headline, scores_at_smallest_fraction
-from components.stage_storage import export_tracked
-from components.tracking import dvc_experiment_store, dvc_experiment_tags
+from components.platform.config import Params, load_params
+from components.platform.stage_storage import export_tracked
+from components.platform.tracking import dvc_experiment_store, dvc_experiment_tags
+from components.stages.evaluate import headline, scores_at_smallest_fraction
 from pipeline.launch import export_for_dvc
 
 

@@ -5,8 +5,8 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from components.secrets import redacted
-from components.tracking import MetricLog, TrackingUnavailable, flatten
+from components.platform.secrets import redacted
+from components.platform.tracking import MetricLog, TrackingUnavailable, flatten
 
 
 def test_secrets_in_a_config_are_masked_before_mlflow_sees_them():
@@ -109,8 +109,8 @@ def test_flush_waits_for_the_server_and_gives_up_after_its_patience():
 
 
 def test_a_second_store_in_the_same_process_gets_its_own_runs(tmp_path, monkeypatch):
-    from components.config import Params
-    from components.tracking import stage_run
+    from components.platform.config import Params
+    from components.platform.tracking import stage_run
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)

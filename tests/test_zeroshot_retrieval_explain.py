@@ -82,7 +82,7 @@ def test_graded_similarities_give_hand_computed_recall():
 
 
 def test_pretrain_validation_keeps_its_metric_names(tiny_model, image):
-    from components.pretrain import retrieval_recall
+    from components.stages.pretrain import retrieval_recall
     from sista_core.encoders.text import split_tokens
 
     class HeldOutPairs:  # what retrieval_recall reads of a PretrainData

@@ -13,9 +13,9 @@ from typing import Any
 
 import ray
 
-from .config import Params
-from .ports import HOST, start_on_free_port
-from .stage import StageStopped
+from components.platform.config import Params
+from components.platform.ports import HOST, start_on_free_port
+from components.platform.stage import StageStopped
 
 
 def ensure_ray(params: Params, dashboard: bool = False) -> None:

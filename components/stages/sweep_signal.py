@@ -19,10 +19,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from components.platform.shards import read_shard_images, subset_file_name
 from sista_core import SISTAModel
 from sista_core.probe import accuracy, macro_auroc, standardise, train_linear_probe
-
-from .shards import read_shard_images, subset_file_name
 
 SIGNALS = {"probe_auroc": "val_probe_auroc", "retrieval": "val_recall_at_5"}
 
@@ -57,8 +56,8 @@ class ValidationSignal:
             model.train()
 
     def _retrieval(self, model: SISTAModel) -> dict[str, float]:
-        from .pretrain import retrieval_recall  # the stage's own held-out recall
-        from .pretrain_data import PretrainData
+        from components.stages.pretrain import retrieval_recall  # the stage's own held-out recall
+        from components.stages.pretrain_data import PretrainData
 
         if "pairs" not in self._cache:
             self._cache["pairs"] = PretrainData(self.data_root, "val", self.semantics)

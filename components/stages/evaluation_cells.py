@@ -6,7 +6,7 @@ Every cell trains a head on features the evaluate stage cached for its initialis
 encoder is frozen), on the training subset that ingest saved, and scores it on the test
 split: a linear probe (AUROC; accuracy for a single-label set), a segmentation decoder (Dice)
 or a detection head (mAP). Probe and segmentation cells also save their per-test-image
-outputs, which the stage's paired bootstrap rescores (components/paired_bootstrap.py).
+outputs, which the stage's paired bootstrap rescores (components/stages/paired_bootstrap.py).
 """
 
 from __future__ import annotations
@@ -20,12 +20,11 @@ import numpy as np
 import torch
 from ray import tune
 
+from components.stages.paired_bootstrap import cell_outputs_path
 from sista_core.heads.detection import predict_boxes, train_detector
 from sista_core.heads.metrics import detection_map, dice_score, per_image_dice
 from sista_core.heads.segmentation import best_threshold, predict_probabilities, train_segmenter
 from sista_core.probe import accuracy, macro_auroc, standardise, train_linear_probe
-
-from .paired_bootstrap import cell_outputs_path
 
 if TYPE_CHECKING:  # timm, imported only where an encoder is built (fine-tuning, random init)
     from sista_core.encoders import ImageEncoder
@@ -217,7 +216,7 @@ def save_test_outputs(
     config: dict[str, Any], work: Path, test: list[int], **outputs: np.ndarray
 ) -> None:
     """What the cell's metric needs per test image (a row per image of ``test``), so that
-    evaluate's paired bootstrap (components/paired_bootstrap.py) rescores it on resamples
+    evaluate's paired bootstrap (components/stages/paired_bootstrap.py) rescores it on resamples
     of the test images; a few kB per cell, beside the other work files."""
     path = cell_outputs_path(
         work, config["task"], config["set"], config["init"], config["fraction"], config["seed"]

@@ -17,6 +17,6 @@ from typing import Any
 
 def evaluation_cell(config: dict[str, Any]) -> None:
     """One cell (task x init x label fraction x seed): ``evaluation_cells.run_cell``."""
-    from .evaluation_cells import run_cell
+    from components.stages.evaluation_cells import run_cell
 
     run_cell(config)

@@ -8,7 +8,7 @@ not a model start-up. The language tasks (zero-shot classification from prompts,
 image-report retrieval) need no labels: one score per set and init with a text encoder.
 Every set's table says whether its images are real or phantoms. ``ablation.json``: per
 (task, set, label fraction), each init's difference to SISTA with a paired-bootstrap interval
-over the test images (components/paired_bootstrap.py).
+over the test images (components/stages/paired_bootstrap.py).
 """
 
 from __future__ import annotations
@@ -36,15 +36,20 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from ray import tune  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from .config import LANGUAGE_TASKS, PRETRAIN_SET, TRAINED_TASKS, Params  # noqa: E402
-from .evaluation_cells import examples_path, features_path, load_encoder  # noqa: E402
-from .evaluation_trial import evaluation_cell  # noqa: E402
-from .paired_bootstrap import GATE_OUTPUTS, ablation, save_gate_outputs  # noqa: E402
-from .runtime import ensure_ray, on_this_node, this_node_resource  # noqa: E402
-from .shards import read_shard_images, read_shard_masks, row_boxes, subset_file_name  # noqa: E402
-from .stage import stage_dir, stage_main  # noqa: E402
-from .stage_storage import data_root, ray_storage, stage_output  # noqa: E402
-from .tracking import stage_run  # noqa: E402
+from components.platform.config import LANGUAGE_TASKS, PRETRAIN_SET, TRAINED_TASKS, Params  # noqa: E402
+from components.platform.runtime import ensure_ray, on_this_node, this_node_resource  # noqa: E402
+from components.platform.shards import (  # noqa: E402
+    read_shard_images,
+    read_shard_masks,
+    row_boxes,
+    subset_file_name,
+)
+from components.platform.stage import stage_dir, stage_main  # noqa: E402
+from components.platform.stage_storage import data_root, ray_storage, stage_output  # noqa: E402
+from components.platform.tracking import stage_run  # noqa: E402
+from components.stages.evaluation_cells import examples_path, features_path, load_encoder  # noqa: E402
+from components.stages.evaluation_trial import evaluation_cell  # noqa: E402
+from components.stages.paired_bootstrap import GATE_OUTPUTS, ablation, save_gate_outputs  # noqa: E402
 
 # The metrics each task reports; the first is the one plotted against the label fraction
 # (a single-label classification set reports accuracy instead of AUROC).
@@ -139,12 +144,11 @@ def language_scores(init: str, params: Params, work: str) -> dict[str, dict[str,
     retrieval recall@k on the pre-training pairs held out (the source's official test split
     when it has one, else the validation split), for a pre-trained model with its text
     encoder. task -> set -> metric -> value."""
+    from components.stages.pretrain import retrieval_recall
+    from components.stages.pretrain_data import PretrainData
     from sista_core import SISTAModel
     from sista_core.probe import accuracy, macro_auroc
     from sista_core.zeroshot import zero_shot_logits
-
-    from .pretrain import retrieval_recall
-    from .pretrain_data import PretrainData
 
     torch.set_num_threads(1)
     tasks = params.evaluate.tasks
@@ -518,7 +522,7 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
         with timed("features", seconds):
             ray.get([local.remote(i, params, str(work), wanted) for i in config.inits])
         # Before the cells, not beside them: Tune must find every slot free when it starts
-        # its trial actors, or one actor runs every cell (components/evaluation_trial.py).
+        # its trial actors, or one actor runs every cell (components/stages/evaluation_trial.py).
         scored = text_inits if language else []
         with timed("language tasks", seconds):
             remote = language_scores.options(**on_this_node())

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import ConfigError, Params
+from components.platform.config import ConfigError, Params
 
 
 class ResourceError(ConfigError):
@@ -48,7 +48,7 @@ def check_resources(params: Params, stage: str, source: str = "params.yaml") -> 
 
 def _s3_problem(params: Params, uri: str, required: bool) -> str | None:
     # Imported here: boto3 costs half a second that a local-only run need not pay.
-    from .storage import StorageError, StorageSettings, exists
+    from components.platform.storage import StorageError, StorageSettings, exists
 
     try:
         found = exists(uri, settings=StorageSettings(endpoint_url=params.storage.endpoint_url))

@@ -34,6 +34,14 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from components.platform.config import Params  # noqa: E402
+from components.platform.lineage import code_version  # noqa: E402
+from components.platform.runtime import ensure_ray  # noqa: E402
+from components.platform.stage import stage_dir, stage_main  # noqa: E402
+from components.platform.stage_storage import previous_output, stage_output  # noqa: E402
+from components.platform.tracking import stage_run  # noqa: E402
+from components.stages.pretrain_data import TOKEN_COLUMNS, label_semantics  # noqa: E402
+from components.stages.reports import TOKENS_FILE, read_token_table  # noqa: E402
 from sista_core.encoders import TextEncoder  # noqa: E402
 from sista_core.encoders.text import collate_tokens  # noqa: E402
 from sista_core.similarity import (  # noqa: E402
@@ -42,15 +50,6 @@ from sista_core.similarity import (  # noqa: E402
     similarity_statistics,
     topk_neighbours,
 )
-
-from .config import Params  # noqa: E402
-from .lineage import code_version  # noqa: E402
-from .pretrain_data import TOKEN_COLUMNS, label_semantics  # noqa: E402
-from .reports import TOKENS_FILE, read_token_table  # noqa: E402
-from .runtime import ensure_ray  # noqa: E402
-from .stage import stage_dir, stage_main  # noqa: E402
-from .stage_storage import previous_output, stage_output  # noqa: E402
-from .tracking import stage_run  # noqa: E402
 
 TEXT_STATES = "text_states"  # folder: the pre-training text encoder's frozen-layer states
 QUALITY_REPORTS = 20_000  # flag precision and recall: every pair of at most this many reports

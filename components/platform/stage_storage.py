@@ -30,9 +30,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from . import storage
-from .config import Params, StorageSection
-from .storage import replace_dir
+from components.platform import storage
+from components.platform.config import Params, StorageSection
+from components.platform.storage import replace_dir
 
 MANIFEST = "_stage.json"
 

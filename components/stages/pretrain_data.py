@@ -16,10 +16,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from components.platform.shards import ShardImages
+from components.stages.reports import TOKEN_COLUMNS, TOKENS_FILE, read_token_table
 from sista_core.findings import OBSERVATIONS
-
-from .reports import TOKEN_COLUMNS, TOKENS_FILE, read_token_table
-from .shards import ShardImages
 
 
 @dataclass

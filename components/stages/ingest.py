@@ -31,6 +31,15 @@ import pyarrow.parquet as pq
 import ray
 from tqdm import tqdm
 
+from components.platform import lineage, storage
+from components.platform.config import PRETRAIN_SET, IngestSection, Params
+from components.platform.remote_sources import RemoteSource, mirrored, prepare
+from components.platform.runtime import ensure_ray, on_this_node
+from components.platform.shards import ShardImages, ShardWriter, read_shard_masks, subset_file_name
+from components.platform.stage import stage_main
+from components.platform.stage_storage import previous_output, settings_for, stage_output
+from components.platform.tracking import stage_run
+from components.stages.downstream_sets import SetLabels, SetPlan, Split, plan_sets
 from sista_core.datasets import (
     DatasetAdapter,
     MimicCxrJpg,
@@ -44,16 +53,6 @@ from sista_core.datasets.splits import nested_subsets, patient_splits
 from sista_core.datasets.tables import ROW_ERROR
 from sista_core.findings import OBSERVATIONS
 from sista_core.reports.sections import extract_sections
-
-from . import lineage, storage
-from .config import PRETRAIN_SET, IngestSection, Params
-from .downstream_sets import SetLabels, SetPlan, Split, plan_sets
-from .remote_sources import RemoteSource, mirrored, prepare
-from .runtime import ensure_ray, on_this_node
-from .shards import ShardImages, ShardWriter, read_shard_masks, subset_file_name
-from .stage import stage_main
-from .stage_storage import previous_output, settings_for, stage_output
-from .tracking import stage_run
 
 RECORDS_PER_TASK = 64  # per-record work is milliseconds: amortise Ray's per-task overhead
 _DEID_ONLY = re.compile(r"^[\sX_.,;:-]*$")  # Open-I's XXXX and MIMIC's ___ placeholders

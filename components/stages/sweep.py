@@ -1,7 +1,7 @@
 """Job ``sweep``: Ray Tune over pre-training's loss weights, SIA threshold and temperatures.
 
 Every trial pre-trains through the pipeline's own ``TorchTrainer`` (``pretrain.build_trainer``)
-with the trial's settings and reports a cheap validation signal (``components.sweep_signal``)
+with the trial's settings and reports a cheap validation signal (``components.stages.sweep_signal``)
 every ``sweep.report_every`` steps. Two phases:
 
 1. the baseline: params.yaml's own values, trained to the end once per seed of
@@ -39,20 +39,20 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from .config import (
+from components.platform.config import (
     Distribution,
     Params,
     PretrainSection,
     nested,
     tracking_uri,
 )
-from .pretrain_data import PretrainData
-from .runtime import ensure_ray
-from .stage import stage_main
-from .stage_storage import absolute, data_root, ray_storage, stage_output
-from .sweep_best import BEST_FILE, best_file_text
-from .sweep_signal import SIGNALS, ValidationSignal
-from .tracking import stage_run
+from components.platform.runtime import ensure_ray
+from components.platform.stage import stage_main
+from components.platform.stage_storage import absolute, data_root, ray_storage, stage_output
+from components.platform.tracking import stage_run
+from components.stages.pretrain_data import PretrainData
+from components.stages.sweep_best import BEST_FILE, best_file_text
+from components.stages.sweep_signal import SIGNALS, ValidationSignal
 
 TRIAL_TAG = "sweep.trial_id"
 SEED_KEY = "pretrain.seed"
@@ -130,7 +130,7 @@ def run_trial(config: dict[str, float], params: Params, parent: dict[str, str]) 
     reach Tune (``TuneReportCallback``) so ASHA can stop it between rungs."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .pretrain import build_trainer
+    from components.stages.pretrain import build_trainer
 
     trial_id = tune.get_context().get_trial_id()
     overrides = trial_settings(config, params.sweep.space)

@@ -21,12 +21,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from components.platform import storage
+from components.platform.config import IngestSection, Params, StorageSection
+from components.platform.stage_storage import data_root, settings_for
 from sista_core.datasets import DatasetAdapter, RecordRef
 from sista_core.datasets.paths import PathOutsideRoot, inside
-
-from . import storage
-from .config import IngestSection, Params, StorageSection
-from .stage_storage import data_root, settings_for
 
 FETCH_THREADS = 8  # object reads are latency-bound: a few in flight per task
 EVERYTHING = "**"

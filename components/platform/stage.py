@@ -9,10 +9,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .config import ConfigError, Params, load_params
-from .preflight import check_resources
-from .stage_storage import absolute, input_folders, pull, stage_dir
-from .storage import StorageError
+from components.platform.config import ConfigError, Params, load_params
+from components.platform.preflight import check_resources
+from components.platform.stage_storage import absolute, input_folders, pull, stage_dir
+from components.platform.storage import StorageError
 
 STAGES = ("ingest", "reports", "similarity", "pretrain", "evaluate", "publish")
 # What `python -m pipeline.launch` runs: the DVC stages, and the loss-weight sweep (a Ray job
@@ -31,11 +31,11 @@ def stage_main(
     argv: list[str] | None = None,
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> dict[str, Any]:
-    """``python -m components.<stage> [--params params.yaml]``: a config error, or a location
+    """``python -m components.stages.<stage> [--params params.yaml]``: a config error, or a location
     or storage that does not answer, exits with status 2 and one line per problem naming the
     key, before Ray or any data is touched; a missing input (its stage has not run) with
     status 1; a :class:`StageStopped` (a lost Ray node) with status 1 and its one line."""
-    parser = argparse.ArgumentParser(prog=f"python -m components.{stage}")
+    parser = argparse.ArgumentParser(prog=f"python -m components.stages.{stage}")
     parser.add_argument("--params", default="params.yaml", help="parameters file")
     if add_arguments:
         add_arguments(parser)
@@ -48,7 +48,9 @@ def stage_main(
         raise SystemExit(2) from None
     # Ray tasks and workers run in other folders: give them the same absolute paths.
     params = params.model_copy(update={"storage": absolute(params.storage)})
-    from .tracking import dvc_experiment_store  # MLflow: imported by stages, not by the CLI
+    from components.platform.tracking import (
+        dvc_experiment_store,  # MLflow: imported by stages, not by the CLI
+    )
 
     params = dvc_experiment_store(params)  # a queued `dvc exp run`: the repository's MLflow
     try:

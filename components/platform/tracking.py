@@ -26,8 +26,8 @@ from typing import Any
 import mlflow
 import yaml
 
-from .config import Params, tracking_uri
-from .secrets import redacted
+from components.platform.config import Params, tracking_uri
+from components.platform.secrets import redacted
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

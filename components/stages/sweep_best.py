@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, load_params
+from components.platform.config import ConfigError, load_params
 
 BEST_FILE = "best_params.yaml"
 

@@ -19,15 +19,14 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
+from components.platform.config import Params
+from components.platform.stage import stage_dir, stage_main
+from components.platform.stage_storage import stage_output
+from components.platform.tracking import stage_run
 from sista_core.encoders.text import default_text_encoder_path, split_tokens, tokenize_texts
 from sista_core.findings import OBSERVATIONS
 from sista_core.reports.labeler import label_report
 from sista_core.reports.sections import extract_sections
-
-from .config import Params
-from .stage import stage_dir, stage_main
-from .stage_storage import stage_output
-from .tracking import stage_run
 
 REPORTS_PER_CHUNK = 4096  # processed and written together: memory does not grow with N
 REPORT_SCHEMA = pa.schema(

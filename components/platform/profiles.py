@@ -13,9 +13,16 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, Params, Section, load_params, profile_merge, section_of
+from components.platform.config import (
+    ConfigError,
+    Params,
+    Section,
+    load_params,
+    profile_merge,
+    section_of,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BASE = "default"
 SAVED_BASE = "params.base.yaml"  # the base while params.yaml holds another profile
 

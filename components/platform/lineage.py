@@ -13,7 +13,7 @@
 
 Pre-training tags each registered model version with them (``lineage.*``), publish records
 them on its run, and the scheduled retraining compares the current ones with those of the last
-run that finished (``python -m components.lineage``), deciding:
+run that finished (``python -m components.platform.lineage``), deciding:
 
 - ``skip``: nothing changed, nothing to retrain;
 - ``update``: only the data changed, and the @champion was made with the current params and
@@ -34,11 +34,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import storage
-from .config import ConfigError, Params, load_params, tracking_uri
-from .stage_storage import read_manifest, settings_for, stage_dir
+from components.platform import storage
+from components.platform.config import ConfigError, Params, load_params, tracking_uri
+from components.platform.stage_storage import read_manifest, settings_for, stage_dir
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CODE_FOLDERS = ("sista_core", "components", "pipeline")
 CODE_FILES = ("requirements.lock",)
 # The packages the embedded source and the phantom sets read their real assets from.
@@ -46,7 +46,7 @@ EMBEDDED_PACKAGES = ("torchxrayvision", "pneumonia-model-package", "pydicom-data
 # Where things run and how a scheduled run retrains, not what the pipeline computes.
 NOT_RESULTS = ("storage", "ray", "mlflow", "retrain")
 TAG_PREFIX = "lineage."
-# components.lineage's exit code for each decision
+# components.platform.lineage's exit code for each decision
 EXIT_CODES = {"retrain": 0, "skip": 3, "update": 4}
 
 
@@ -162,7 +162,7 @@ def last_finished(params: Params) -> tuple[str, Lineage | None] | None:
     of the whole pipeline that reached its end."""
     import mlflow
 
-    from .tracking import experiment_name
+    from components.platform.tracking import experiment_name
 
     client = mlflow.MlflowClient(tracking_uri(params))
     experiment = client.get_experiment_by_name(experiment_name(params, "publish"))
@@ -183,7 +183,7 @@ def champion(params: Params) -> tuple[str, Lineage | None] | None:
     """The registered model's @champion (its version and recorded lineage), or None when no
     version holds the alias. Any other registry error propagates: a check that cannot read
     the registry must not decide."""
-    from .tracking import champion_version
+    from components.platform.tracking import champion_version
 
     version = champion_version(params)
     return None if version is None else (str(version.version), Lineage.from_tags(version.tags))
@@ -228,7 +228,7 @@ def record_decision(params: Params, result: dict[str, Any]) -> str:
     with the current lineage, what changed and the run compared with; returns its id."""
     import mlflow
 
-    from .tracking import experiment_for
+    from components.platform.tracking import experiment_for
 
     experiment_for(params, "schedule")
     decision = result["decision"]
@@ -247,7 +247,7 @@ def record_decision(params: Params, result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m components.lineage",
+        prog="python -m components.platform.lineage",
         description="Hash the pipeline's inputs and compare them with the last finished run's; "
         "exit 0: retrain everything, 3: nothing changed (skip), 4: only the data changed "
         "(update: warm-start from @champion).",

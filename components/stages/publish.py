@@ -29,12 +29,17 @@ from typing import Any
 
 import mlflow
 
-from .config import Params, tracking_uri
-from .lineage import TAG_PREFIX as LINEAGE
-from .paired_bootstrap import GATE_OUTPUTS, Difference, NotComparable, gate_difference
-from .stage import stage_dir, stage_main
-from .stage_storage import stage_output
-from .tracking import stage_run
+from components.platform.config import Params, tracking_uri
+from components.platform.lineage import TAG_PREFIX as LINEAGE
+from components.platform.stage import stage_dir, stage_main
+from components.platform.stage_storage import stage_output
+from components.platform.tracking import stage_run
+from components.stages.paired_bootstrap import (
+    GATE_OUTPUTS,
+    Difference,
+    NotComparable,
+    gate_difference,
+)
 
 SCORE_TAG = "score"
 GATE_ARTIFACTS = "gate"  # the candidate's gate outputs, in its pre-training run's artifacts

@@ -4,8 +4,8 @@ The training runner is separate from the library (open_clip's split): ``sista_co
 the model and losses; this file holds the loop, checkpoints, resumption and tracking.
 Baselines pre-train through the same code with overrides from ``pretrain.baselines``, in
 the same process after SISTA (``--variant NAME`` trains one). ``--warm-start`` (a scheduled
-run on new data, ``components.lineage``) starts SISTA from the @champion's weights and trains
-``retrain.epochs`` epochs.
+run on new data, ``components.platform.lineage``) starts SISTA from the @champion's weights and
+trains ``retrain.epochs`` epochs.
 """
 
 from __future__ import annotations
@@ -32,6 +32,29 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig 
 from ray.train.torch import TorchTrainer  # noqa: E402
 from safetensors.torch import save_model  # noqa: E402
 
+from components.platform import lineage, storage  # noqa: E402
+from components.platform.config import Params, PretrainSection, StorageSection, tracking_uri  # noqa: E402
+from components.platform.runtime import (  # noqa: E402
+    ensure_ray,
+    require_nodes,
+    stop_when_nodes_are_lost,
+    worker_placement,
+)
+from components.platform.stage import stage_main  # noqa: E402
+from components.platform.stage_storage import (  # noqa: E402
+    PRETRAIN_INPUTS,
+    pull,
+    ray_storage,
+    stage_output,
+)
+from components.platform.tracking import (  # noqa: E402
+    MetricLog,
+    champion_version,
+    last_logged_step,
+    record_placement,
+    stage_run,
+)
+from components.stages.pretrain_data import PretrainData  # noqa: E402
 from sista_core import SISTAConfig, SISTAModel  # noqa: E402
 from sista_core.checkpoint import load_safetensors_into, load_state_dict_file  # noqa: E402
 from sista_core.cpu import retain_freed_memory  # noqa: E402
@@ -39,30 +62,6 @@ from sista_core.encoders.text import collate_tokens  # noqa: E402
 from sista_core.losses import mean_over_workers  # noqa: E402
 from sista_core.retrieval import recall_at_k  # noqa: E402
 from sista_core.schedule import cosine_with_warmup  # noqa: E402
-
-from . import lineage, storage  # noqa: E402
-from .config import Params, PretrainSection, StorageSection, tracking_uri  # noqa: E402
-from .pretrain_data import PretrainData  # noqa: E402
-from .runtime import (  # noqa: E402
-    ensure_ray,
-    require_nodes,
-    stop_when_nodes_are_lost,
-    worker_placement,
-)
-from .stage import stage_main  # noqa: E402
-from .stage_storage import (  # noqa: E402
-    PRETRAIN_INPUTS,
-    pull,
-    ray_storage,
-    stage_output,
-)
-from .tracking import (  # noqa: E402
-    MetricLog,
-    champion_version,
-    last_logged_step,
-    record_placement,
-    stage_run,
-)
 
 STEP_METRICS = (
     "loss",
@@ -225,7 +224,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         last_logged_step(client, config["mlflow_run_id"], ("loss", "epoch_loss")) if client else 0
     )
     validation = PretrainData(data_root, "val", config["semantics"]) if rank == 0 else None
-    # A sweep (components/sweep.py) reports every ``report_every`` steps too, with
+    # A sweep (components/stages/sweep.py) reports every ``report_every`` steps too, with
     # ``scorer(model)``'s validation metrics from rank 0, for its early-stopping scheduler.
     report_every, scorer = config.get("report_every", 0), config.get("scorer")
 

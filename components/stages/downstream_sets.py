@@ -14,6 +14,16 @@ from typing import Literal
 
 import numpy as np
 
+from components.platform.config import (
+    CheXpertSetSection,
+    CovidxSetSection,
+    IngestSection,
+    ObjectCxrSetSection,
+    PhantomSetSection,
+    RsnaSetSection,
+    SetSection,
+    SiimSetSection,
+)
 from sista_core.datasets import (
     CheXpert,
     Covidx,
@@ -34,17 +44,6 @@ from sista_core.datasets.object_cxr import FOREIGN_OBJECT
 from sista_core.datasets.siim import PNEUMOTHORAX
 from sista_core.datasets.splits import patient_splits
 from sista_core.findings import CHEXPERT_COMPETITION
-
-from .config import (
-    CheXpertSetSection,
-    CovidxSetSection,
-    IngestSection,
-    ObjectCxrSetSection,
-    PhantomSetSection,
-    RsnaSetSection,
-    SetSection,
-    SiimSetSection,
-)
 
 Split = Literal["train", "val", "test"]
 # Each phantom set renders from its own seed offset (ingest.seed + offset).
