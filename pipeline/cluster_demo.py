@@ -42,6 +42,9 @@ BUCKET = "sista"
 STORAGE_URI = f"s3://{BUCKET}/ci"
 
 
+LAUNCHER = (sys.executable, "-m", "pipeline.launch")  # as dvc.yaml runs a stage
+
+
 class DemoFailure(AssertionError):
     """The cluster run did not show what it must (two nodes, shared checkpoints)."""
 
@@ -72,7 +75,7 @@ class ClusterRun:
         """:meth:`launch` in the background, its output to ``log``."""
         with open(log, "wb") as output:
             return subprocess.Popen(
-                [sys.executable, "-m", "pipeline.launch", *stage_args],
+                [*LAUNCHER, *stage_args],
                 cwd=self.work,
                 env=self.env,
                 stdout=output,
@@ -86,7 +89,7 @@ class ClusterRun:
         ``env`` changes the launcher's environment (which the job inherits) for this run."""
         started = time.perf_counter()
         result = subprocess.run(
-            [sys.executable, "-m", "pipeline.launch", *stage_args],
+            [*LAUNCHER, *stage_args],
             cwd=self.work,
             env={**self.env, **(env or {})},
             capture_output=True,

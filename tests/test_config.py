@@ -141,6 +141,17 @@ def test_switching_profiles_keeps_the_base_and_puts_it_back(tmp_path):
     assert not (tmp_path / profiles.SAVED_BASE).exists()
 
 
+def test_an_invalid_profile_names_its_key_and_writes_nothing(tmp_path):
+    shutil.copyfile(ROOT / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles/bad.yaml").write_text("pretrain:\n  optim:\n    lr: -1\n")
+    base = (tmp_path / "params.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"profiles/bad.yaml\): pretrain.optim.lr: .*greater"):
+        profiles.switch("bad", tmp_path)
+    assert (tmp_path / "params.yaml").read_text() == base
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["params.yaml", "profiles"]
+
+
 def test_dotted_overrides_set_one_number_and_keep_the_rest():
     from components.platform.config import with_overrides
 

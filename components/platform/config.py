@@ -653,6 +653,10 @@ class ConfigError(ValueError):
     """params.yaml is invalid; the message names the file and the dotted key."""
 
 
+class StageStopped(RuntimeError):
+    """The stage stopped for a reason its message states in one line (exit status 1)."""
+
+
 def _deep_merge(base: dict, override: dict) -> dict:
     merged = dict(base)
     for key, value in override.items():
@@ -721,15 +725,20 @@ def load_params(path: str | Path = "params.yaml", overrides: dict | None = None)
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: parameters file not found")
+    return params_from_text(path.read_text(), source=str(path), overrides=overrides)
+
+
+def params_from_text(text: str, source: str, overrides: dict | None = None) -> Params:
+    """Validate a params file's text (before it is written anywhere); errors name ``source``."""
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        raise ConfigError(f"{source}: not valid YAML: {error}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of stage sections")
+        raise ConfigError(f"{source}: top level must be a mapping of stage sections")
     if overrides:
         data = _deep_merge(data, overrides)
-    return _validate(Params, data, source=str(path))
+    return _validate(Params, data, source=source)
 
 
 def tracking_uri(params: Params) -> str:

@@ -17,7 +17,7 @@ from components.platform.config import (
     ConfigError,
     Params,
     Section,
-    load_params,
+    params_from_text,
     profile_merge,
     section_of,
 )
@@ -110,12 +110,7 @@ def switch(name: str, root: Path = ROOT) -> Path:
     """Make ``params.yaml`` profile ``name`` (validated before anything is written)."""
     params, saved = root / "params.yaml", root / SAVED_BASE
     text = profile_text(name, root)
-    candidate = root / ".params.profile.yaml"
-    candidate.write_text(text)
-    try:
-        load_params(candidate)
-    finally:
-        candidate.unlink()
+    params_from_text(text, source=f"profile {name} (base + profiles/{name}.yaml)")
     if name == BASE:
         if saved.is_file():
             shutil.move(saved, params)

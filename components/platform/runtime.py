@@ -13,9 +13,8 @@ from typing import Any
 
 import ray
 
-from components.platform.config import Params
+from components.platform.config import Params, StageStopped
 from components.platform.ports import HOST, start_on_free_port
-from components.platform.stage import StageStopped
 
 
 def ensure_ray(params: Params, dashboard: bool = False) -> None:

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from components.platform.config import ConfigError, Params, load_params
+from components.platform.config import ConfigError, Params, StageStopped, load_params
 from components.platform.preflight import check_resources
 from components.platform.stage_storage import absolute, input_folders, pull, stage_dir
 from components.platform.storage import StorageError
@@ -19,10 +19,6 @@ STAGES = ("ingest", "reports", "similarity", "pretrain", "evaluate", "publish")
 # over the stages' outputs that `dvc repro` never starts).
 JOBS = (*STAGES, "sweep")
 __all__ = ["JOBS", "STAGES", "stage_dir", "stage_main"]
-
-
-class StageStopped(RuntimeError):
-    """The stage stopped for a reason its message states in one line (exit status 1)."""
 
 
 def stage_main(

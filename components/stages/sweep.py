@@ -278,18 +278,23 @@ def choose(rows: list[dict[str, Any]], noise_sds: float) -> dict[str, Any]:
     """What the sweep recommends: the best completed sampled trial if it beats the baseline's
     mean by more than ``noise_sds`` standard deviations over seeds (on its mean over the
     seeds it was confirmed on, when it was), else the current values. Without a baseline (no
-    ``current_seeds``) the best completed trial wins outright."""
+    ``current_seeds``) the best completed trial wins outright. The result also holds the
+    ``best`` sampled trial and the ``current`` values' spread it compared."""
     best = best_row([row for row in rows if row["phase"] == "search"])
     current = baseline(rows)
+
+    def decision(kind: str, row: dict[str, Any], margin: float | None, reason: str) -> dict:
+        compared = {"best": best, "current": current}
+        return {"decision": kind, "row": row, "margin": margin, "reason": reason, **compared}
+
     if current is None:
         if best is None:
             raise RuntimeError("no sweep trial trained to the end; see the trials' errors")
-        return {"decision": "sampled", "row": best, "margin": None, "reason": "no baseline"}
+        return decision("sampled", best, None, "no baseline")
     margin = noise_sds * current["sd"] if current["sd"] is not None else 0.0
     kept = {"trial_id": "current", "settings": current["settings"], "signal": current["mean"]}
     if best is None:
-        reason = "no sampled trial trained to the end"
-        return {"decision": "current", "row": kept, "margin": margin, "reason": reason}
+        return decision("current", kept, margin, "no sampled trial trained to the end")
     gain = best["signal"] - current["mean"]
     confirmed = [
         row["signal"]
@@ -303,10 +308,10 @@ def choose(rows: list[dict[str, Any]], noise_sds: float) -> dict[str, Any]:
             f"the best sampled trial ({best['trial_id']}, {gain:+.4f}) is within the noise "
             f"({noise_sds:g} sd over {len(current['seeds'])} seeds = {margin:.4f})"
         )
-        return {"decision": "current", "row": kept, "margin": margin, "reason": reason}
+        return decision("current", kept, margin, reason)
     if not confirmed:
         reason = f"trial {best['trial_id']} beats the current values by {gain:+.4f} > {margin:.4f}"
-        return {"decision": "sampled", "row": best, "margin": margin, "reason": reason}
+        return decision("sampled", best, margin, reason)
     mean = statistics.fmean([best["signal"], *confirmed])
     over = f"over {len(confirmed) + 1} seeds"
     if mean - current["mean"] > margin:
@@ -314,17 +319,12 @@ def choose(rows: list[dict[str, Any]], noise_sds: float) -> dict[str, Any]:
             f"trial {best['trial_id']} beats the current values by {mean - current['mean']:+.4f} "
             f"> {margin:.4f} {over} (confirmed)"
         )
-        return {
-            "decision": "sampled",
-            "row": {**best, "signal": mean},
-            "margin": margin,
-            "reason": reason,
-        }
+        return decision("sampled", {**best, "signal": mean}, margin, reason)
     reason = (
         f"trial {best['trial_id']} beat the current values by {gain:+.4f} on one seed but by "
         f"{mean - current['mean']:+.4f} {over}, within the noise ({margin:.4f})"
     )
-    return {"decision": "current", "row": kept, "margin": margin, "reason": reason}
+    return decision("current", kept, margin, reason)
 
 
 def _sd(value: float | None) -> str:
@@ -566,14 +566,14 @@ def run(params: Params, args: argparse.Namespace | None = None) -> dict[str, Any
             remove_trial_checkpoints(params, f"{parent['name']}-")
         close_child_runs(params, parent["run_id"], rows)
         chosen = choose(rows, config.noise_sds)
-        best = best_row([row for row in rows if row["phase"] == "search"])
+        best = chosen["best"]
         summary = {
             "parent_run_id": parent["run_id"],
             "date": date,
             "metric": metric,
             "report_every": config.report_every,
             "total_steps": total_steps,
-            "current": baseline(rows),
+            "current": chosen["current"],
             "best_trial_id": best["trial_id"] if best else None,
             "best_signal": best["signal"] if best else None,
             "noise_sds": config.noise_sds,

@@ -4,14 +4,13 @@ them. Light imports: ``sista sweep --apply`` needs neither Ray nor torch."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
+import io
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from components.platform.config import ConfigError, load_params
+from components.platform.config import ConfigError, load_params, params_from_text
 
 BEST_FILE = "best_params.yaml"
 
@@ -74,12 +73,10 @@ def apply_best(params_path: str | Path, best_path: str | Path) -> dict[str, tupl
             section = section[name]
         changed[key] = (section.get(leaf), value)
         section[leaf] = value
-    with tempfile.TemporaryDirectory() as folder:
-        candidate = Path(folder) / params_path.name
-        with candidate.open("w") as stream:
-            editor.dump(document, stream)
-        load_params(candidate)  # never write an invalid params.yaml
-        shutil.copyfile(candidate, params_path)
+    text = io.StringIO()
+    editor.dump(document, text)
+    params_from_text(text.getvalue(), source=str(params_path))  # never write an invalid one
+    params_path.write_text(text.getvalue())
     return changed
 
 
