@@ -5,8 +5,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from components.platform import profiles
-from components.platform.config import ConfigError, Params, load_params
+from components.platform import config, profiles
+from components.platform.config import ConfigError, Params, Section, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,17 +102,40 @@ def test_every_profile_validates_and_reads_the_same_alone_or_composed(tmp_path):
         assert load_params(composed) == Params.model_validate(profiles.profile_data(name))
 
 
-def differing_keys(code: object, base: object, prefix: str = "") -> list[str]:
-    if isinstance(code, dict) and isinstance(base, dict) and code.keys() == base.keys():
-        return [k for key in code for k in differing_keys(code[key], base[key], f"{prefix}{key}.")]
-    return [] if code == base else [f"{prefix.rstrip('.')}: code {code!r}, params.yaml {base!r}"]
+def settings_in(kind: type, data: dict, path: str = "") -> dict[str, object]:
+    """The pydantic field behind every key of a params mapping, by dotted key."""
+    found = {}
+    for name, value in data.items():
+        field = kind.model_fields[name]
+        found[path + name] = field
+        inner = field.annotation
+        if isinstance(value, dict) and isinstance(inner, type) and issubclass(inner, Section):
+            found |= settings_in(inner, value, f"{path}{name}.")
+    return found
 
 
-def test_the_code_defaults_are_the_base_params_yaml():
-    """One value per setting: a key missing from a params file means the base's value, so a
-    default changed in params.yaml is changed in components/platform/config.py too."""
-    code, base = Params().model_dump(), load_params(ROOT / "params.yaml").model_dump()
-    assert not differing_keys(code, base)
+def test_a_default_is_written_once_in_the_base_params_yaml():
+    """The code has no second copy of a value the base sets: changing a default means editing
+    params.yaml, and a key missing from a params file takes the base's value."""
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    copies = [key for key, field in settings_in(Params, base).items() if not field.is_required()]
+    assert not copies, f"defaults written in components/platform/config.py too: {copies}"
+    assert Params() == load_params(ROOT / "params.yaml")
+
+
+def test_a_changed_default_reaches_every_file_that_does_not_set_it(tmp_path, monkeypatch):
+    root = tmp_path / "repo"
+    (root / "profiles").mkdir(parents=True)
+    base = (ROOT / "params.yaml").read_text()
+    changed = base.replace("    temperature_attn: 0.1\n", "    temperature_attn: 0.2\n", 1)
+    assert changed != base
+    (root / "params.yaml").write_text(changed)
+    shutil.copyfile(ROOT / "profiles/ci.yaml", root / "profiles/ci.yaml")
+    monkeypatch.setattr(config, "ROOT", root)
+    assert Params().pretrain.sta.temperature_attn == 0.2
+    assert load_params(root / "profiles/ci.yaml").pretrain.sta.temperature_attn == 0.2
+    assert profiles.profile_data("ci", root)["pretrain"]["sta"]["temperature_attn"] == 0.2
+    assert Params(pretrain={"sta": {"topk": 4}}).pretrain.sta.temperature_attn == 0.2
 
 
 def test_a_profile_changes_only_what_it_lists_and_replaces_named_collections():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from protocol_layouts import build_chexpert_small, build_covidx, build_object_cxr, build_siim_acr
 
-from components.platform.config import IngestSection, load_params
+from components.platform.config import IngestSection, base_data, load_params, profile_merge
 from components.stages.downstream_sets import SetLabels, plan_set
 from sista_core.datasets import Sample
 from sista_core.datasets.chexpert import five_by_200, only_positive
@@ -18,7 +18,10 @@ from sista_core.findings import CHEXPERT_COMPETITION
 
 def plan(kind: str, root, **options):
     spec = {"adapter": kind, "path": str(root), **options}
-    config = IngestSection.model_validate({"downstream": {"sets": {"s": spec}}})
+    only_this_set = {"downstream": {"sets": {"s": spec}}}
+    config = IngestSection.model_validate(
+        profile_merge(base_data()["ingest"], only_this_set, IngestSection)
+    )
     return plan_set("s", config.downstream.sets["s"], config)
 
 

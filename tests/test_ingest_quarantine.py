@@ -10,7 +10,7 @@ import pytest
 import ray
 from dataset_fixtures import build_mimic_with_every_problem, build_rsna, check_counts_add_up
 
-from components.platform.config import IngestSection, Params
+from components.platform.config import Params
 from components.platform.shards import read_shard_masks, row_boxes
 from components.platform.stage_storage import read_manifest
 from components.stages.ingest import QuarantineLimitExceeded, ingest_dataset, patient_fractions
@@ -29,7 +29,8 @@ def local_ray():
 
 def test_every_broken_mimic_record_is_quarantined_with_its_reason(tmp_path, local_ray):
     expected = build_mimic_with_every_problem(tmp_path / "mimic")
-    config = IngestSection(source="mimic_cxr", source_path=str(tmp_path / "mimic"), image_size=64)
+    source = {"source": "mimic_cxr", "source_path": str(tmp_path / "mimic"), "image_size": 64}
+    config = Params(ingest=source).ingest
     out = tmp_path / "out"
     out.mkdir()
     mimic = MimicCxrJpg(tmp_path / "mimic")  # files on this disk: read by tasks on this node
@@ -104,7 +105,7 @@ def test_a_source_mostly_broken_stops_the_stage_naming_the_reasons(tmp_path, loc
 def test_every_broken_dicom_is_quarantined_with_its_reason(tmp_path, local_ray):
     layout = build_rsna(tmp_path / "rsna")
     expected = {record_id: None for record_id in layout.good} | layout.broken
-    config = IngestSection(image_size=64)
+    config = Params(ingest={"image_size": 64}).ingest
     out = tmp_path / "out"
     out.mkdir()
     result = ingest_dataset(
@@ -121,7 +122,7 @@ def test_detection_boxes_and_segmentation_masks_are_stored_with_their_images(tmp
     """Targets travel with their images: boxes in the manifest, masks in shards beside the
     image shards, both mapped onto the resized image exactly as the adapter's sample is."""
     layout = build_rsna(tmp_path / "rsna")
-    config = IngestSection(image_size=64)
+    config = Params(ingest={"image_size": 64}).ingest
     out = tmp_path / "out"
     out.mkdir()
     adapter = RsnaPneumonia(layout.root)

@@ -1,11 +1,14 @@
 """``params.yaml``: the single source of truth, validated before any work starts.
 
 One pydantic section per stage; unknown keys and out-of-range values are errors that name
-the dotted key (``pretrain.optim.lr: Input should be greater than 0``).
+the dotted key (``pretrain.optim.lr: Input should be greater than 0``). The sections hold
+types and ranges; the values of the settings the base ``params.yaml`` lists are written there
+only, and a key missing from a params file takes the base's value (:class:`Params`).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -25,28 +28,28 @@ class Section(BaseModel):
 
 
 class StorageSection(Section):
-    uri: str = "data"  # a local folder (relative to the repo) or s3://bucket/prefix
-    endpoint_url: str | None = None  # S3-compatible endpoint (MinIO, moto); None = AWS
+    uri: str  # a local folder (relative to the repo) or s3://bucket/prefix
+    endpoint_url: str | None  # S3-compatible endpoint (MinIO, moto); None = AWS
     # With an s3:// uri, the local copy of the stage folders a process reads and writes
     # (what DVC tracks; on a cluster node, its cache). Unused for a local uri.
-    local_dir: str = "data"
+    local_dir: str
 
 
 class RaySection(Section):
-    address: str | None = None  # None: local Ray; http://head:8265 submits jobs
-    num_cpus: int | None = Field(2, ge=1)
+    address: str | None  # None: local Ray; http://head:8265 submits jobs
+    num_cpus: int | None = Field(ge=1)
 
 
 class MLflowSection(Section):
-    tracking_uri: str = "sqlite:///mlflow.db"  # MLFLOW_TRACKING_URI overrides
-    artifact_root: str = "mlartifacts"
-    experiment_prefix: str = "sista"
-    registered_model: str = "sista-encoder"
+    tracking_uri: str  # MLFLOW_TRACKING_URI overrides
+    artifact_root: str
+    experiment_prefix: str
+    registered_model: str
 
 
 class PretrainSetSection(Section):
-    max_reports: int | None = Field(None, ge=8)  # None: every report of the source
-    val_fraction: Fraction = 0.05
+    max_reports: int | None = Field(ge=8)  # None: every report of the source
+    val_fraction: Fraction
 
 
 # What each downstream set's adapter can be scored on (``evaluate.tasks`` is checked against
@@ -168,20 +171,10 @@ DownstreamSet = Annotated[
 ]
 
 
-def _default_sets() -> dict[str, SetSection]:
-    return {
-        "phantom_classification": PhantomSetSection(
-            adapter="phantom_classification", patients=3000
-        ),
-        "phantom_pneumothorax": PhantomSetSection(adapter="phantom_pneumothorax"),
-        "phantom_opacity": PhantomSetSection(adapter="phantom_opacity"),
-    }
-
-
 class DownstreamSetsSection(Section):
-    label_fractions: tuple[Fraction, ...] = (0.01, 0.1, 1.0)
-    seeds: tuple[int, ...] = (0, 1, 2)
-    sets: dict[str, DownstreamSet] = Field(default_factory=_default_sets)
+    label_fractions: tuple[Fraction, ...]
+    seeds: tuple[int, ...]
+    sets: dict[str, DownstreamSet]
 
     @model_validator(mode="after")
     def _set_names(self) -> DownstreamSetsSection:
@@ -195,14 +188,14 @@ class DownstreamSetsSection(Section):
 
 
 class IngestSection(Section):
-    source: Literal["embedded", "openi", "mimic_cxr"] = "embedded"
-    source_path: str | None = None  # required for real sources
-    image_size: int = Field(96, ge=32, le=1024)
-    seed: int = 0
-    shard_size: int = Field(1024, ge=1)
-    max_quarantine_fraction: Annotated[float, Field(ge=0, le=1)] = 0.05
-    pretrain: PretrainSetSection = PretrainSetSection()
-    downstream: DownstreamSetsSection = DownstreamSetsSection()
+    source: Literal["embedded", "openi", "mimic_cxr"]
+    source_path: str | None  # required for real sources
+    image_size: int = Field(ge=32, le=1024)
+    seed: int
+    shard_size: int = Field(ge=1)
+    max_quarantine_fraction: Annotated[float, Field(ge=0, le=1)]
+    pretrain: PretrainSetSection
+    downstream: DownstreamSetsSection
 
     @model_validator(mode="after")
     def _real_sources_need_a_path(self) -> IngestSection:
@@ -212,50 +205,50 @@ class IngestSection(Section):
 
 
 class ReportsSection(Section):
-    max_length: int = Field(64, ge=8, le=512)  # text encoder tokens kept per report
+    max_length: int = Field(ge=8, le=512)  # text encoder tokens kept per report
 
 
 class SimilaritySection(Section):
-    encoder: str | None = None  # None: the packaged all-MiniLM-L6-v2
-    batch_size: int = Field(128, ge=1)
-    num_actors: int = Field(2, ge=1)
-    top_k: int = Field(32, ge=1)
-    block_size: int = Field(4096, ge=64)
-    thresholds: tuple[Annotated[float, Field(ge=-1, le=1)], ...] = (0.8, 0.85, 0.9, 0.95)
+    encoder: str | None  # None: the packaged all-MiniLM-L6-v2
+    batch_size: int = Field(ge=1)
+    num_actors: int = Field(ge=1)
+    top_k: int = Field(ge=1)
+    block_size: int = Field(ge=64)
+    thresholds: tuple[Annotated[float, Field(ge=-1, le=1)], ...]
 
 
 class ImageModelSection(Section):
-    name: str = "efficientnet_lite0"
-    img_size: int = Field(96, ge=32)
-    pretrained: bool = True
-    checkpoint: str | None = None
+    name: str
+    img_size: int = Field(ge=32)
+    pretrained: bool
+    checkpoint: str | None
 
 
 class TextModelSection(Section):
-    name_or_path: str | None = None
+    name_or_path: str | None
     max_length: int = Field(64, ge=8, le=512)
-    freeze_layers: int = Field(4, ge=-1)
+    freeze_layers: int = Field(ge=-1)
 
 
 class SIASection(Section):
-    mode: Literal["eliminate", "positive", "soft", "none"] = "eliminate"
-    threshold: float = Field(0.9, ge=-1)  # above 1 flags nothing: plain InfoNCE
-    temperature: PositiveFloat = 0.07
-    alpha: Annotated[float, Field(ge=0, le=1)] = 0.5
-    sigma: PositiveFloat = 0.1
+    mode: Literal["eliminate", "positive", "soft", "none"]
+    threshold: float = Field(ge=-1)  # above 1 flags nothing: plain InfoNCE
+    temperature: PositiveFloat
+    alpha: Annotated[float, Field(ge=0, le=1)]
+    sigma: PositiveFloat
 
 
 class STASection(Section):
-    sparse: Literal["sparsemax", "entmax15", "topk", "softmax"] = "sparsemax"
-    topk: int = Field(8, ge=1)
-    temperature_attn: PositiveFloat = 0.1
-    temperature_local: PositiveFloat = 0.1
+    sparse: Literal["sparsemax", "entmax15", "topk", "softmax"]
+    topk: int = Field(ge=1)
+    temperature_attn: PositiveFloat
+    temperature_local: PositiveFloat
 
 
 class LossSection(Section):
-    sia_weight: Annotated[float, Field(ge=0)] = 1.0
-    sta_weight: Annotated[float, Field(ge=0)] = 1.0
-    intra_weight: Annotated[float, Field(ge=0)] = 0.5
+    sia_weight: Annotated[float, Field(ge=0)]
+    sta_weight: Annotated[float, Field(ge=0)]
+    intra_weight: Annotated[float, Field(ge=0)]
 
 
 # SISTAModel's parts with parameters, the keys of ``optim.lr_scales``.
@@ -270,14 +263,14 @@ ModelPart = Literal[
 
 
 class OptimSection(Section):
-    lr: PositiveFloat = 2e-3
+    lr: PositiveFloat
     # Learning-rate multipliers per model part (the others: 1), e.g. {text_encoder: 0.1}.
-    lr_scales: dict[ModelPart, PositiveFloat] = {"text_encoder": 0.1}
-    weight_decay: Annotated[float, Field(ge=0)] = 0.05
-    warmup_steps: int = Field(10, ge=0)
+    lr_scales: dict[ModelPart, PositiveFloat]
+    weight_decay: Annotated[float, Field(ge=0)]
+    warmup_steps: int = Field(ge=0)
     warmup_fraction: Annotated[float, Field(ge=0, lt=1)] | None = None  # set: replaces steps
-    epochs: int = Field(2, ge=1)
-    batch_size: int = Field(32, ge=2)  # per worker
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=2)  # per worker
     # Cut every epoch after this many steps: smoke runs and benchmarks, not training.
     max_steps_per_epoch: int | None = Field(None, ge=1)
 
@@ -291,29 +284,24 @@ class GPUSection(Section):
 
 
 class PretrainSection(Section):
-    image: ImageModelSection = ImageModelSection()
-    text: TextModelSection = TextModelSection()
-    embed_dim: int = Field(128, ge=8)
-    sia: SIASection = SIASection()
-    sta: STASection = STASection()
-    loss: LossSection = LossSection()
-    optim: OptimSection = OptimSection()
-    semantics: Literal["embedding", "labels"] = "labels"
-    workers: int = Field(2, ge=1)
-    cpus_per_worker: PositiveFloat = 1.0
+    image: ImageModelSection
+    text: TextModelSection
+    embed_dim: int = Field(ge=8)
+    sia: SIASection
+    sta: STASection
+    loss: LossSection
+    optim: OptimSection
+    semantics: Literal["embedding", "labels"]
+    workers: int = Field(ge=1)
+    cpus_per_worker: PositiveFloat
     # Ray placement group strategy of the workers; STRICT_SPREAD puts each on its own node.
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    use_gpu: bool = False
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+    use_gpu: bool
     gpu: GPUSection = GPUSection()
-    max_failures: int = Field(2, ge=0)
-    seed: int = 0
+    max_failures: int = Field(ge=0)
+    seed: int
     # Baselines pre-train through the same code: each is a partial override of this section.
-    baselines: dict[str, dict[str, Any]] = Field(
-        default_factory=lambda: {
-            "convirt": {"sia": {"mode": "none"}, "loss": {"sta_weight": 0, "intra_weight": 0}},
-            "dense": {"sta": {"sparse": "softmax"}},
-        }
-    )
+    baselines: dict[str, dict[str, Any]]
 
     def model_config_for(self, variant: str = "sista") -> SISTAConfig:
         """The library config of the SISTA run or of a named baseline."""
@@ -358,31 +346,31 @@ def _default_tasks() -> dict[str, tuple[str, ...]]:
 
 class EvaluateSection(Section):
     # task -> the sets (ingest.downstream.sets names) it is scored on
-    tasks: dict[Task, tuple[str, ...]] = Field(default_factory=_default_tasks)
+    tasks: dict[Task, tuple[str, ...]]
     # "sista", "random" (the image encoder's own initialisation) or a pretrain.baselines name
-    inits: tuple[str, ...] = ("sista", "convirt", "dense", "random")
-    probe_epochs: int = Field(200, ge=1)
-    probe_lr: PositiveFloat = 1e-2
-    probe_weight_decay: Annotated[float, Field(ge=0)] = 1e-4
+    inits: tuple[str, ...]
+    probe_epochs: int = Field(ge=1)
+    probe_lr: PositiveFloat
+    probe_weight_decay: Annotated[float, Field(ge=0)]
     # Segmentation and detection heads on cached frozen features: about head_steps updates
     # for every label fraction (epochs scale with the subset's size).
-    head_steps: int = Field(50, ge=1)
-    head_lr: PositiveFloat = 3e-3
-    head_batch_size: int = Field(16, ge=1)
-    head_width: int = Field(16, ge=1)  # decoder / detector channels
-    pyramid_levels: int = Field(4, ge=1)
+    head_steps: int = Field(ge=1)
+    head_lr: PositiveFloat
+    head_batch_size: int = Field(ge=1)
+    head_width: int = Field(ge=1)  # decoder / detector channels
+    pyramid_levels: int = Field(ge=1)
     # Segmentation and detection: false trains heads on the frozen encoder's cached features;
     # true fine-tunes a copy of the encoder with each head (encoder_lr), MGCA's protocol.
-    finetune: bool = False
-    encoder_lr: PositiveFloat = 1e-4
+    finetune: bool
+    encoder_lr: PositiveFloat
     # one_stage: our anchor-free head; fcos: torchvision's FCOS + FPN on the same features
-    detector: Literal["one_stage", "fcos"] = "one_stage"
-    localisation_images: int = Field(100, ge=0)  # STA heat-map check; 0 skips it
-    cpus_per_trial: PositiveFloat = 1.0
-    threads_per_trial: int = Field(1, ge=1)  # torch threads of one cell
+    detector: Literal["one_stage", "fcos"]
+    localisation_images: int = Field(ge=0)  # STA heat-map check; 0 skips it
+    cpus_per_trial: PositiveFloat
+    threads_per_trial: int = Field(ge=1)  # torch threads of one cell
     # GPU cells: each requests gpus_per_trial of a GPU (4 cells share one at 0.25).
-    use_gpu: bool = False
-    gpus_per_trial: Annotated[float, Field(gt=0, le=1)] = 0.25
+    use_gpu: bool
+    gpus_per_trial: Annotated[float, Field(gt=0, le=1)]
 
     @model_validator(mode="after")
     def _trained_tasks_exist(self) -> EvaluateSection:
@@ -401,11 +389,11 @@ class EvaluateSection(Section):
 class PublishSection(Section):
     # task/set/metric@label fraction: SISTA's mean test score the registry compares; None:
     # the first trained task's first set, its first metric, at the smallest label fraction.
-    metric: str | None = None
-    higher_is_better: bool = True
+    metric: str | None
+    higher_is_better: bool
     # bootstrap: promote only when the candidate beats the champion beyond the 95 % paired
     # bootstrap interval over the same test images; strict: on any strict improvement.
-    gate: Literal["bootstrap", "strict"] = "bootstrap"
+    gate: Literal["bootstrap", "strict"]
 
     @model_validator(mode="after")
     def _metric_shape(self) -> PublishSection:
@@ -422,9 +410,9 @@ class RetrainSection(Section):
     ``baselines``: pre-train the baselines again too (from scratch), else evaluation keeps
     the last run's baselines."""
 
-    start: Literal["champion", "scratch"] = "champion"
-    epochs: int = Field(1, ge=1)
-    baselines: bool = False
+    start: Literal["champion", "scratch"]
+    epochs: int = Field(ge=1)
+    baselines: bool
 
 
 class Distribution(Section):
@@ -468,25 +456,25 @@ class SweepSection(Section):
     """``sista sweep``: Ray Tune over pre-training settings, ASHA on a validation signal."""
 
     # Dotted params.yaml keys under pretrain (what `dvc exp run -S` takes) -> distribution.
-    space: dict[str, Distribution] = Field(default_factory=_default_space)
-    trials: int = Field(16, ge=1)  # sampled settings, searched with ASHA
+    space: dict[str, Distribution]
+    trials: int = Field(ge=1)  # sampled settings, searched with ASHA
     # params.yaml's own values are trained to the end once per pre-training seed here, never
     # stopped early: the baseline and its spread over seeds, which a sampled trial must exceed
     # to replace the defaults. Empty: no baseline, the best completed trial wins.
-    current_seeds: tuple[int, ...] = (0, 1, 2)
-    noise_sds: float = Field(2.0, ge=0)  # the margin: this many standard deviations over seeds
+    current_seeds: tuple[int, ...]
+    noise_sds: float = Field(ge=0)  # the margin: this many standard deviations over seeds
     # probe_auroc: mean validation macro AUROC of linear probes trained on the label subsets
     # of ``probe_fractions`` (every ingest seed); retrieval: image-to-report recall@5 on the
     # held-out pre-training pairs.
-    signal: Literal["probe_auroc", "retrieval"] = "probe_auroc"
-    probe_fractions: tuple[Fraction, ...] = (0.01, 0.1)
-    report_every: int = Field(20, ge=1)  # steps between validation reports: ASHA's rungs
-    epochs: int | None = Field(None, ge=1)  # None: pretrain.optim.epochs, as the pipeline
-    reduction_factor: int = Field(3, ge=2)  # ASHA keeps the best 1/rf at each rung
-    max_concurrent: int = Field(1, ge=1)
-    cpus_per_trial: PositiveFloat = 0.5  # the trial's driver (Ray Train's controller)
-    cpus_per_worker: PositiveFloat = 0.75  # each pre-training worker of a trial
-    seed: int = 0
+    signal: Literal["probe_auroc", "retrieval"]
+    probe_fractions: tuple[Fraction, ...]
+    report_every: int = Field(ge=1)  # steps between validation reports: ASHA's rungs
+    epochs: int | None = Field(ge=1)  # None: pretrain.optim.epochs, as the pipeline
+    reduction_factor: int = Field(ge=2)  # ASHA keeps the best 1/rf at each rung
+    max_concurrent: int = Field(ge=1)
+    cpus_per_trial: PositiveFloat  # the trial's driver (Ray Train's controller)
+    cpus_per_worker: PositiveFloat  # each pre-training worker of a trial
+    seed: int
 
     @model_validator(mode="after")
     def _space_names_pretrain_numbers(self) -> SweepSection:
@@ -513,32 +501,35 @@ def _pretrain_number(dotted: str) -> None:
 
 
 class Params(Section):
-    storage: StorageSection = StorageSection()
-    ray: RaySection = RaySection()
-    mlflow: MLflowSection = MLflowSection()
-    ingest: IngestSection = IngestSection()
-    reports: ReportsSection = ReportsSection()
-    similarity: SimilaritySection = SimilaritySection()
-    pretrain: PretrainSection = PretrainSection()
-    evaluate: EvaluateSection = EvaluateSection()
-    publish: PublishSection = PublishSection()
-    retrain: RetrainSection = RetrainSection()
-    sweep: SweepSection = SweepSection()
+    storage: StorageSection
+    ray: RaySection
+    mlflow: MLflowSection
+    ingest: IngestSection
+    reports: ReportsSection
+    similarity: SimilaritySection
+    pretrain: PretrainSection
+    evaluate: EvaluateSection
+    publish: PublishSection
+    retrain: RetrainSection
+    sweep: SweepSection
 
     @model_validator(mode="before")
     @classmethod
-    def _token_length_from_reports(cls, data: Any) -> Any:
-        """The token length is set once, as ``reports.max_length``: pre-training's text
-        encoder takes it from there unless ``pretrain.text.max_length`` is given."""
+    def _defaults_from_the_base(cls, data: Any) -> Any:
+        """A key missing from the given settings takes the base params file's value (the one
+        place a default is written). The token length is set once, as
+        ``reports.max_length``: pre-training's text encoder takes it from there unless
+        ``pretrain.text.max_length`` is given."""
         if not isinstance(data, dict):
             return data
+        data = profile_merge(base_data(), data)
         reports, pretrain = data.get("reports", {}), data.get("pretrain", {})
         if not (isinstance(reports, dict) and isinstance(pretrain, dict)):
             return data
         text = pretrain.get("text", {})
-        if not isinstance(text, dict) or "max_length" in text:
+        if not isinstance(text, dict) or "max_length" in text or "max_length" not in reports:
             return data
-        length = reports.get("max_length", ReportsSection.model_fields["max_length"].default)
+        length = reports["max_length"]
         return {**data, "pretrain": {**pretrain, "text": {**text, "max_length": length}}}
 
     @model_validator(mode="after")
@@ -647,6 +638,34 @@ class Params(Section):
                     message = error.errors()[0]["msg"]
                     raise ValueError(f"sweep.space.{key}: {value} is invalid: {message}") from None
         return self
+
+
+ROOT = Path(__file__).resolve().parents[2]
+SAVED_BASE = "params.base.yaml"  # the base while params.yaml holds another profile
+
+
+def base_path(root: Path | None = None) -> Path:
+    """The base params file: every setting's default, written once."""
+    saved = (root or ROOT) / SAVED_BASE
+    return saved if saved.is_file() else (root or ROOT) / "params.yaml"
+
+
+def base_data() -> dict[str, Any]:
+    """The base params file's mapping: the repository's, else the working folder's (code
+    installed apart from it, as in the image). Empty where there is neither: a params file
+    given there must list every setting."""
+    for path in (base_path(), base_path(Path.cwd())):
+        if path.is_file():
+            return _read_base(str(path), path.stat().st_mtime_ns)
+    return {}
+
+
+@functools.lru_cache(maxsize=4)
+def _read_base(path: str, mtime_ns: int) -> dict[str, Any]:
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of stage sections")
+    return data
 
 
 class ConfigError(ValueError):

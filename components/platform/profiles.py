@@ -14,22 +14,18 @@ from typing import Any
 import yaml
 
 from components.platform.config import (
+    ROOT,
+    SAVED_BASE,
     ConfigError,
     Params,
     Section,
+    base_path,
     params_from_text,
     profile_merge,
     section_of,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
 BASE = "default"
-SAVED_BASE = "params.base.yaml"  # the base while params.yaml holds another profile
-
-
-def base_path(root: Path = ROOT) -> Path:
-    saved = root / SAVED_BASE
-    return saved if saved.is_file() else root / "params.yaml"
 
 
 def known(root: Path = ROOT) -> list[str]:
