@@ -334,16 +334,6 @@ LANGUAGE_TASKS: tuple[str, ...] = get_args(LanguageTask)
 Task = Literal[TrainedTask, LanguageTask]  # one flat Literal: one error for a typo
 
 
-def _default_tasks() -> dict[str, tuple[str, ...]]:
-    return {
-        "classification": ("phantom_classification",),
-        "segmentation": ("phantom_pneumothorax", "phantom_opacity"),
-        "detection": ("phantom_opacity",),
-        "zero_shot": ("phantom_classification",),
-        "retrieval": (PRETRAIN_SET,),
-    }
-
-
 class EvaluateSection(Section):
     # task -> the sets (ingest.downstream.sets names) it is scored on
     tasks: dict[Task, tuple[str, ...]]
@@ -439,17 +429,6 @@ class Distribution(Section):
     def extremes(self) -> tuple[float, ...]:
         """The values a sample can take at the edges (every value of a choice)."""
         return self.choice or self.uniform or self.loguniform  # type: ignore[return-value]
-
-
-def _default_space() -> dict[str, Distribution]:
-    return {
-        "pretrain.loss.sia_weight": Distribution(loguniform=(0.25, 2.0), q=0.05),
-        "pretrain.loss.sta_weight": Distribution(loguniform=(0.25, 2.0), q=0.05),
-        "pretrain.loss.intra_weight": Distribution(uniform=(0.0, 1.0), q=0.05),
-        "pretrain.sia.threshold": Distribution(choice=(0.8, 0.85, 0.9, 0.95)),
-        "pretrain.sia.temperature": Distribution(loguniform=(0.03, 0.2), q=0.005),
-        "pretrain.sta.temperature_attn": Distribution(loguniform=(0.05, 0.3), q=0.01),
-    }
 
 
 class SweepSection(Section):
