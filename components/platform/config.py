@@ -625,8 +625,9 @@ SAVED_BASE = "params.base.yaml"  # the base while params.yaml holds another prof
 
 def base_path(root: Path | None = None) -> Path:
     """The base params file: every setting's default, written once."""
-    saved = (root or ROOT) / SAVED_BASE
-    return saved if saved.is_file() else (root or ROOT) / "params.yaml"
+    folder = root or ROOT
+    saved = folder / SAVED_BASE
+    return saved if saved.is_file() else folder / "params.yaml"
 
 
 def base_data() -> dict[str, Any]:
@@ -641,10 +642,7 @@ def base_data() -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=4)
 def _read_base(path: str, mtime_ns: int) -> dict[str, Any]:
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of stage sections")
-    return data
+    return params_mapping(Path(path).read_text(), source=path)
 
 
 class ConfigError(ValueError):
@@ -726,14 +724,20 @@ def load_params(path: str | Path = "params.yaml", overrides: dict | None = None)
     return params_from_text(path.read_text(), source=str(path), overrides=overrides)
 
 
-def params_from_text(text: str, source: str, overrides: dict | None = None) -> Params:
-    """Validate a params file's text (before it is written anywhere); errors name ``source``."""
+def params_mapping(text: str, source: str) -> dict[str, Any]:
+    """A params file's text as its mapping of sections (not yet validated)."""
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{source}: not valid YAML: {error}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: top level must be a mapping of stage sections")
+    return data
+
+
+def params_from_text(text: str, source: str, overrides: dict | None = None) -> Params:
+    """Validate a params file's text (before it is written anywhere); errors name ``source``."""
+    data = params_mapping(text, source)
     if overrides:
         data = _deep_merge(data, overrides)
     return _validate(Params, data, source=source)

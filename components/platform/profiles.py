@@ -11,8 +11,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from components.platform.config import (
     ROOT,
     SAVED_BASE,
@@ -21,6 +19,7 @@ from components.platform.config import (
     Section,
     base_path,
     params_from_text,
+    params_mapping,
     profile_merge,
     section_of,
 )
@@ -40,10 +39,7 @@ def overlay_path(name: str, root: Path = ROOT) -> Path:
 
 
 def _mapping(path: Path) -> dict[str, Any]:
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of stage sections")
-    return data
+    return params_mapping(path.read_text(), str(path))
 
 
 def profile_data(name: str, root: Path = ROOT) -> dict[str, Any]:
